@@ -1,0 +1,121 @@
+"""`ama-ray`: one subcommand per pipeline stage, plus `run`, `tune`, `models` and `config`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable
+
+from ama_ray.errors import AmaError
+
+STAGE_HELP = {
+    "prepare": "read, normalise, split and tokenize every task",
+    "reference": "reference log-probs of the base model (Ray Data)",
+    "specialists": "one DPO specialist per task, trained concurrently (Ray Train)",
+    "score": "per-example specialist losses (Ray Data)",
+    "generalist": "the mixed generalist for each algorithm and seed (Ray Train + mixing actor)",
+    "evaluate": "per-task held-out metrics for base, specialists and generalists",
+    "report": "report.md and report.html from the saved files",
+    "run": "every stage in order",
+    "tune": "a Ray Tune study over the generalist's mixing settings",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML job file (default: jobs/laptop.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. mixing.eta_alpha=0.3")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage's committed units (repeatable)")
+    p.add_argument("--algorithm", help="shorthand for generalist.algorithms=[X]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ama-ray", description="AutoMixAlign: multi-task DPO with adaptive data mixing, on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _add_config_args(p)
+        if name == "report":
+            p.add_argument("--run-dir", help="rebuild the report of this run directory")
+    models = sub.add_parser("models", help="fetch or build models into the cache")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    fetch = msub.add_parser("fetch", help="fetch a pretrained model offline-ready (smollm2-135m)")
+    fetch.add_argument("model", choices=["smollm2-135m", "tiny"])
+    fetch.add_argument("--cache-dir", default="~/.cache/ama_ray")
+    show = sub.add_parser("config", help="print the resolved config as YAML")
+    _add_config_args(show)
+    sub.add_parser("config-docs", help="print docs/configuration.md generated from the config classes")
+    return parser
+
+
+def _resolve(args: argparse.Namespace):
+    from ama_ray.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "algorithm", None):
+        overrides.append(f"generalist.algorithms=[{args.algorithm}]")
+    return load_config(args.config, overrides)
+
+
+def _stage_entry(name: str) -> Callable:
+    if name == "run":
+        return importlib.import_module("ama_ray.pipeline").run
+    if name == "tune":
+        return importlib.import_module("ama_ray.stages.tune").run
+    return importlib.import_module(f"ama_ray.stages.{name}").run
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config-docs":
+        from ama_ray.config import config_reference
+
+        sys.stdout.write(config_reference())
+        return 0
+    if args.command == "models":
+        from ama_ray.models.loading import fetch_model
+
+        path = fetch_model(args.model, args.cache_dir)
+        sys.stdout.write(f"{args.model} ready at {path}\n")
+        return 0
+    cfg = _resolve(args)
+    if args.command == "config":
+        from ama_ray.config import dump_yaml
+
+        sys.stdout.write(dump_yaml(cfg))
+        return 0
+    from ama_ray.config import STAGES
+
+    bad = [s for s in args.force if s not in STAGES]
+    if bad:
+        raise AmaError(f"--force {bad[0]}: unknown stage", fix=f"use one of {', '.join(STAGES)}")
+    entry = _stage_entry(args.command)
+    kwargs = {"force": set(args.force)}
+    if args.command == "report" and args.run_dir:
+        kwargs["run_dir"] = args.run_dir
+    written = entry(cfg, **kwargs)
+    for path in written or []:
+        logging.getLogger("ama_ray").info("wrote %s", path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return dispatch(args)
+    except AmaError as err:
+        sys.stderr.write(f"ama-ray: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("ama-ray: interrupted; committed units are kept, rerun the same command to continue\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Response-only sequence log-probs and the one per-example DPO loss.
+
+Every stage that needs a DPO loss (specialists, scoring, the generalist, evaluation) calls
+`per_example_loss`, so training and scoring cannot drift apart. This module imports torch,
+numpy and the project's errors only: one training step runs on a bare GPU machine without Ray.
+
+Batch layout (TRL's): rows `[prompt+chosen for all B; prompt+rejected for all B]`, and
+`completion_mask` marks the completion tokens (which end with EOS). Rewards are
+`beta * (log pi(y|x) - log pi_ref(y|x))`, TRL's implicit rewards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ama_ray.errors import ConfigError
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]],
+    completion_starts: Sequence[int],
+    pad_token_id: int,
+    padding_side: str = "right",
+) -> dict[str, Tensor]:
+    """Pad token lists into a model batch.
+
+    `completion_starts[i]` is the index in `sequences[i]` where its completion begins (the
+    prompt length). Returns int64 tensors (N, L): `input_ids`, `attention_mask`,
+    `completion_mask` (1 on completion tokens only) and `position_ids` (cumsum of the mask
+    minus 1, so left and right padding give the same logits). Raises ValueError on an empty
+    list or an unknown `padding_side`.
+    """
+    if not sequences:
+        raise ValueError("pad_sequences needs at least one sequence")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    n, length = len(sequences), max(len(s) for s in sequences)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    completion_mask = torch.zeros((n, length), dtype=torch.long)
+    for row, (seq, start) in enumerate(zip(sequences, completion_starts, strict=True)):
+        offset = length - len(seq) if padding_side == "left" else 0
+        span = slice(offset, offset + len(seq))
+        input_ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+        attention_mask[row, span] = 1
+        completion_mask[row, offset + start : offset + len(seq)] = 1
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "position_ids": position_ids,
+    }
+
+
+def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, Tensor]:
+    """Collate tokenized preference examples into one (2B, L) batch.
+
+    Each example holds `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (lists of
+    ints; completions already end with EOS). Rows 0..B-1 are prompt+chosen, rows B..2B-1
+    prompt+rejected. Other keys are ignored.
+    """
+    sequences, starts = [], []
+    for column in ("chosen_input_ids", "rejected_input_ids"):
+        for ex in examples:
+            prompt = list(ex["prompt_input_ids"])
+            sequences.append(prompt + list(ex[column]))
+            starts.append(len(prompt))
+    return pad_sequences(sequences, starts, pad_token_id, padding_side)
+
+
+def sequence_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Sum of log pi(token) over each row's completion tokens.
+
+    Returns float32 tensors of shape (N,): summed log-probs (differentiable), the number of
+    completion tokens, and the mean logit over completion tokens (detached; TRL's
+    `logits/chosen` metric). Prompt and padding tokens contribute nothing.
+    """
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=batch["attention_mask"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        use_cache=False,
+    ).logits[:, :-1].float()
+    labels = input_ids[:, 1:]
+    mask = batch["completion_mask"].to(device)[:, 1:].bool()
+    token_logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    # where(), not a product: padded positions may hold NaN logits (fully masked attention rows).
+    token_logps = torch.where(mask, token_logps, torch.zeros_like(token_logps))
+    n_tokens = mask.sum(dim=1).float()
+    with torch.no_grad():
+        mean_logit = torch.where(mask, logits.mean(dim=-1), torch.zeros_like(token_logps)).sum(dim=1)
+        mean_logit = mean_logit / n_tokens.clamp(min=1.0)
+    return token_logps.sum(dim=1), n_tokens, mean_logit
+
+
+def dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_n_tokens: Tensor | None = None,
+    rejected_n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example DPO losses (B,) and the implicit rewards (B,) of chosen and rejected.
+
+    `sigmoid`: -(1-ls)*log sigma(beta*d) - ls*log sigma(-beta*d) with d the difference of log
+    ratios (conservative DPO; ls = 0 is plain DPO and TRL 1.16's `sigmoid`). `ipo`: TRL 1.16's
+    length-normalised IPO, (d_tok - 1/(2 beta))^2 where each log ratio is divided by its
+    completion length, so it needs `chosen_n_tokens` and `rejected_n_tokens`. Rewards are
+    `beta * log ratio`, detached.
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    if loss_type == "sigmoid":
+        logits = beta * (chosen_logratios - rejected_logratios)
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    elif loss_type == "ipo":
+        if chosen_n_tokens is None or rejected_n_tokens is None:
+            raise ValueError("loss_type='ipo' needs chosen_n_tokens and rejected_n_tokens")
+        delta = chosen_logratios / chosen_n_tokens.clamp(min=1.0) - rejected_logratios / rejected_n_tokens.clamp(
+            min=1.0
+        )
+        losses = (delta - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+@dataclass
+class DPOLossConfig:
+    """The settings of the one DPO loss (field names follow TRL's `DPOConfig`)."""
+
+    beta: float = 0.1
+    """DPO temperature; for `ipo` the regularisation parameter tau."""
+    loss_type: str = "sigmoid"
+    """`sigmoid` (DPO) or `ipo`."""
+    label_smoothing: float = 0.0
+    """Conservative-DPO label noise in [0, 0.5); sigmoid only."""
+    sft_weight: float = 0.0
+    """Weight of the NLL of the chosen response (per token) added to each example's loss."""
+
+    def __post_init__(self) -> None:
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"beta must be > 0, got {self.beta}", where="dpo.beta")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(
+                f"unknown loss_type {self.loss_type!r}", where="dpo.loss_type", fix=f"use one of {LOSS_TYPES}"
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}", where="dpo.label_smoothing"
+            )
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(
+                "label_smoothing applies to loss_type 'sigmoid' only",
+                where="dpo.label_smoothing",
+                fix="set dpo.label_smoothing=0 or dpo.loss_type=sigmoid",
+            )
+        if not self.sft_weight >= 0:
+            raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}", where="dpo.sft_weight")
+
+
+def per_example_loss(
+    model: Any,
+    batch: dict[str, Tensor],
+    ref_chosen_logps: Tensor | np.ndarray | Sequence[float],
+    ref_rejected_logps: Tensor | np.ndarray | Sequence[float],
+    cfg: DPOLossConfig,
+) -> dict[str, Tensor]:
+    """The per-example DPO (+ optional NLL) loss of `model` on a `collate`d batch.
+
+    Returns float32 vectors (B,): `loss` = `dpo_loss` + `cfg.sft_weight` * `nll`, where
+    `nll` = -chosen_logps / n_chosen_tokens (per token); these three carry gradients. Also,
+    detached: `chosen_logps`, `rejected_logps`, `chosen_rewards`, `rejected_rewards`.
+    The caller reduces (mean, masked mean, per-task sums).
+    """
+    logps, n_tokens, _ = sequence_logps(model, batch)
+    chosen_logps, rejected_logps = logps.chunk(2)
+    n_chosen, n_rejected = n_tokens.chunk(2)
+    ref_chosen = torch.as_tensor(ref_chosen_logps, dtype=torch.float32, device=logps.device)
+    ref_rejected = torch.as_tensor(ref_rejected_logps, dtype=torch.float32, device=logps.device)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen_logps,
+        rejected_logps,
+        ref_chosen,
+        ref_rejected,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+        chosen_n_tokens=n_chosen,
+        rejected_n_tokens=n_rejected,
+    )
+    nll = -chosen_logps / n_chosen.clamp(min=1.0)
+    total = losses + cfg.sft_weight * nll if cfg.sft_weight else losses
+    return {
+        "loss": total,
+        "dpo_loss": losses,
+        "nll": nll,
+        "chosen_logps": chosen_logps.detach(),
+        "rejected_logps": rejected_logps.detach(),
+        "chosen_rewards": chosen_rewards,
+        "rejected_rewards": rejected_rewards,
+    }
+
+
+@torch.no_grad()
+def reference_logps(
+    model: Any, examples: list[dict], pad_token_id: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`ref_chosen_logps`, `ref_rejected_logps` (float32 arrays, len(examples)) in one process.
+
+    Runs `model` in eval mode (restored afterwards), without gradients, right-padded.
+    """
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        for start in range(0, len(examples), batch_size):
+            logps, _, _ = sequence_logps(model, collate(examples[start : start + batch_size], pad_token_id))
+            c, r = logps.chunk(2)
+            chosen.append(c.cpu().numpy())
+            rejected.append(r.cpu().numpy())
+    finally:
+        model.train(was_training)
+    empty = np.zeros(0, dtype=np.float32)
+    return (np.concatenate(chosen) if chosen else empty), (np.concatenate(rejected) if rejected else empty)
+
+
+def batch_metrics(out: dict[str, Tensor]) -> dict[str, float]:
+    """Batch means of a `per_example_loss` output under TRL's metric names."""
+    chosen_r, rejected_r = out["chosen_rewards"].float(), out["rejected_rewards"].float()
+    chosen_lp, rejected_lp = out["chosen_logps"].float(), out["rejected_logps"].float()
+    return {
+        "loss": out["loss"].detach().float().mean().item(),
+        "rewards/chosen": chosen_r.mean().item(),
+        "rewards/rejected": rejected_r.mean().item(),
+        "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
+        "rewards/margins": (chosen_r - rejected_r).mean().item(),
+        "logps/chosen": chosen_lp.mean().item(),
+        "logps/rejected": rejected_lp.mean().item(),
+        "logps/accuracies": (chosen_lp > rejected_lp).float().mean().item(),
+    }

@@ -1,0 +1,80 @@
+"""The excess: per example for theta's gradient (torch), per task for alpha's update (numpy).
+
+Both halves live here so the meaning of `clip` and `excess_target` is defined in one place:
+
+| clip / excess_target   | theta's per-example e  | alpha's per-task sum S_i                      |
+|------------------------|------------------------|-----------------------------------------------|
+| per_example/specialist | max(L - s, 0) (masked) | sum_clipped_excess_i                          |
+| per_task_mean/special. | L - s                  | max(sum_loss_i - sum_specialist_loss_i, 0)    |
+| none/specialist        | L - s                  | sum_loss_i - sum_specialist_loss_i            |
+| any/none               | L                      | sum_loss_i                                    |
+
+`per_task_mean` clips the task's batch mean (count_i * max(mean L - mean s, 0) is the same
+sum): it only changes alpha's statistic; theta's gradient is that of L - s, i.e. of L.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from ama_ray.mixing.settings import STAT_KEYS
+
+if TYPE_CHECKING:  # torch is imported lazily: the actor process only needs numpy
+    import torch
+
+
+def clipped_excess(loss: "torch.Tensor", specialist_loss: "torch.Tensor", clip: str,
+                   excess_target: str) -> "torch.Tensor":
+    """Per-example e whose gradient theta follows; same shape as `loss`.
+
+    per_example: relu(loss - specialist_loss). Where loss <= specialist_loss the value and the
+    gradient are 0 but the example stays in the graph (masked, never dropped), so every DDP
+    worker runs backward even when its whole batch has zero excess.
+    per_task_mean / none: loss - specialist_loss. excess_target none: loss itself.
+    """
+    import torch
+
+    if excess_target == "none":
+        return loss
+    if excess_target != "specialist":
+        raise ValueError(f"unknown excess_target {excess_target!r}")
+    diff = loss - specialist_loss.to(loss.dtype)
+    if clip == "per_example":
+        return torch.relu(diff)
+    if clip in ("per_task_mean", "none"):
+        return diff
+    raise ValueError(f"unknown clip {clip!r}")
+
+
+def check_stats(stats: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """Return `stats` as float64 arrays of shape (k,), or raise ValueError (a caller's bug).
+
+    Needs exactly the keys of STAT_KEYS, finite values and counts that are non-negative integers.
+    """
+    if set(stats) != set(STAT_KEYS):
+        raise ValueError(f"stats must have keys {STAT_KEYS}, got {sorted(stats)}")
+    out = {}
+    for key in STAT_KEYS:
+        value = np.asarray(stats[key], dtype=np.float64)
+        if value.shape != (k,) or not np.all(np.isfinite(value)):
+            raise ValueError(f"stats[{key!r}] must be {k} finite numbers, got {value!r}")
+        out[key] = value
+    count = out["count"]
+    if np.any(count < 0) or np.any(count != np.round(count)):
+        raise ValueError(f"stats['count'] must be non-negative integers, got {count!r}")
+    return out
+
+
+def task_excess_sums(stats: Mapping[str, np.ndarray], clip: str,
+                     excess_target: str) -> np.ndarray:
+    """Per-task sum S_i of the excess that drives alpha, shape (k,), float64 (table above)."""
+    if excess_target == "none":
+        return stats["sum_loss"].copy()
+    if clip == "per_example":
+        return stats["sum_clipped_excess"].copy()
+    diff = stats["sum_loss"] - stats["sum_specialist_loss"]
+    if clip == "per_task_mean":
+        return np.maximum(diff, 0.0)
+    return diff

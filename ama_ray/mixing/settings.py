@@ -1,0 +1,115 @@
+"""Settings of the mixing policies and the names they share with the training loop."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from ama_ray.errors import ConfigError
+
+ALGORITHMS = ("proportional", "balanced", "fixed", "ama_r", "ama_s")
+"""Every mixing algorithm `make_policy` knows, in the order reports list them."""
+
+STAT_KEYS = ("sum_loss", "sum_specialist_loss", "sum_clipped_excess", "count")
+"""Per-task sums one optimizer step sends to the policy (each an array of shape (k,)).
+
+`sum_clipped_excess` is always the per-example clipped excess max(L - s, 0), whatever
+`clip` says: the policy picks the statistic it needs from these four (see `task_excess_sums`).
+"""
+
+CLIP_MODES = ("per_example", "per_task_mean", "none")
+EXCESS_TARGETS = ("specialist", "none")
+BASELINE_OBJECTIVES = ("loss", "excess")
+
+
+@dataclass
+class MixingSettings:
+    """Hyperparameters of the mixing policies (`mixing.*` in the config); validated on creation.
+
+    Raises `ConfigError` naming the key (e.g. `mixing.smoothing`) for a value out of range.
+    Algorithm-specific rules (c > 0 for AMA-S, `fixed_weights` for `fixed`) are checked by
+    `make_policy`, which knows the algorithm and the task names.
+    """
+
+    eta_alpha: float = 0.1
+    """Step size of the log-weight update w <- w + eta_alpha * g (AMA-R, AMA-S)."""
+    smoothing: float = 0.1
+    """c: alpha = (1 - c) softmax(w) + c / k. In [0, 1] for AMA-R, (0, 1] for AMA-S."""
+    clip: str = "per_example"
+    """Which excess drives alpha: per_example | per_task_mean | none (see docs/algorithms.md)."""
+    excess_target: str = "specialist"
+    """specialist: excess = loss - specialist loss; none: excess = raw loss (plain Group-DRO/EXP3)."""
+    g_bound: float = 100.0
+    """AMA-S clips each importance-weighted estimate g_hat_i to [-g_bound, g_bound].
+
+    A safety cap, not a variance knob: g_hat_i is about the task's mean excess (O(1) nats for
+    DPO) times n_i / (B alpha_i) <= k / c, so 100 covers excesses up to ~3 nats at k / c = 30
+    without biasing the estimate, while one freak batch can move a log-weight by at most
+    eta_alpha * g_bound (10 nats at the defaults) instead of collapsing alpha for good.
+    """
+    initial_weights: dict[str, float] | None = None
+    """Starting mixture for AMA-R/AMA-S (positive, normalised; w_0 = log of it). None: uniform."""
+    fixed_weights: dict[str, float] | None = None
+    """The `fixed` algorithm's mixture over every task (non-negative, not all zero; normalised)."""
+    baseline_objective: str = "loss"
+    """What the baselines' theta minimises: loss (plain DPO, the default) | excess (ablation)."""
+
+    def __post_init__(self) -> None:
+        _check_real("mixing.eta_alpha", self.eta_alpha, low=0.0)
+        _check_real("mixing.smoothing", self.smoothing, low=0.0, high=1.0)
+        _check_real("mixing.g_bound", self.g_bound, low=0.0, low_open=True)
+        _check_choice("mixing.clip", self.clip, CLIP_MODES)
+        _check_choice("mixing.excess_target", self.excess_target, EXCESS_TARGETS)
+        _check_choice("mixing.baseline_objective", self.baseline_objective, BASELINE_OBJECTIVES)
+        for key in ("initial_weights", "fixed_weights"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"expected a mapping task -> weight, got {value!r}",
+                                  where=f"mixing.{key}", fix="write e.g. {math: 2, code: 1}")
+
+    def to_dict(self) -> dict:
+        """A plain, JSON-serialisable copy (for actor arguments and manifests)."""
+        return asdict(self)
+
+
+def _check_real(key: str, value, *, low: float, high: float = math.inf,
+                low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        upper = f"{high:g}]" if math.isfinite(high) else "inf)"
+        raise ConfigError(f"{value!r} is not a finite number in {bracket}{low:g}, {upper}",
+                          where=key, fix="set it inside that range")
+
+
+def _check_choice(key: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown value {value!r}", where=key,
+                          fix=f"use one of {', '.join(choices)}")
+
+
+def weights_vector(key: str, weights: dict[str, float], tasks: Sequence[str], *,
+                   positive: bool) -> list[float]:
+    """Order a task -> weight mapping by `tasks` and normalise it to sum 1.
+
+    Every task must be named, no unknown names, weights finite and >= 0 (> 0 when `positive`),
+    not all zero; otherwise raises `ConfigError` naming `key`.
+    """
+    unknown = sorted(set(weights) - set(tasks))
+    missing = [t for t in tasks if t not in weights]
+    if unknown or missing:
+        problem = f"unknown tasks {unknown}" if unknown else f"no weight for tasks {missing}"
+        raise ConfigError(problem, where=key, fix=f"give one weight per task of {list(tasks)}")
+    values = [weights[t] for t in tasks]
+    for task, value in zip(tasks, values):
+        bad = not isinstance(value, (int, float)) or isinstance(value, bool)
+        if bad or not math.isfinite(value) or value < 0 or (positive and value == 0):
+            need = "positive" if positive else "non-negative"
+            raise ConfigError(f"weight {value!r} of task {task!r} is not a finite {need} number",
+                              where=key, fix=f"give every task a {need} weight")
+    total = math.fsum(values)
+    if total <= 0:
+        raise ConfigError("all weights are zero", where=key, fix="give at least one task weight > 0")
+    return [v / total for v in values]

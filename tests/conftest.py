@@ -1,0 +1,50 @@
+"""Shared fixtures: offline HF, one local Ray session on loopback, expensive artefacts built once.
+
+Budget (docs/development.md): the whole suite runs in <= 20 minutes on 2 CPUs; every test has
+a timeout (pytest-timeout; 300 s default, less where marked).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before any HF/Ray import: never reach a hub, keep Ray on loopback, fast Train health checks.
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}.items():
+    os.environ.setdefault(_k, _v)
+os.environ.pop("RAY_ADDRESS", None)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs, loopback, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            namespace="ama_ray",
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """A model cache shared by the session (the tiny base is built into it once)."""
+    path = os.environ.get("AMA_RAY_TEST_CACHE") or str(tmp_path_factory.mktemp("model_cache"))
+    return path

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from ama_ray.config import ALGORITHMS, config_reference, dump_yaml, load_config, validate
+from ama_ray.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_laptop_default_loads():
+    cfg = load_config()
+    assert cfg.task_names == ["arithmetic", "refusal", "brackets"]
+    assert set(cfg.generalist.algorithms) <= set(ALGORITHMS)
+
+
+def test_overrides_parse_as_yaml_and_index_lists():
+    cfg = load_config(None, ["mixing.eta_alpha=0.3", "generalist.algorithms=[ama_r, fixed]", "data.tasks.1.size=77"])
+    assert cfg.mixing.eta_alpha == 0.3
+    assert cfg.generalist.algorithms == ["ama_r", "fixed"]
+    assert cfg.data.tasks[1].size == 77
+
+
+@pytest.mark.parametrize(
+    "override, key, hint",
+    [
+        ("mixing.bogus=1", "mixing.bogus", "allowed keys here: eta_alpha"),
+        ("mixing.smoothing=2", "mixing.smoothing", "less than or equal to 1"),
+        ("dpo.beta=abc", "dpo.beta", "valid number"),
+        ("dpo.beta=-1", "dpo.beta", "greater than 0"),
+        ("generalist.algorithms=[foo]", "generalist.algorithms", "allowed: proportional"),
+        ("data.tasks.0.name=refusal", "data.tasks", "duplicate task names"),
+        ("specialists.optim.batch_size=5", "specialists.optim", "multiple of grad_accum"),
+        ("data.tasks.9.size=1", "data.tasks.9", "out of range"),
+        ("scaling=3", "scaling", "valid dictionary"),
+    ],
+)
+def test_bad_values_name_the_key(override, key, hint):
+    if override.startswith("specialists"):
+        override = [override, "specialists.optim.grad_accum=2"]
+    else:
+        override = [override]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    msg = str(err.value)
+    assert f"'{key}" in msg and hint in msg
+    assert "\n" not in msg
+
+
+def test_task_needs_exactly_one_source():
+    with pytest.raises(ConfigError, match="exactly one of benchmark, path, hf_dataset"):
+        validate({"data": {"tasks": [{"name": "a", "benchmark": "arithmetic", "path": "x.jsonl"}]}})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["mixing.eta_alpha=0.7"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_configuration_doc_is_generated_from_the_classes():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert doc == config_reference(), "docs/configuration.md is stale: run `ama-ray config-docs > docs/configuration.md`"
