@@ -1,0 +1,67 @@
+"""reference: log-probs of the base model on every prepared example (Ray Data actor pool).
+
+Writes `reference/<task>/{train,eval}.parquet` with `example_id`, `ref_chosen_logps`,
+`ref_rejected_logps` (TRL's names). From here on no training step runs the reference model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ama_ray.config import Config
+from ama_ray.errors import StageInputError
+from ama_ray.stages import base_model_path, open_run
+from ama_ray.stages.inference import PADDING_SIDE, infer
+from ama_ray.stages.prepare import prepare_hash
+
+log = logging.getLogger(__name__)
+STAGE = "reference"
+SPLITS = ("train", "eval")
+PREPARED_COLUMNS = ["example_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
+
+
+def reference_hash(cfg: Config) -> str:
+    return prepare_hash(cfg) + "-" + cfg.section_hash("model.dtype")
+
+
+def check_same_model(run_dir, tasks: list[str], model_path: str) -> None:
+    """Refuse to pair token ids from one tokenizer with another model (e.g. a rebuilt tiny base)."""
+    for task in tasks:
+        prepared = run_dir.unit("prepared", task).manifest() or {}
+        if prepared.get("model") != model_path:
+            raise StageInputError(
+                f"task '{task}' was tokenized for model {prepared.get('model')} but the base model is now {model_path}",
+                where=run_dir.unit("prepared", task).path,
+                fix="rerun with --force prepare (the tokenizer may differ)",
+            )
+
+
+def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
+    """Compute reference log-probs for every task not yet committed; returns unit paths."""
+    run_dir = open_run(cfg)
+    digest = reference_hash(cfg)
+    pending = [t for t in cfg.task_names if STAGE in force or not run_dir.unit(STAGE, t).is_committed(digest)]
+    if pending:
+        tables = []
+        for task in pending:
+            run_dir.unit("prepared", task).require(f"prepared data of task '{task}'", fix="run `ama-ray prepare` first")
+            for split in SPLITS:
+                t = run_dir.unit("prepared", task).read_parquet(f"{split}.parquet", columns=PREPARED_COLUMNS)
+                tables.append(t.append_column("split", pa.array([f"{task}/{split}"] * t.num_rows)))
+        model_path = base_model_path(cfg)
+        check_same_model(run_dir, pending, model_path)
+        log.info("reference: %d tasks with %s", len(pending), model_path)
+        result = infer(cfg, pa.concat_tables(tables), model_path, loss_cfg=None)
+        for task in pending:
+            unit = run_dir.unit(STAGE, task)
+            unit.begin()
+            rows = {}
+            for split in SPLITS:
+                part = result.filter(pc.equal(result["split"], f"{task}/{split}")).drop_columns(["split"]).sort_by("example_id")
+                unit.write_parquet(f"{split}.parquet", part)
+                rows[split] = part.num_rows
+            unit.commit(digest, stage=STAGE, model=model_path, dtype=cfg.model.dtype, padding_side=PADDING_SIDE, rows=rows)
+    return [run_dir.unit(STAGE, t).path for t in cfg.task_names]

@@ -1,0 +1,164 @@
+"""Launching training runs: one `TorchTrainer` per unit, several at once, with live progress."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from ama_ray.cluster import NAMESPACE, check_fits
+from ama_ray.config import Config
+from ama_ray.errors import AmaError
+from ama_ray.storage import RunDir
+from ama_ray.train.loop import UnitSpec, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def fit_unit(cfg: Config, spec: UnitSpec, stage: str) -> object:
+    """Train one unit with a `TorchTrainer`; resumes from its latest checkpoint if one exists.
+
+    Checkpoints live in `<run_dir>/_checkpoints/<stage>/<unit>`. Errors a user can fix that a
+    worker raised are re-raised here as the original AmaError.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run = RunDir(cfg.run_dir)
+    scaling = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": worker_cpus(cfg, stage)},
+        ),
+        run_config=RunConfig(
+            name="_".join(spec.out_unit[1:]),
+            storage_path=f"{run.uri if not run.is_local else run.root}/_checkpoints/{stage}",
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": _forwarded_env()},
+        ),
+    )
+    try:
+        return trainer.fit()
+    except Exception as err:  # noqa: BLE001 - re-raised unchanged unless a user error hides inside
+        raise (find_user_error(err) or err) from None
+
+
+def worker_cpus(cfg: Config, stage: str) -> float:
+    return cfg.scaling.cpus_per_worker
+
+
+def check_unit_resources(cfg: Config, concurrent: int, stage: str) -> None:
+    """Fail fast if `concurrent` runs of `scaling.num_workers` workers can never be placed."""
+    bundle = {"CPU": worker_cpus(cfg, stage), "GPU": 1.0 if cfg.scaling.use_gpu else 0.0}
+    check_fits(f"{stage}: {concurrent} run(s) of {cfg.scaling.num_workers} worker(s)", bundle, concurrent * cfg.scaling.num_workers, "scaling.cpus_per_worker")
+
+
+def _forwarded_env() -> dict[str, str]:
+    import os
+
+    keys = ("AMA_RAY_FAULT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def find_user_error(err: BaseException) -> AmaError | None:
+    """The AmaError inside a Ray/Train exception chain, if any."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [err]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, AmaError):
+            return cur
+        stack += [cur.__cause__, cur.__context__, getattr(cur, "cause", None)]
+        for attr in ("worker_failures", "errors"):
+            value = getattr(cur, attr, None)
+            if isinstance(value, dict):
+                stack += list(value.values())
+            elif isinstance(value, (list, tuple)):
+                stack += list(value)
+        as_cause = getattr(cur, "as_instanceof_cause", None)
+        if callable(as_cause):
+            try:
+                stack.append(as_cause())
+            except Exception:  # noqa: BLE001 - best effort unwrapping
+                pass
+    return None
+
+
+class Progress:
+    """A tiny actor every run's rank 0 tells its step; the driver draws one bar per unit."""
+
+    def __init__(self):
+        self.units: dict[str, tuple[int, int, dict]] = {}
+
+    def update(self, unit: str, step: int, total: int, metrics: dict) -> None:
+        self.units[unit] = (step, total, metrics)
+
+    def snapshot(self) -> dict:
+        return dict(self.units)
+
+
+def run_concurrently(jobs: list[tuple[str, Callable[[], object]]], max_workers: int, progress_name: str) -> dict[str, object]:
+    """Run `jobs` (name, fn) in threads, `max_workers` at once, drawing progress until all end.
+
+    Returns name -> result; the first exception is re-raised after all jobs ended (committed
+    units of the others are kept).
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    actor = ray.remote(num_cpus=0)(Progress).options(name=progress_name, namespace=NAMESPACE, get_if_exists=True).remote()
+    results: dict[str, object] = {}
+    errors: list[BaseException] = []
+    bars: dict[str, tqdm] = {}
+    lock = threading.Lock()
+
+    def wrap(name: str, fn: Callable[[], object]) -> None:
+        try:
+            out = fn()
+            with lock:
+                results[name] = out
+        except BaseException as err:  # noqa: BLE001 - collected and re-raised below
+            with lock:
+                errors.append(err)
+            log.error("%s failed: %s", name, err)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+            futures = [pool.submit(wrap, name, fn) for name, fn in jobs]
+            while not all(f.done() for f in futures):
+                time.sleep(1.0)
+                _draw(ray.get(actor.snapshot.remote()), bars)
+        _draw(ray.get(actor.snapshot.remote()), bars)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        ray.kill(actor)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _draw(snapshot: dict, bars: dict) -> None:
+    from tqdm.auto import tqdm
+
+    for unit, (step, total, metrics) in sorted(snapshot.items()):
+        bar = bars.get(unit)
+        if bar is None:
+            bar = bars[unit] = tqdm(total=total, desc=unit, position=len(bars), leave=True, dynamic_ncols=True)
+        bar.n = step
+        bar.set_postfix({k.split("/")[-2] if k.count("/") > 1 else k: f"{v:.3f}" for k, v in metrics.items()}, refresh=True)
+
+
+def unit_dir(run: RunDir, *parts: str) -> Path:
+    return Path(run.unit(*parts).path)

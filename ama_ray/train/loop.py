@@ -1,0 +1,447 @@
+"""The one training loop, run by every Ray Train worker, for specialists (k=1) and generalists.
+
+Per optimizer step t (DESIGN.md "Protocol"):
+1. every worker holds alpha_t (fetched from the mixing actor by step number, so all agree);
+2. it draws its task labels (AMA-S and the baselines: i.i.d. from alpha_t with an RNG seeded by
+   (seed, t, rank); AMA-R: stratified by largest remainder) and the examples from its streams;
+3. forward/backward over the micro-batches: the objective is the plain batch mean of the loss
+   (baselines, specialists), of the clipped excess e (AMA-S), or sum_i alpha_t,i * mean_{B_i} e
+   (AMA-R); clipping masks, so every worker runs backward every step;
+4. per-task sums are all-reduced (one small tensor) and rank 0 sends the four mixing statistics
+   to the actor with `.remote()` while the optimizer steps; every worker then fetches alpha_{t+1}.
+Sampling is stateless (seeded per step) and streams save their positions, so a resumed run
+replays exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ama_ray import dpo
+from ama_ray.config import Config, OptimConfig
+from ama_ray.errors import ConfigError
+from ama_ray.storage import RunDir
+from ama_ray.train import checkpointing
+from ama_ray.train.data import TaskStream, draw_batch, load_task_split, rows_of
+from ama_ray.train.metrics import ROW, evaluate_rows, metrics_from_sums, mixing_stats, per_example, task_sums
+
+log = logging.getLogger(__name__)
+FAULT_ENV = "AMA_RAY_FAULT"
+
+
+@dataclass
+class UnitSpec:
+    """What one training run trains: passed to every worker as `train_loop_config`."""
+
+    cfg: dict
+    kind: str  # "specialist" | "generalist"
+    tasks: list[str]
+    algorithm: str  # "specialist" for specialists
+    seed: int
+    steps: int
+    model_path: str
+    out_unit: list[str]  # path parts of the output unit under the run directory
+    actor_name: str | None = None
+    progress_name: str | None = None
+    use_excess: bool = False
+    mode: str = "sample"  # "sample" | "reweight"
+    fault: str | None = None  # fault-injection spec, see maybe_inject_fault
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class WorkerState:
+    step: int = 0
+    best_eval: float = math.inf
+    best_step: int = -1
+    positions: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _seed(*parts: object) -> int:
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: build, resume, train `spec.steps` steps, save. See module doc."""
+    import ray.train
+
+    spec = UnitSpec(**config)
+    cfg = Config.model_validate(spec.cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    optim_cfg = cfg.specialists.optim if spec.kind == "specialist" else cfg.generalist.optim
+    run = RunDir(cfg.run_dir)
+    job = Job.build(spec, cfg, optim_cfg, run, rank, world)
+    job.resume(ray.train.get_checkpoint())
+    job.train()
+    job.finish()
+
+
+class Job:
+    """One worker's training run: model, streams, optimizer and the mixing client."""
+
+    def __init__(self, **kw: Any):
+        self.__dict__.update(kw)
+
+    @classmethod
+    def build(cls, spec: UnitSpec, cfg: Config, optim_cfg: OptimConfig, run: RunDir, rank: int, world: int) -> "Job":
+        import ray.train.torch
+
+        from ama_ray.models.loading import load_model, load_tokenizer
+
+        torch.manual_seed(spec.seed)
+        tokenizer = load_tokenizer(spec.model_path, trust_remote_code=cfg.model.trust_remote_code)
+        model = load_model(spec.model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model = ray.train.torch.prepare_model(model)
+        with_scores = spec.kind == "generalist"
+        streams = [
+            TaskStream(t, rows_of(load_task_split(run, t, "train", with_scores=with_scores, rank=rank, world=world)), spec.seed, rank)
+            for t in spec.tasks
+        ]
+        per_worker_eval = math.ceil(cfg.eval.max_examples / world)
+        eval_rows = [
+            rows_of(load_task_split(run, t, "eval", with_scores=with_scores, rank=rank, world=world, limit=per_worker_eval))
+            for t in spec.tasks
+        ]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, spec.steps))
+        loss_cfg = dpo.DPOLossConfig(**cfg.dpo.model_dump())
+        mixer = MixerClient(spec, rank)
+        if spec.mode == "reweight" and optim_cfg.batch_size < len(spec.tasks):
+            raise ConfigError(
+                f"AMA-R stratifies every step over all {len(spec.tasks)} tasks but the per-worker batch is {optim_cfg.batch_size}",
+                where="generalist.optim.batch_size",
+                fix=f"set generalist.optim.batch_size >= {len(spec.tasks)}",
+            )
+        return cls(
+            spec=spec, cfg=cfg, optim=optim_cfg, run=run, rank=rank, world=world, model=model, streams=streams,
+            eval_rows=eval_rows, optimizer=optimizer, scheduler=scheduler, loss_cfg=loss_cfg, mixer=mixer,
+            pad_id=tokenizer.pad_token_id, state=WorkerState(), writer=_tensorboard(run, spec, rank),
+            tasks=list(spec.tasks), k=len(spec.tasks), best_dir=_best_dir(run, spec),
+        )
+
+    # -- resume and checkpoints ----------------------------------------------------------------
+    def resume(self, checkpoint) -> None:
+        if checkpoint is None:
+            self.mixer.start()
+            return
+        with checkpoint.as_directory() as d:
+            saved = checkpointing.load(Path(d), self.model, self.optimizer, self.scheduler)
+        self.state = WorkerState(
+            step=saved["step"], best_eval=saved["best_eval"], best_step=saved["best_step"], positions=saved["positions"][str(self.rank)]
+        )
+        for stream in self.streams:
+            stream.seek(self.state.positions[stream.task])
+        self.mixer.restore(saved.get("mixer"), self.state.step)
+        _barrier(self.world)
+        log.info("%s: resumed at step %d", "/".join(self.spec.out_unit), self.state.step)
+
+    def checkpoint(self, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        positions = {s.task: s.position() for s in self.streams}
+        all_positions = _all_gather_obj(positions, self.world)
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        state = {
+            "step": self.state.step,
+            "best_eval": self.state.best_eval,
+            "best_step": self.state.best_step,
+            "positions": {str(r): p for r, p in enumerate(all_positions)},
+            "mixer": self.mixer.state(),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpointing.save(Path(tmp), self.model, self.optimizer, self.scheduler, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{self.state.step:06d}")
+
+    # -- training ------------------------------------------------------------------------------
+    def train(self) -> None:
+        import ray.train
+
+        unit = "/".join(self.spec.out_unit)
+        self.mixer.prefetch(self.state.step)
+        last = time.perf_counter()
+        while self.state.step < self.spec.steps:
+            step = self.state.step
+            maybe_inject_fault(self.spec.fault, step, self.rank, self.run, unit)
+            alpha = self.mixer.alpha(step)
+            metrics = self.train_step(step, alpha)
+            self.state.step = step + 1
+            now = time.perf_counter()
+            metrics["train/seconds_per_step"] = now - last
+            last = now
+            done = self.state.step == self.spec.steps
+            if self.state.step % self.cfg.eval.every_n_steps == 0 or done:
+                metrics.update(self.evaluate())
+            self._log(metrics)
+            if self.state.step % self.optim.checkpoint_every == 0 or done:
+                self.checkpoint(metrics)
+            else:
+                ray.train.report(metrics)
+
+    def train_step(self, step: int, alpha: np.ndarray) -> dict[str, float]:
+        torch.manual_seed(_seed(self.spec.seed, step, self.rank))
+        labels = self.sample_labels(step, alpha)
+        examples, labels = draw_batch(self.streams, labels)
+        weights = self.example_weights(labels, alpha)
+        sums = torch.zeros(len(ROW), self.k, dtype=torch.float64)
+        chunks = np.array_split(np.arange(len(examples)), self.optim.grad_accum)
+        for j, idx in enumerate(chunks):
+            sync = self.world == 1 or j == len(chunks) - 1
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                rows = [examples[i] for i in idx]
+                out = per_example(self.model, rows, self.loss_cfg, self.pad_id)
+                spec_loss = _specialist_losses(rows, out["loss"])
+                objective = self.per_example_objective(out["loss"], spec_loss)
+                (objective * torch.as_tensor(weights[idx], dtype=objective.dtype)).sum().backward()
+            sums += task_sums(out, torch.as_tensor(labels[idx]), spec_loss, self.k)
+        if self.world > 1:
+            torch.distributed.all_reduce(sums)
+        self.mixer.report(step, mixing_stats(sums))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.max_grad_norm or math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.mixer.prefetch(step + 1)
+        metrics = metrics_from_sums(sums, self.tasks, "train", with_excess=self.spec.kind == "generalist")
+        metrics.update({f"mix/alpha/{t}": float(a) for t, a in zip(self.tasks, alpha)})
+        metrics.update({f"mix/count/{t}": float(c) for t, c in zip(self.tasks, sums[ROW["count"]].tolist())})
+        metrics.update({"step": step + 1, "train/grad_norm": float(grad_norm), "train/lr": self.scheduler.get_last_lr()[0]})
+        return metrics
+
+    def sample_labels(self, step: int, alpha: np.ndarray) -> np.ndarray:
+        """Task index per example of this worker's batch for step `step` (stateless, replayable)."""
+        n = self.optim.batch_size
+        if self.spec.mode == "reweight":
+            from ama_ray.mixing import largest_remainder
+
+            counts = largest_remainder(np.full(self.k, 1.0 / self.k), n)
+            return np.repeat(np.arange(self.k), counts)
+        rng = np.random.default_rng(_seed(self.spec.seed, "labels", step, self.rank))
+        return rng.choice(self.k, size=n, p=alpha)
+
+    def example_weights(self, labels: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """Multiplier of each example's objective: 1/B (plain mean) or alpha_i / b_i (AMA-R)."""
+        if self.spec.mode == "reweight":
+            counts = np.bincount(labels, minlength=self.k)
+            return alpha[labels] / counts[labels]
+        return np.full(len(labels), 1.0 / len(labels))
+
+    def per_example_objective(self, loss: torch.Tensor, spec_loss: torch.Tensor | None) -> torch.Tensor:
+        if not self.spec.use_excess:
+            return loss
+        from ama_ray.mixing import clipped_excess
+
+        mix = self.cfg.mixing
+        return clipped_excess(loss, spec_loss, mix.clip, mix.excess_target)
+
+    def evaluate(self) -> dict[str, float]:
+        sums = evaluate_rows(checkpointing.unwrap(self.model), self.eval_rows, self.loss_cfg, self.pad_id, self.cfg.reference.batch_size)
+        if self.world > 1:
+            torch.distributed.all_reduce(sums)
+        metrics = metrics_from_sums(sums, self.tasks, "eval", with_excess=self.spec.kind == "generalist")
+        score = metrics["eval/dpo_loss/mean"]
+        if self.spec.kind == "specialist" and score < self.state.best_eval:
+            self.state.best_eval, self.state.best_step = score, self.state.step
+            if self.rank == 0:
+                self._save_best()
+        metrics["eval/best_step"] = self.state.best_step
+        return metrics
+
+    def _save_best(self) -> None:
+        from safetensors.torch import save_file
+
+        self.best_dir.mkdir(parents=True, exist_ok=True)
+        save_file(checkpointing.model_state(self.model), str(self.best_dir / "model.safetensors"))
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        step = self.state.step
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+        if self.rank == 0:
+            self.mixer.progress(step, self.spec.steps, metrics)
+
+    # -- the end -------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Rank 0 saves the final model (specialists: the best held-out checkpoint) into the output unit."""
+        if self.writer is not None:
+            self.writer.close()
+        _barrier(self.world)
+        if self.rank != 0:
+            return
+        from safetensors.torch import load_file
+
+        model = checkpointing.unwrap(self.model)
+        if self.spec.kind == "specialist" and (self.best_dir / "model.safetensors").exists():
+            model.load_state_dict(load_file(str(self.best_dir / "model.safetensors")), strict=False)
+        unit = self.run.unit(*self.spec.out_unit)
+        with unit.local_dir() as out:
+            model.save_pretrained(out / "model", safe_serialization=True)
+            from ama_ray.models.loading import load_tokenizer
+
+            load_tokenizer(self.spec.model_path, trust_remote_code=self.cfg.model.trust_remote_code).save_pretrained(out / "model")
+
+
+def lr_lambda(optim: OptimConfig, steps: int):
+    """Linear warm-up, then constant, linear or cosine decay to 0 at `steps`."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (step - optim.warmup_steps) / max(1, steps - optim.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if optim.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _specialist_losses(rows: list[dict], like: torch.Tensor) -> torch.Tensor | None:
+    if rows and "specialist_loss" in rows[0]:
+        return torch.tensor([r["specialist_loss"] for r in rows], dtype=like.dtype, device=like.device)
+    return None
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _all_gather_obj(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _best_dir(run: RunDir, spec: UnitSpec) -> Path:
+    root = Path(run.root) if run.is_local else Path(tempfile.gettempdir()) / "ama_ray"
+    return root / "_checkpoints" / "best" / "/".join(spec.out_unit)
+
+
+def _tensorboard(run: RunDir, spec: UnitSpec, rank: int):
+    if rank != 0 or not run.is_local:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(run.root) / "tensorboard" / "/".join(spec.out_unit)))
+
+
+def maybe_inject_fault(fault: str | None, step: int, rank: int, run: RunDir, unit: str) -> None:
+    """Fault injection for reliability tests: `kill:rank=R:step=S` SIGKILLs worker R at step S, once.
+
+    Off unless the unit spec or the AMA_RAY_FAULT environment variable sets it. A marker file in
+    the run directory makes it fire only on the first attempt, so the resumed run completes.
+    """
+    fault = fault or os.environ.get(FAULT_ENV)
+    if not fault:
+        return
+    parts = dict(p.split("=", 1) for p in fault.split(":")[1:])
+    if int(parts.get("rank", 0)) != rank or int(parts.get("step", -1)) != step:
+        return
+    marker = Path(run.root) / "_faults" / (unit.replace("/", "_") + f"_step{step}")
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    log.warning("fault injection: killing worker rank %d (pid %d) at step %d", rank, os.getpid(), step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class MixerClient:
+    """A worker's view of the mixing policy: the shared actor (generalist) or a fixed alpha (k=1)."""
+
+    def __init__(self, spec: UnitSpec, rank: int):
+        import ray
+
+        self.rank, self.k = rank, len(spec.tasks)
+        self.actor = ray.get_actor(spec.actor_name, namespace="ama_ray") if spec.actor_name else None
+        self.progress_actor = _progress_actor(spec.progress_name)
+        self.unit = "/".join(spec.out_unit)
+        self._pending = None
+        self._report_ref = None
+
+    def start(self) -> None:
+        """Fresh run: make sure the actor holds no history from an earlier attempt."""
+        if self.actor is not None and self.rank == 0:
+            import ray
+
+            ray.get(self.actor.restore.remote(None, 0))
+
+    def prefetch(self, step: int) -> None:
+        if self.actor is not None:
+            self._pending = (step, self.actor.get_alpha.remote(step))
+
+    def alpha(self, step: int) -> np.ndarray:
+        if self.actor is None:
+            return np.full(self.k, 1.0 / self.k)
+        import ray
+
+        if self._pending is None or self._pending[0] != step:
+            self.prefetch(step)
+        reply = ray.get(self._pending[1])
+        return np.asarray(reply["alpha"], dtype=np.float64)
+
+    def report(self, step: int, stats: dict[str, list[float]]) -> None:
+        if self.actor is not None and self.rank == 0:
+            import ray
+
+            if self._report_ref is not None:
+                ray.get(self._report_ref)  # surface an actor error of the previous step
+            self._report_ref = self.actor.report.remote(step, stats)
+
+    def state(self) -> dict | None:
+        if self.actor is None:
+            return None
+        import ray
+
+        return ray.get(self.actor.state.remote())
+
+    def restore(self, state: dict | None, step: int) -> None:
+        if self.actor is not None and self.rank == 0:
+            import ray
+
+            ray.get(self.actor.restore.remote(state, step))
+
+    def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        if self.progress_actor is not None and (step % 10 == 0 or step == total):
+            keep = {k: v for k, v in metrics.items() if k in ("train/loss/mean", "eval/dpo_loss/mean", "eval/excess_loss/worst")}
+            self.progress_actor.update.remote(self.unit, step, total, keep)
+
+
+def _progress_actor(name: str | None):
+    if not name:
+        return None
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace="ama_ray")
+    except ValueError:
+        return None
