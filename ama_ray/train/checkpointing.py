@@ -33,7 +33,7 @@ def save(directory: Path, model, optimizer, scheduler, state: dict[str, Any]) ->
     directory.mkdir(parents=True, exist_ok=True)
     save_file(model_state(model), str(directory / MODEL))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIM)
-    (directory / STATE).write_text(json.dumps(state))
+    (directory / STATE).write_text(json.dumps(state, default=_plain))
 
 
 def load(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:
@@ -43,3 +43,10 @@ def load(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
     return json.loads((directory / STATE).read_text())
+
+
+def _plain(obj: Any) -> Any:
+    """JSON for numpy values in the mixing history (arrays -> lists, scalars -> numbers)."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")

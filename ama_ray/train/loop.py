@@ -33,6 +33,7 @@ import torch
 from ama_ray import dpo
 from ama_ray.config import Config, OptimConfig
 from ama_ray.errors import ConfigError
+from ama_ray.mixing import batch_objective
 from ama_ray.storage import RunDir
 from ama_ray.train import checkpointing
 from ama_ray.train.data import TaskStream, draw_batch, load_task_split, rows_of
@@ -143,7 +144,6 @@ class Job:
     # -- resume and checkpoints ----------------------------------------------------------------
     def resume(self, checkpoint) -> None:
         if checkpoint is None:
-            self.mixer.start()
             return
         with checkpoint.as_directory() as d:
             saved = checkpointing.load(Path(d), self.model, self.optimizer, self.scheduler)
@@ -204,7 +204,9 @@ class Job:
         torch.manual_seed(_seed(self.spec.seed, step, self.rank))
         labels = self.sample_labels(step, alpha)
         examples, labels = draw_batch(self.streams, labels)
-        weights = self.example_weights(labels, alpha)
+        task_ids = torch.as_tensor(labels)
+        step_counts = torch.bincount(task_ids, minlength=self.k)
+        loss_weights = alpha if self.spec.mode == "reweight" else None
         sums = torch.zeros(len(ROW), self.k, dtype=torch.float64)
         chunks = np.array_split(np.arange(len(examples)), self.optim.grad_accum)
         for j, idx in enumerate(chunks):
@@ -213,9 +215,9 @@ class Job:
                 rows = [examples[i] for i in idx]
                 out = per_example(self.model, rows, self.loss_cfg, self.pad_id)
                 spec_loss = _specialist_losses(rows, out["loss"])
-                objective = self.per_example_objective(out["loss"], spec_loss)
-                (objective * torch.as_tensor(weights[idx], dtype=objective.dtype)).sum().backward()
-            sums += task_sums(out, torch.as_tensor(labels[idx]), spec_loss, self.k)
+                e = self.per_example_objective(out["loss"], spec_loss)
+                batch_objective(e, task_ids[idx], loss_weights, step_counts, len(labels)).backward()
+            sums += task_sums(out, task_ids[idx], spec_loss, self.k)
         if self.world > 1:
             torch.distributed.all_reduce(sums)
         self.mixer.report(step, mixing_stats(sums))
@@ -232,21 +234,10 @@ class Job:
 
     def sample_labels(self, step: int, alpha: np.ndarray) -> np.ndarray:
         """Task index per example of this worker's batch for step `step` (stateless, replayable)."""
-        n = self.optim.batch_size
-        if self.spec.mode == "reweight":
-            from ama_ray.mixing import largest_remainder
+        from ama_ray.mixing import draw_tasks
 
-            counts = largest_remainder(np.full(self.k, 1.0 / self.k), n)
-            return np.repeat(np.arange(self.k), counts)
         rng = np.random.default_rng(_seed(self.spec.seed, "labels", step, self.rank))
-        return rng.choice(self.k, size=n, p=alpha)
-
-    def example_weights(self, labels: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-        """Multiplier of each example's objective: 1/B (plain mean) or alpha_i / b_i (AMA-R)."""
-        if self.spec.mode == "reweight":
-            counts = np.bincount(labels, minlength=self.k)
-            return alpha[labels] / counts[labels]
-        return np.full(len(labels), 1.0 / len(labels))
+        return draw_tasks(self.spec.mode, alpha, self.optim.batch_size, rng)
 
     def per_example_objective(self, loss: torch.Tensor, spec_loss: torch.Tensor | None) -> torch.Tensor:
         if not self.spec.use_excess:
@@ -388,13 +379,6 @@ class MixerClient:
         self._pending = None
         self._report_ref = None
 
-    def start(self) -> None:
-        """Fresh run: make sure the actor holds no history from an earlier attempt."""
-        if self.actor is not None and self.rank == 0:
-            import ray
-
-            ray.get(self.actor.restore.remote(None, 0))
-
     def prefetch(self, step: int) -> None:
         if self.actor is not None:
             self._pending = (step, self.actor.get_alpha.remote(step))
@@ -422,13 +406,15 @@ class MixerClient:
             return None
         import ray
 
-        return ray.get(self.actor.state.remote())
+        policy_state, history = ray.get(self.actor.state.remote())
+        return {"policy": policy_state, "history": history}
 
-    def restore(self, state: dict | None, step: int) -> None:
+    def restore(self, saved: dict | None, step: int) -> None:
+        """Put the actor back to the checkpoint's policy state; history after `step` is dropped."""
         if self.actor is not None and self.rank == 0:
             import ray
 
-            ray.get(self.actor.restore.remote(state, step))
+            ray.get(self.actor.restore.remote(saved["policy"], step, saved["history"]))
 
     def progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
         if self.progress_actor is not None and (step % 10 == 0 or step == total):

@@ -1,0 +1,292 @@
+"""Mixing policies: the baselines, AMA-R (Group-DRO mirror ascent) and AMA-S (EXP3).
+
+One policy holds alpha_t, the mixture used by optimizer step t (steps count from 0). The
+training loop calls `sample` (or uses `loss_weights`) with alpha_t, trains step t, then passes
+the step's per-task sums to `update`, which returns the history record of step t and moves
+to alpha_{t+1}. All state is float64 and round-trips exactly through `state_dict`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from ama_ray.errors import ConfigError
+from ama_ray.mixing.excess import check_stats, clipped_excess, task_excess_sums
+from ama_ray.mixing.settings import ALGORITHMS, MixingSettings, weights_vector
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+def largest_remainder(weights: np.ndarray, n: int,
+                      rng: np.random.Generator | None = None) -> np.ndarray:
+    """Integer counts, shape (k,), summing to n and each within 1 of n * weights / sum(weights).
+
+    Each task gets floor(n w_i); the leftover units go to the largest fractional parts. Ties go
+    to the lower index, or are broken at random when `rng` is given (so no task is favoured
+    on average). Raises ValueError for negative or all-zero weights or n < 0.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if n < 0 or w.ndim != 1 or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"need n >= 0 and non-negative weights with a positive sum, got {w}, {n}")
+    quota = w / w.sum() * n
+    counts = np.floor(quota).astype(np.int64)
+    frac = quota - counts
+    tiebreak = np.arange(len(w)) if rng is None else rng.permutation(len(w))
+    order = np.lexsort((tiebreak, -frac))
+    counts[order[: n - int(counts.sum())]] += 1
+    return counts
+
+
+def draw_tasks(mode: str, alpha: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Task index of each of a worker's n examples, shape (n,), int64.
+
+    mode "sample": i.i.d. draws from alpha. mode "reweight" (AMA-R): stratified, equal shares
+    by largest remainder (ties broken by `rng`), shuffled; alpha enters the loss instead, and a
+    per-worker batch n < k raises ConfigError naming `training.batch_size`.
+    Workers that get alpha from the mixing actor call this with the actor's reply.
+    """
+    k = len(alpha)
+    if mode == "sample":
+        return rng.choice(k, size=n, p=alpha)
+    if n < k:
+        raise ConfigError(f"ama_r needs every task in every per-worker batch: batch {n} < "
+                          f"{k} tasks", where="training.batch_size",
+                          fix=f"use a per-worker batch of at least {k}")
+    counts = largest_remainder(np.ones(k), n, rng)
+    return rng.permutation(np.repeat(np.arange(k), counts))
+
+
+class MixingPolicy:
+    """Base class: alpha, sampling, the history record, the running mean and the state.
+
+    Subclasses set `algorithm` and `mode` and implement `weights()`; the AMA policies also
+    override `_estimate` (the per-task gradient estimate) and `_move` (the alpha update).
+    mode "sample": labels drawn from alpha, theta steps on the plain batch mean;
+    mode "reweight": stratified batches, theta steps on alpha-weighted per-task means.
+    """
+
+    algorithm = ""
+    mode = "sample"
+    _state_arrays: tuple[str, ...] = ()  # float64 attributes that `state_dict` carries
+
+    def __init__(self, tasks: Sequence[str], settings: MixingSettings):
+        self.tasks = tuple(tasks)
+        self.settings = settings
+        self.step = 0
+        self.bound_hits = 0
+        self._alpha_sum = np.zeros(len(self.tasks))
+
+    @property
+    def k(self) -> int:
+        return len(self.tasks)
+
+    def weights(self) -> np.ndarray:
+        """alpha_t: the mixture for step `self.step`, shape (k,), float64, sums to 1."""
+        raise NotImplementedError
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Task index of each of n examples, shape (n,), for step `self.step` (see `draw_tasks`)."""
+        return draw_tasks(self.mode, self.weights(), n, rng)
+
+    def loss_weights(self) -> np.ndarray | None:
+        """Multipliers on per-task means in theta's objective; None: plain mean over the batch."""
+        return None
+
+    def objective(self, loss: "torch.Tensor", specialist_loss: "torch.Tensor") -> "torch.Tensor":
+        """Per-example e that theta minimises (AMA: the excess per `clip`/`excess_target`)."""
+        return clipped_excess(loss, specialist_loss, self.settings.clip,
+                              self.settings.excess_target)
+
+    def update(self, stats: dict[str, np.ndarray]) -> dict:
+        """Apply step t's per-task sums (summed over workers and micro-batches); return its record.
+
+        `stats` holds STAT_KEYS, each shape (k,). The record has `step` and numpy arrays of
+        shape (k,) (numpy, not lists: 6k numbers a step add up in a long history): `alpha`
+        (alpha_t, the mixture that step used), `g_hat` (the per-task estimate that moved the
+        log-weights; the mean excess for the baselines, which do not move), `bound_fired`
+        (bool, AMA-S only), the three float sums and `count` (int64). ValueError on bad stats.
+        """
+        stats = check_stats(stats, self.k)
+        alpha = self.weights()
+        sums = task_excess_sums(stats, self.settings.clip, self.settings.excess_target)
+        g_hat, fired = self._estimate(sums, stats["count"], alpha)
+        self._move(g_hat)
+        record = {"step": self.step, "alpha": alpha, "g_hat": g_hat, "bound_fired": fired,
+                  **stats, "count": stats["count"].astype(np.int64)}
+        self._alpha_sum += alpha
+        self.step += 1
+        return record
+
+    def running_mean(self) -> np.ndarray:
+        """Mean of alpha_0..alpha_{t-1} over the steps applied so far (alpha_0 before any)."""
+        return self._alpha_sum / self.step if self.step else self.weights()
+
+    def _estimate(self, sums: np.ndarray, count: np.ndarray,
+                  alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Mean excess per task in this step; a task absent from the step gets 0 (no evidence).
+        present = count > 0
+        mean = np.divide(sums, count, out=np.zeros(self.k), where=present)
+        return mean, np.zeros(self.k, dtype=bool)
+
+    def _move(self, g_hat: np.ndarray) -> None:
+        """Baselines do not move."""
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state (floats as Python floats: float64 survives JSON exactly)."""
+        state = {"algorithm": self.algorithm, "tasks": list(self.tasks), "step": self.step,
+                 "bound_hits": self.bound_hits, "alpha_sum": self._alpha_sum.tolist()}
+        state.update({name: getattr(self, name).tolist() for name in self._state_arrays})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` output; ConfigError if it belongs to another algorithm/task set."""
+        if state.get("algorithm") != self.algorithm or tuple(state.get("tasks", ())) != self.tasks:
+            raise ConfigError(
+                f"saved mixing state is for {state.get('algorithm')!r} over "
+                f"{state.get('tasks')}, this run is {self.algorithm!r} over {list(self.tasks)}",
+                where="checkpoint mixing state", fix="resume with the same algorithm and tasks")
+        arrays = {name: np.array(state[name], dtype=np.float64)
+                  for name in ("alpha_sum", *self._state_arrays)}
+        if any(a.shape != (self.k,) for a in arrays.values()):
+            raise ValueError(f"saved mixing state arrays must have {self.k} entries")
+        self.step, self.bound_hits = int(state["step"]), int(state["bound_hits"])
+        self._alpha_sum = arrays.pop("alpha_sum")
+        for name, value in arrays.items():
+            setattr(self, name, value)
+
+
+class _StaticPolicy(MixingPolicy):
+    """A mixture that never moves; theta minimises the plain loss unless `baseline_objective`."""
+
+    def __init__(self, tasks: Sequence[str], settings: MixingSettings, alpha: Sequence[float]):
+        super().__init__(tasks, settings)
+        self._alpha = np.asarray(alpha, dtype=np.float64)
+
+    def weights(self) -> np.ndarray:
+        return self._alpha.copy()
+
+    def objective(self, loss: "torch.Tensor", specialist_loss: "torch.Tensor") -> "torch.Tensor":
+        if self.settings.baseline_objective == "loss":
+            return loss
+        return super().objective(loss, specialist_loss)
+
+
+class Proportional(_StaticPolicy):
+    """alpha proportional to the tasks' training-set sizes (the union of the data)."""
+
+    algorithm = "proportional"
+
+    def __init__(self, tasks: Sequence[str], settings: MixingSettings, sizes: Sequence[int]):
+        sizes = np.asarray(sizes, dtype=np.float64)
+        super().__init__(tasks, settings, sizes / sizes.sum())
+
+
+class Balanced(_StaticPolicy):
+    """alpha uniform over tasks."""
+
+    algorithm = "balanced"
+
+    def __init__(self, tasks: Sequence[str], settings: MixingSettings):
+        super().__init__(tasks, settings, np.full(len(tasks), 1.0 / len(tasks)))
+
+
+class Fixed(_StaticPolicy):
+    """alpha = `mixing.fixed_weights`, normalised."""
+
+    algorithm = "fixed"
+
+    def __init__(self, tasks: Sequence[str], settings: MixingSettings):
+        if settings.fixed_weights is None:
+            raise ConfigError("the fixed algorithm needs weights", where="mixing.fixed_weights",
+                              fix="set one non-negative weight per task")
+        alpha = weights_vector("mixing.fixed_weights", settings.fixed_weights, tasks,
+                               positive=False)
+        super().__init__(tasks, settings, alpha)
+
+
+class _LogWeightPolicy(MixingPolicy):
+    """alpha = (1 - c) softmax(w) + c / k with log-weights w (no underflow); w += eta_alpha g."""
+
+    _state_arrays = ("log_weights",)
+
+    def __init__(self, tasks: Sequence[str], settings: MixingSettings):
+        super().__init__(tasks, settings)
+        start = np.full(len(tasks), 1.0 / len(tasks))
+        if settings.initial_weights is not None:
+            start = np.array(weights_vector("mixing.initial_weights", settings.initial_weights,
+                                            tasks, positive=True))
+        self.log_weights = np.log(start)
+
+    def weights(self) -> np.ndarray:
+        c = self.settings.smoothing
+        q = np.exp(self.log_weights - self.log_weights.max())
+        return (1.0 - c) * q / q.sum() + c / self.k
+
+    def _move(self, g_hat: np.ndarray) -> None:
+        w = self.log_weights + self.settings.eta_alpha * g_hat
+        # softmax ignores a shift; keeping max(w) = 0 stops w growing without bound.
+        self.log_weights = w - w.max()
+
+
+class AmaR(_LogWeightPolicy):
+    """AMA-R: stratified batches, theta on sum_i alpha_i mean_i(e); w += eta * mean excess."""
+
+    algorithm = "ama_r"
+    mode = "reweight"
+
+    def loss_weights(self) -> np.ndarray:
+        return self.weights()
+
+
+class AmaS(_LogWeightPolicy):
+    """AMA-S (EXP3): labels from alpha; g_hat_i = S_i / (B alpha_t,i), clipped at g_bound."""
+
+    algorithm = "ama_s"
+
+    def _estimate(self, sums: np.ndarray, count: np.ndarray,
+                  alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = count.sum()
+        if batch <= 0:
+            raise ValueError("an AMA-S step needs at least one example (sum of counts is 0)")
+        g_hat = sums / (batch * alpha)
+        bound = self.settings.g_bound
+        fired = np.abs(g_hat) > bound
+        if fired.any():
+            self.bound_hits += int(fired.sum())
+            logger.warning("AMA-S step %d: g_hat %s clipped to +-%g for tasks %s (%d hits so far)",
+                           self.step, g_hat[fired].tolist(), bound,
+                           [self.tasks[i] for i in np.flatnonzero(fired)], self.bound_hits)
+        return np.clip(g_hat, -bound, bound), fired
+
+
+def make_policy(algorithm: str, tasks: Sequence[str], sizes: Sequence[int],
+                settings: MixingSettings) -> MixingPolicy:
+    """Build the policy for `algorithm` over `tasks` (train sizes `sizes`, same order).
+
+    Raises ConfigError naming the setting: unknown algorithm, empty or repeated task names,
+    sizes that are not positive integers, smoothing 0 for ama_s, bad fixed/initial weights.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {algorithm!r}", where="generalist.algorithms",
+                          fix=f"use some of {', '.join(ALGORITHMS)}")
+    tasks = tuple(tasks)
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ConfigError(f"need distinct task names, got {list(tasks)}", where="data.tasks",
+                          fix="give each task a unique name")
+    if len(sizes) != len(tasks) or any(int(s) != s or s < 1 for s in sizes):
+        raise ConfigError(f"need one positive training-set size per task, got {list(sizes)}",
+                          where="data.tasks", fix="give every task at least one training example")
+    if algorithm == "ama_s" and settings.smoothing == 0:
+        raise ConfigError("ama_s needs smoothing c > 0 (alpha_i >= c/k bounds the importance "
+                          "weights)", where="mixing.smoothing", fix="use e.g. 0.1")
+    if algorithm == "proportional":
+        return Proportional(tasks, settings, sizes)
+    if algorithm == "fixed":
+        return Fixed(tasks, settings)
+    return {"balanced": Balanced, "ama_r": AmaR, "ama_s": AmaS}[algorithm](tasks, settings)

@@ -1,0 +1,140 @@
+"""generalist: for each algorithm and seed, the training loop over all k tasks with a shared mixing actor.
+
+Each unit `generalist/<algorithm>/seed<k>/` holds the model (`model/`, save_pretrained) and
+`mixing_history.parquet` (one row per optimizer step: `step`, and per task `alpha/<task>`,
+`g_hat/<task>`, `bound_fired/<task>`, `sum_loss/<task>`, `sum_specialist_loss/<task>`,
+`sum_clipped_excess/<task>`, `count/<task>`). See docs/generalist.md for the protocol.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from ama_ray.cluster import NAMESPACE
+from ama_ray.config import Config
+from ama_ray.stages import base_model_path, open_run
+from ama_ray.stages.score import check_scores_match, score_hash
+from ama_ray.stages.specialists import fresh_checkpoints
+from ama_ray.storage import RunDir
+from ama_ray.train.launch import check_unit_resources, fit_unit, run_concurrently
+from ama_ray.train.loop import UnitSpec
+
+log = logging.getLogger(__name__)
+STAGE = "generalist"
+
+
+def generalist_hash(cfg: Config, algorithm: str, seed: int) -> str:
+    return score_hash(cfg) + "-" + cfg.section_hash("generalist.optim", "generalist.baseline_excess", "mixing", "scaling.num_workers") + f"-{algorithm}-{seed}"
+
+
+def units(cfg: Config) -> list[tuple[str, int]]:
+    return [(a, s) for a in cfg.generalist.algorithms for s in cfg.generalist.seeds]
+
+
+def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
+    """Train every (algorithm, seed) not yet committed; returns unit paths."""
+    from ama_ray.cluster import ensure_ray
+
+    run_dir = open_run(cfg)
+    pending = [
+        (a, s) for a, s in units(cfg)
+        if STAGE in force or not run_dir.unit(STAGE, a, f"seed{s}").is_committed(generalist_hash(cfg, a, s))
+    ]
+    if pending:
+        check_scores_match(run_dir, cfg)
+        ensure_ray()
+        check_unit_resources(cfg, 1, STAGE)
+        model_path = base_model_path(cfg)
+        sizes = train_sizes(run_dir, cfg)
+        jobs = [
+            (f"{a}/seed{s}", functools.partial(train_generalist, cfg, a, s, model_path, sizes, STAGE in force))
+            for a, s in pending
+        ]
+        run_concurrently(jobs, cfg.generalist.max_concurrent, progress_name=f"progress:{cfg.storage.run_name}:{STAGE}")
+    return [run_dir.unit(STAGE, a, f"seed{s}").path for a, s in units(cfg)]
+
+
+def train_sizes(run_dir: RunDir, cfg: Config) -> list[int]:
+    return [int(run_dir.unit("prepared", t).require(f"prepared data of task '{t}'", fix="run `ama-ray prepare`")["rows"]["train"]) for t in cfg.task_names]
+
+
+def mixing_settings(cfg: Config):
+    from ama_ray.mixing import MixingSettings
+
+    mix = cfg.mixing
+    return MixingSettings(
+        eta_alpha=mix.eta_alpha, smoothing=mix.smoothing, clip=mix.clip, excess_target=mix.excess_target,
+        g_bound=mix.g_bound, initial_weights=mix.initial_weights, fixed_weights=mix.fixed_weights,
+        baseline_objective="excess" if cfg.generalist.baseline_excess else "loss",
+    )
+
+
+def actor_name(cfg: Config, algorithm: str, seed: int, trial: str | None = None) -> str:
+    return f"mixer:{cfg.storage.run_name}:{trial or ''}:{algorithm}:seed{seed}"
+
+
+def train_generalist(cfg: Config, algorithm: str, seed: int, model_path: str, sizes: list[int], force: bool, trial: str | None = None) -> str:
+    """Train one generalist unit end to end: fresh actor, TorchTrainer, history, manifest."""
+    import ray
+
+    from ama_ray.mixing_actor import create_mixing_actor
+
+    run_dir = RunDir(cfg.run_dir)
+    out = [STAGE, algorithm, f"seed{seed}"] if trial is None else ["tune", trial, algorithm, f"seed{seed}"]
+    unit = run_dir.unit(*out)
+    digest = generalist_hash(cfg, algorithm, seed)
+    fresh_checkpoints(run_dir, STAGE if trial is None else "tune", "_".join(out[1:]), digest, force)
+    unit.begin()
+    name = actor_name(cfg, algorithm, seed, trial)
+    _kill_actor(name)
+    actor = create_mixing_actor(name, algorithm, cfg.task_names, sizes, mixing_settings(cfg))
+    spec = UnitSpec(
+        cfg=cfg.model_dump(mode="json"), kind="generalist", tasks=cfg.task_names, algorithm=algorithm, seed=seed,
+        steps=cfg.generalist.optim.steps, model_path=model_path, out_unit=out, actor_name=name,
+        progress_name=f"progress:{cfg.storage.run_name}:{STAGE}",
+        use_excess=algorithm in ("ama_r", "ama_s") or cfg.generalist.baseline_excess,
+        mode="reweight" if algorithm == "ama_r" else "sample",
+    )
+    try:
+        result = fit_unit(cfg, spec, STAGE if trial is None else "tune")
+        history = ray.get(actor.history.remote())
+    finally:
+        ray.kill(actor)
+    unit.write_parquet("mixing_history.parquet", history_table(history, cfg.task_names))
+    final = dict(result.metrics or {})
+    alphas = np.array([np.asarray(r["alpha"], dtype=float) for r in history]) if history else np.zeros((0, len(sizes)))
+    unit.commit(
+        digest, stage=STAGE, algorithm=algorithm, seed=seed, steps=spec.steps, base_model=model_path, dtype=cfg.model.dtype,
+        tasks=cfg.task_names, train_sizes=sizes, final_metrics=final,
+        final_alpha=alphas[-1].tolist() if len(alphas) else None, mean_alpha=alphas.mean(axis=0).tolist() if len(alphas) else None,
+    )
+    log.info("generalist: %s/seed%d committed", algorithm, seed)
+    return unit.path
+
+
+def _kill_actor(name: str) -> None:
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+    except ValueError:
+        pass
+
+
+def history_table(history: list[dict], tasks: list[str]) -> pa.Table:
+    """The actor's per-step records as a flat table: `step` plus `<field>/<task>` columns."""
+    columns: dict[str, list] = {"step": [int(r["step"]) for r in history]}
+    if history:
+        for key, value in history[0].items():
+            if key == "step":
+                continue
+            if np.ndim(value) == 1 and len(value) == len(tasks):
+                for i, task in enumerate(tasks):
+                    columns[f"{key}/{task}"] = [np.asarray(r[key])[i].item() for r in history]
+            elif np.ndim(value) == 0:
+                columns[key] = [np.asarray(r[key]).item() for r in history]
+    return pa.table(columns)

@@ -1,0 +1,84 @@
+"""score: each specialist's per-example loss on its own task (Ray Data batch inference).
+
+Writes `scores/<task>/{train,eval}.parquet` with `example_id`, `specialist_loss` (the full
+per-example training objective of `ama_ray.dpo`, the number the generalist's loss is compared
+with) and `specialist_dpo_loss`. The loss settings, dtype and padding are recorded in the
+manifest; the generalist refuses scores made with other settings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ama_ray.config import Config
+from ama_ray.errors import StageInputError
+from ama_ray.stages import open_run
+from ama_ray.stages.inference import PADDING_SIDE, infer
+from ama_ray.stages.reference import PREPARED_COLUMNS, SPLITS
+from ama_ray.stages.specialists import specialist_hash
+from ama_ray.train.data import _join
+
+log = logging.getLogger(__name__)
+STAGE = "scores"
+
+
+def score_hash(cfg: Config) -> str:
+    return specialist_hash(cfg)
+
+
+def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
+    """Score every task whose scores are not committed; returns unit paths."""
+    run_dir = open_run(cfg)
+    digest = score_hash(cfg)
+    for task in cfg.task_names:
+        unit = run_dir.unit(STAGE, task)
+        if "score" not in force and unit.is_committed(digest):
+            log.info("score: %s already committed, skipping", task)
+            continue
+        spec_unit = run_dir.unit("specialists", task)
+        spec_man = spec_unit.require(f"specialist of task '{task}'", fix="run `ama-ray specialists` first")
+        table = _inputs(run_dir, task)
+        model_dir = spec_unit.local_copy() / "model"
+        log.info("score: %s with %s (%d examples)", task, model_dir, table.num_rows)
+        result = infer(cfg, table, str(model_dir), loss_cfg=cfg.dpo.model_dump())
+        unit.begin()
+        rows = {}
+        for split in SPLITS:
+            part = result.filter(pc.equal(result["split"], split)).drop_columns(["split"]).sort_by("example_id")
+            unit.write_parquet(f"{split}.parquet", part)
+            rows[split] = part.num_rows
+        unit.commit(
+            digest, stage=STAGE, task=task, specialist=spec_unit.path, specialist_committed_at=spec_man["committed_at"],
+            dtype=cfg.model.dtype, padding_side=PADDING_SIDE, loss=cfg.dpo.model_dump(), rows=rows,
+        )
+    return [run_dir.unit(STAGE, t).path for t in cfg.task_names]
+
+
+def _inputs(run_dir, task: str) -> pa.Table:
+    tables = []
+    for split in SPLITS:
+        prepared = run_dir.unit("prepared", task).read_parquet(f"{split}.parquet", columns=PREPARED_COLUMNS)
+        ref = run_dir.unit("reference", task)
+        ref.require(f"reference log-probs of task '{task}'", fix="run `ama-ray reference` first")
+        joined = _join(prepared, ref.read_parquet(f"{split}.parquet"), f"{ref.path}/{split}.parquet")
+        tables.append(joined.append_column("split", pa.array([split] * joined.num_rows)))
+    return pa.concat_tables(tables)
+
+
+def check_scores_match(run_dir, cfg: Config) -> None:
+    """Refuse scores made with another loss, dtype or padding than this generalist trains with."""
+    for task in cfg.task_names:
+        unit = run_dir.unit(STAGE, task)
+        man = unit.require(f"specialist scores of task '{task}'", fix="run `ama-ray score` first")
+        wanted = {"loss": cfg.dpo.model_dump(), "dtype": cfg.model.dtype, "padding_side": PADDING_SIDE}
+        found = {k: man.get(k) for k in wanted}
+        if found != wanted:
+            diff = [k for k in wanted if found[k] != wanted[k]]
+            raise StageInputError(
+                f"scores of task '{task}' were computed with other {', '.join(diff)} ({found}) than the generalist uses ({wanted})",
+                where=unit.path,
+                fix="rerun `ama-ray score --force score` (and specialists if the loss changed)",
+            )

@@ -1,0 +1,99 @@
+"""Every invalid mixing setting is refused with an error naming the setting."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ama_ray.errors import ConfigError
+from ama_ray.mixing import ALGORITHMS, MixingSettings, make_policy
+
+TASKS = ("math", "safety", "code")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("eta_alpha", -0.1), ("eta_alpha", math.nan), ("eta_alpha", "0.1"), ("eta_alpha", True),
+    ("smoothing", -0.01), ("smoothing", 1.01), ("smoothing", math.inf),
+    ("g_bound", 0.0), ("g_bound", -1.0), ("g_bound", math.inf),
+    ("clip", "per_batch"), ("excess_target", "reference"), ("baseline_objective", "dpo"),
+    ("initial_weights", [1, 2, 3]), ("fixed_weights", "math"),
+])
+def test_invalid_setting_names_its_key(key, value):
+    with pytest.raises(ConfigError) as err:
+        MixingSettings(**{key: value})
+    assert err.value.where == f"mixing.{key}"
+    assert f"mixing.{key}" in str(err.value)
+
+
+@pytest.mark.parametrize("algorithm, settings, where, match", [
+    ("ama_s", {"smoothing": 0.0}, "mixing.smoothing", "c > 0"),
+    ("fixed", {}, "mixing.fixed_weights", "needs weights"),
+    ("fixed", {"fixed_weights": {"math": 1, "safety": -1, "code": 1}}, "mixing.fixed_weights",
+     "non-negative"),
+    ("fixed", {"fixed_weights": {"math": 0, "safety": 0, "code": 0}}, "mixing.fixed_weights",
+     "all weights are zero"),
+    ("fixed", {"fixed_weights": {"math": 1, "safety": 1, "code": 1, "chat": 1}},
+     "mixing.fixed_weights", "unknown tasks"),
+    ("fixed", {"fixed_weights": {"math": 1, "safety": 1}}, "mixing.fixed_weights", "no weight"),
+    ("fixed", {"fixed_weights": {"math": 1, "safety": math.nan, "code": 1}},
+     "mixing.fixed_weights", "finite"),
+    ("ama_r", {"initial_weights": {"math": 1, "safety": 0, "code": 1}},
+     "mixing.initial_weights", "positive"),
+    ("ama_s", {"initial_weights": {"math": 1, "coding": 1, "safety": 1}},
+     "mixing.initial_weights", "unknown tasks"),
+])
+def test_invalid_algorithm_settings(algorithm, settings, where, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        make_policy(algorithm, TASKS, (10, 1, 1), MixingSettings(**settings))
+    assert err.value.where == where
+
+
+def test_valid_edges_are_accepted():
+    assert make_policy("ama_r", TASKS, (1, 1, 1), MixingSettings(smoothing=0.0)).weights().sum() == 1
+    p = make_policy("ama_s", TASKS, (1, 1, 1), MixingSettings(smoothing=1.0))
+    assert p.weights().tolist() == [1 / 3] * 3
+    p = make_policy("ama_s", TASKS, (1, 1, 1), MixingSettings(
+        smoothing=0.5, initial_weights={"math": 2, "safety": 1, "code": 1}))
+    np.testing.assert_allclose(p.weights(), [0.5 * 0.5 + 0.5 / 3, 0.5 * 0.25 + 0.5 / 3,
+                                             0.5 * 0.25 + 0.5 / 3], rtol=1e-15)
+
+
+@pytest.mark.parametrize("tasks, sizes, where", [
+    ((), (), "data.tasks"), (("a", "a"), (1, 1), "data.tasks"),
+    (("a", "b"), (1, 0), "data.tasks"), (("a", "b"), (1,), "data.tasks"),
+    (("a", "b"), (1, 2.5), "data.tasks"),
+])
+def test_invalid_tasks_or_sizes(tasks, sizes, where):
+    with pytest.raises(ConfigError) as err:
+        make_policy("proportional", tasks, sizes, MixingSettings())
+    assert err.value.where == where
+
+
+def test_unknown_algorithm():
+    with pytest.raises(ConfigError) as err:
+        make_policy("ama_x", TASKS, (1, 1, 1), MixingSettings())
+    assert err.value.where == "generalist.algorithms"
+    assert set(ALGORITHMS) == {"proportional", "balanced", "fixed", "ama_r", "ama_s"}
+
+
+def test_ama_r_batch_smaller_than_k_names_the_batch_size():
+    p = make_policy("ama_r", TASKS, (1, 1, 1), MixingSettings())
+    with pytest.raises(ConfigError) as err:
+        p.sample(2, np.random.default_rng(0))
+    assert err.value.where == "training.batch_size"
+
+
+def test_mixing_package_imports_without_ray_or_torch():
+    code = ("import sys, ama_ray.mixing, ama_ray.mixing.known_answer; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'torch')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    package = Path(__file__).parents[2] / "ama_ray" / "mixing"
+    for source in package.glob("*.py"):
+        text = source.read_text()
+        assert "import ray" not in text and "from ray" not in text, source
