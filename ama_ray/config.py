@@ -43,7 +43,11 @@ class TinyModelConfig(Section):
     num_layers: int = Field(2, ge=1, description="Transformer layers of the tiny model.")
     num_heads: int = Field(4, ge=1, description="Attention heads of the tiny model.")
     intermediate_size: int = Field(128, ge=8, description="MLP width of the tiny model.")
-    sft_steps: int = Field(1200, ge=0, description="SFT steps on the benchmark's chosen responses that make the base.")
+    sft_steps: int = Field(800, ge=0, description="SFT steps on benchmark responses that make the base.")
+    sft_chosen_share: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Share of SFT targets that are the chosen response (else the rejected): the base learns every task's format without its preferences.",
+    )
     sft_examples_per_task: int = Field(2000, ge=10, description="Benchmark examples per task used for the base SFT.")
     sft_lr: float = Field(3e-3, gt=0.0, description="Learning rate of the base SFT.")
     max_position_embeddings: int = Field(256, ge=16, description="Longest sequence the tiny model takes.")
@@ -192,6 +196,7 @@ class StorageConfig(Section):
 
 class EvalConfig(Section):
     every_n_steps: int = Field(50, ge=1, description="Held-out evaluation interval during training.")
+    log_every_n_steps: int = Field(10, ge=1, description="Interval of `ray.train.report` calls (TensorBoard gets every step).")
     max_examples: int = Field(200, ge=1, description="Held-out examples per task evaluated during training.")
     generation_examples: int = Field(100, ge=0, description="Examples per task for greedy-generation accuracy (0: off).")
     max_new_tokens: int = Field(12, ge=1, description="Greedy decoding length for generation accuracy.")

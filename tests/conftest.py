@@ -22,6 +22,8 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 os.environ.pop("RAY_ADDRESS", None)
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -48,3 +50,26 @@ def model_cache(tmp_path_factory):
     """A model cache shared by the session (the tiny base is built into it once)."""
     path = os.environ.get("AMA_RAY_TEST_CACHE") or str(tmp_path_factory.mktemp("model_cache"))
     return path
+
+
+@pytest.fixture(scope="session")
+def minimal_cfg(tmp_path_factory, model_cache):
+    """`jobs/minimal.yaml` writing into a session temp dir, with the session's model cache."""
+    from ama_ray.config import load_config
+
+    root = tmp_path_factory.mktemp("runs")
+    return load_config(Path(__file__).resolve().parent.parent / "jobs" / "minimal.yaml",
+                       [f"storage.path={root}", f"model.cache_dir={model_cache}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, minimal_cfg):
+    """A finished minimal pipeline through the generalist stage, built once per session.
+
+    Returns (cfg, run_dir path). Tests must not modify it; copy it first (shutil.copytree).
+    """
+    from ama_ray.stages import generalist, prepare, reference, score, specialists
+
+    for stage in (prepare, reference, specialists, score, generalist):
+        stage.run(minimal_cfg)
+    return minimal_cfg, Path(minimal_cfg.run_dir)

@@ -150,8 +150,13 @@ def run_concurrently(jobs: list[tuple[str, Callable[[], object]]], max_workers: 
 
 
 def _draw(snapshot: dict, bars: dict) -> None:
+    import sys
+
     from tqdm.auto import tqdm
 
+    if not sys.stderr.isatty():
+        _log_progress(snapshot, bars)
+        return
     for unit, (step, total, metrics) in sorted(snapshot.items()):
         bar = bars.get(unit)
         if bar is None:
@@ -162,3 +167,23 @@ def _draw(snapshot: dict, bars: dict) -> None:
 
 def unit_dir(run: RunDir, *parts: str) -> Path:
     return Path(run.unit(*parts).path)
+
+
+def _log_progress(snapshot: dict, last: dict) -> None:
+    """Without a terminal: one log line per unit whenever it advanced by >= 10% of its steps."""
+    for unit, (step, total, metrics) in sorted(snapshot.items()):
+        shown = last.get(unit, _Shown()).step
+        if step == total and shown != total or step - shown >= max(1, total // 10):
+            values = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            log.info("%s: step %d/%d %s", unit, step, total, values)
+            last[unit] = _Shown(step)
+
+
+class _Shown:
+    """What `_log_progress` printed last for a unit (closes like a bar)."""
+
+    def __init__(self, step: int = -1):
+        self.step = step
+
+    def close(self) -> None:
+        pass

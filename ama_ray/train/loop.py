@@ -180,12 +180,14 @@ class Job:
         import ray.train
 
         unit = "/".join(self.spec.out_unit)
+        self.alpha_digest = hashlib.sha256()
         self.mixer.prefetch(self.state.step)
         last = time.perf_counter()
         while self.state.step < self.spec.steps:
             step = self.state.step
             maybe_inject_fault(self.spec.fault, step, self.rank, self.run, unit)
             alpha = self.mixer.alpha(step)
+            self.alpha_digest.update(np.asarray(alpha, dtype=np.float64).tobytes())
             metrics = self.train_step(step, alpha)
             self.state.step = step + 1
             now = time.perf_counter()
@@ -194,10 +196,13 @@ class Job:
             done = self.state.step == self.spec.steps
             if self.state.step % self.cfg.eval.every_n_steps == 0 or done:
                 metrics.update(self.evaluate())
+            if done:
+                metrics.update(self.consistency())
             self._log(metrics)
             if self.state.step % self.optim.checkpoint_every == 0 or done:
                 self.checkpoint(metrics)
-            else:
+            elif self.state.step % self.cfg.eval.log_every_n_steps == 0:
+                # report() is a barrier across workers: every step would cost a sync per step.
                 ray.train.report(metrics)
 
     def train_step(self, step: int, alpha: np.ndarray) -> dict[str, float]:
@@ -259,6 +264,24 @@ class Job:
                 self._save_best()
         metrics["eval/best_step"] = self.state.best_step
         return metrics
+
+    def consistency(self) -> dict[str, float]:
+        """Cross-worker checks at the end: DDP replicas identical, every worker used the same alphas.
+
+        `check/replica_max_diff` is the largest parameter difference between any worker and rank 0
+        (0 when data parallelism is correct); `check/alpha_agree` is 1 when every worker hashed the
+        same sequence of alphas since this attempt started.
+        """
+        params = torch.cat([p.detach().double().flatten() for p in checkpointing.unwrap(self.model).parameters()])
+        digests = _all_gather_obj(self.alpha_digest.hexdigest(), self.world)
+        if self.world > 1:
+            reference = params.clone()
+            torch.distributed.broadcast(reference, src=0)
+            diff = (params - reference).abs().max()
+            torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+        else:
+            diff = torch.zeros(())
+        return {"check/replica_max_diff": float(diff), "check/alpha_agree": float(len(set(digests)) == 1)}
 
     def _save_best(self) -> None:
         from safetensors.torch import save_file

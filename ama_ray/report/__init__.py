@@ -1,0 +1,1 @@
+"""The report: metrics.json views, plots and markdown/HTML rendering, built from saved files only."""

@@ -1,0 +1,164 @@
+"""The verdict, the summary tables, and one document rendered as Markdown and as self-contained HTML.
+
+A report is a list of blocks (`("h2", text)`, `("p", text)`, `("list", items)`,
+`("table", header, rows)`, `("img", file name, caption)`); text may use `**bold**` and
+`` `code` ``. The Markdown links the PNG files next to it; the HTML embeds them as base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+
+# (flat key, words, lower is better): the verdict's criteria, most important first.
+CRITERIA = (
+    ("excess_loss/worst", "worst-task excess loss", True),
+    ("excess_loss/mean", "mean excess loss", True),
+    ("rewards/accuracies/worst", "worst-task reward accuracy", False),
+    ("rewards/accuracies/mean", "mean reward accuracy", False),
+    ("generation/accuracy/worst", "worst-task generation accuracy", False),
+    ("generation/accuracy/mean", "mean generation accuracy", False),
+)
+Block = tuple
+
+
+def fmt(value: float | None, std: float | None = None, n: int | None = None) -> str:
+    """`0.123`, or `0.123 ± 0.004` when several seeds were averaged; `–` for missing values."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    text = f"{value:.3f}"
+    if n is not None and n > 1 and std is not None:
+        text += f" ± {std:.3f}"
+    return text
+
+
+def verdict(doc: dict) -> tuple[str, list[str]]:
+    """(headline, one line per criterion) computed from the per-algorithm aggregates.
+
+    With several seeds the values are mean ± sample std, and a lead within the larger of the
+    two spreads is called "not separated".
+    """
+    algos = doc["aggregates"]["algorithms"]
+    if not algos:
+        return "No generalist was evaluated: nothing to compare.", []
+    lines, caveats, winners = [], {}, {}
+    for key, words, lower in CRITERIA:
+        ranked = sorted((a for a in algos if key in algos[a]["mean"]), key=lambda a: algos[a]["mean"][key], reverse=not lower)
+        if not ranked:
+            continue
+        best = winners[key] = ranked[0]
+        line = f"Best {words}: **{best}** ({_cell(algos[best], key)})"
+        if len(ranked) > 1:
+            second = ranked[1]
+            gap = abs(algos[best]["mean"][key] - algos[second]["mean"][key])
+            spread = max(algos[best]["std"].get(key, 0.0), algos[second]["std"].get(key, 0.0))
+            if gap < 1e-12:
+                caveats[key] = f"tied with {second}"
+                line = f"Best {words}: a tie between **{best}** and **{second}** ({_cell(algos[best], key)})"
+            else:
+                line += f", next {second} ({_cell(algos[second], key)})"
+                if len(algos[best]["seeds"]) > 1 and gap <= spread:
+                    caveats[key] = f"not separated from {second}: the lead is within the seed spread"
+                    line += "; " + caveats[key]
+        lines.append(line + ".")
+    if len(algos) == 1:
+        only = next(iter(algos))
+        return f"Only one algorithm was trained (**{only}**): no comparison; see the tables against the base and specialists.", lines
+    key = "excess_loss/worst"
+    headline = f"**{winners[key]}** keeps the worst task closest to its specialist (lowest worst-task held-out excess loss"
+    headline += f"; {caveats[key]})" if key in caveats else ")"
+    mean_best = winners.get("excess_loss/mean")
+    if mean_best and mean_best != winners[key]:
+        headline += f"; **{mean_best}** has the lowest average excess loss"
+    return headline + ".", lines
+
+
+def _cell(agg: dict, key: str) -> str:
+    return fmt(agg["mean"].get(key), agg["std"].get(key), len(agg["seeds"]))
+
+
+def metric_table(doc: dict, metric: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: base, every specialist on every task (own task starred), every algorithm."""
+    tasks = [t["name"] for t in doc["tasks"]]
+    header = ["model", *tasks, "mean", "worst"]
+    rows = []
+    for key, entry in doc["models"].items():
+        if entry["kind"] == "generalist":
+            continue
+        cells = [fmt(entry["per_task"].get(t, {}).get(metric)) for t in tasks]
+        if entry["kind"] == "specialist":
+            own = tasks.index(entry["own_task"])
+            cells[own] = f"**{cells[own]}** (own)"
+        rows.append([key, *cells, *(fmt(entry["aggregates"][s].get(metric)) for s in ("mean", "worst"))])
+    for algo, agg in doc["aggregates"]["algorithms"].items():
+        n = len(agg["seeds"])
+        label = f"{algo} ({n} seed{'s' if n > 1 else ''})"
+        rows.append([label, *(_cell(agg, f"{metric}/{s}") for s in (*tasks, "mean", "worst"))])
+    return header, rows
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + block[1])
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "list":
+            out.append("\n".join(f"- {item}" for item in block[1]))
+        elif kind == "table":
+            header, rows = block[1], block[2]
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+            out.append("\n".join(lines))
+        elif kind == "img":
+            out.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def to_html(blocks: list[Block], images: dict[str, bytes], title: str) -> str:
+    """One HTML file with every image embedded (`data:image/png;base64,...`)."""
+    body = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{_inline(block[1])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(block[1])}</p>")
+        elif kind == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{_inline(h)}</th>" for h in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in block[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(images[block[1]]).decode()
+            body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{_inline(block[2])}</figcaption></figure>")
+    return _PAGE.format(title=html.escape(title), body="\n".join(body))
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+figure {{ margin: 1em 0 2em; }} img {{ max-width: 100%; }} figcaption {{ font-size: 0.85em; color: #555; }}
+li {{ margin: 0.3em 0; }}
+</style></head><body>
+{body}
+</body></html>
+"""

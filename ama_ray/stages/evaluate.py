@@ -1,0 +1,341 @@
+"""evaluate: per-task held-out metrics for the base, every specialist and every generalist.
+
+Each model is one Ray task (`num_cpus=1`, torch on one thread), so on a cluster the models are
+evaluated in parallel. Every model runs on every task's `eval` split: the same
+`ama_ray.train.metrics` code as training's held-out evaluation (loss, excess loss over the
+specialist's scores, reward and log-prob accuracies), plus greedy-generation accuracy with the
+benchmark verifiers. Specialists are evaluated on all tasks, so the report can show what training
+on one task does to the others. Writes `eval/metrics.json` and `eval/metrics.csv` (schema:
+docs/metrics.md) and commits the unit; specialists that did not clearly beat the base on their
+own task are logged as warnings and listed in `flags`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+from ama_ray.config import Config
+from ama_ray.errors import StageInputError
+from ama_ray.report.schema import aggregate_algorithms, csv_text, model_aggregates, specialists_own_task
+from ama_ray.stages import base_model_path, open_run
+from ama_ray.storage import RunDir
+
+log = logging.getLogger(__name__)
+STAGE = "evaluate"
+UNIT = "eval"
+SCHEMA_VERSION = 1
+LOG2 = math.log(2.0)
+GENERATION = "generation/accuracy"
+# Metrics whose smaller value is better: the worst task is the maximum for these.
+LOWER_IS_BETTER = frozenset({"loss", "dpo_loss", "nll", "excess_loss"})
+# At theta = pi_ref these are 0 by definition; measured values are float round-off only.
+REFERENCE_DEGENERATE = ("rewards/accuracies", "rewards/margins")
+# A specialist must beat these on its own task's held-out data (see docs/metrics.md, "Flags").
+MIN_ACCURACY_GAIN = 0.02
+MIN_LOSS_DROP = 0.01
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One model to evaluate: `key` is its name in metrics.json (`base`, `specialist/<task>`, ...)."""
+
+    key: str
+    kind: str  # base | specialist | generalist
+    unit: tuple[str, ...] | None  # run-dir unit holding `model/`; None for the base
+    path: str  # the base's directory or hub id; the unit path otherwise
+    committed_at: str | None
+    own_task: str | None = None  # a specialist's task
+    algorithm: str | None = None
+    seed: int | None = None
+
+
+def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
+    """Evaluate every committed model on every task; returns the eval unit's files.
+
+    Skips when `eval/` is committed with the same settings and the same model manifests.
+    Raises StageInputError when scores (needed for the excess loss) are missing.
+    """
+    run_dir = open_run(cfg)
+    unit = run_dir.unit(UNIT)
+    models, missing = find_models(cfg, run_dir)
+    digest = evaluate_hash(cfg, run_dir, models)
+    files = [unit.file("metrics.json"), unit.file("metrics.csv")]
+    if STAGE not in force and unit.is_committed(digest):
+        log.info("evaluate: already committed for these models, skipping")
+        warn(unit.read_json("metrics.json")["flags"])
+        return files
+    results = evaluate_all(cfg, run_dir, models)
+    doc = build_document(cfg, run_dir, models, results, missing, digest)
+    warn(doc["flags"])
+    unit.begin()
+    unit.write_json("metrics.json", doc)
+    with unit.fs.open_output_stream(unit.file("metrics.csv")) as out:
+        out.write(csv_text(doc).encode())
+    unit.commit(digest, stage=STAGE, schema_version=SCHEMA_VERSION, models=[m.key for m in models], flags=len(doc["flags"]))
+    log.info("evaluate: %d models x %d tasks -> %s", len(models), len(cfg.task_names), unit.path)
+    return files
+
+
+def warn(flags: list[dict]) -> None:
+    """Every flag as one WARNING line: what is wrong and what to do."""
+    for flag in flags:
+        log.warning("evaluate: %s %s", flag["message"], flag["fix"])
+
+
+def find_models(cfg: Config, run_dir: RunDir) -> tuple[list[ModelRef], list[str]]:
+    """The base, committed specialists and committed configured generalists; and the missing keys."""
+    for task in cfg.task_names:
+        run_dir.unit("scores", task).require(f"specialist scores of task '{task}'", fix="run `ama-ray score` first")
+    models = [ModelRef("base", "base", None, base_model_path(cfg), None)]
+    wanted = [("specialist/" + t, "specialist", ("specialists", t), dict(own_task=t)) for t in cfg.task_names]
+    wanted += [
+        (f"generalist/{a}/seed{s}", "generalist", ("generalist", a, f"seed{s}"), dict(algorithm=a, seed=s))
+        for a in cfg.generalist.algorithms for s in cfg.generalist.seeds
+    ]
+    missing = []
+    for key, kind, parts, extra in wanted:
+        man = run_dir.unit(*parts).manifest()
+        if man is None:
+            missing.append(key)
+            continue
+        models.append(ModelRef(key, kind, parts, run_dir.unit(*parts).path, man.get("committed_at"), **extra))
+    return models, missing
+
+
+def evaluate_hash(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> str:
+    """Settings + the commit times of every evaluated model and its inputs: a retrained model re-evaluates."""
+    inputs = {m.key: m.committed_at or m.path for m in models}
+    for stage in ("prepared", "reference", "scores"):
+        for task in cfg.task_names:
+            inputs[f"{stage}/{task}"] = (run_dir.unit(stage, task).manifest() or {}).get("committed_at")
+    blob = json.dumps({"schema": SCHEMA_VERSION, "inputs": inputs}, sort_keys=True)
+    settings = cfg.section_hash("model.name", "model.dtype", "data", "dpo", "eval.generation_examples", "eval.max_new_tokens")
+    return settings + "-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- the Ray tasks ---------------------------------------------------------------------------
+
+def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> dict[str, dict]:
+    """`evaluate_model` for every model as parallel Ray tasks; returns {key: result}."""
+    import ray
+
+    from ama_ray.cluster import ensure_ray
+
+    ensure_ray()
+    remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(evaluate_model)
+    tasks = [(t.name, t.benchmark) for t in cfg.data.tasks]
+    settings = {
+        "loss": cfg.dpo.model_dump(), "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
+        "batch_size": cfg.reference.batch_size, "generation_examples": cfg.eval.generation_examples,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+    }
+    pending = {remote.remote(run_dir.uri, asdict(m), tasks, settings): m.key for m in models}
+    results: dict[str, dict] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(done[0])
+        results[key] = ray.get(done[0])
+        log.info("evaluate: %s done in %.1f s (%d/%d)", key, results[key]["seconds"], len(results), len(models))
+    return results
+
+
+def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]], settings: dict) -> dict:
+    """Held-out metrics of one model on every task: {"per_task": {task: {metric: value}}, "seconds"}.
+
+    Runs inside a Ray task (or directly): loads the model, the eval splits with reference
+    log-probs and specialist scores, and decodes greedily for tasks with a verifier.
+    """
+    import torch
+
+    from ama_ray import dpo
+    from ama_ray.models.loading import load_model, load_tokenizer
+    from ama_ray.train.data import load_task_split, rows_of
+    from ama_ray.train.metrics import evaluate_rows, metrics_from_sums
+
+    start = time.perf_counter()
+    torch.set_num_threads(1)  # one Ray CPU per task; more threads only contend on small hosts
+    run = RunDir(run_uri)
+    path = model["path"] if model["unit"] is None else str(run.unit(*model["unit"]).local_copy() / "model")
+    net = load_model(path, dtype=settings["dtype"], trust_remote_code=settings["trust_remote_code"])
+    tokenizer = load_tokenizer(path, trust_remote_code=settings["trust_remote_code"])
+    if torch.cuda.is_available():
+        net = net.cuda()
+    names = [name for name, _ in tasks]
+    rows = [rows_of(load_task_split(run, name, "eval", with_scores=True)) for name in names]
+    sums = evaluate_rows(net, rows, dpo.DPOLossConfig(**settings["loss"]), tokenizer.pad_token_id, settings["batch_size"])
+    flat = metrics_from_sums(sums, names, "eval")
+    per_task = {name: {} for name in names}
+    for key, value in flat.items():
+        metric, _, scope = key.removeprefix("eval/").rpartition("/")
+        if scope in per_task:
+            per_task[scope][metric] = value
+    for name, benchmark in tasks:
+        if benchmark and settings["generation_examples"] > 0:
+            prompts = run.unit("prepared", name).read_parquet("eval.parquet", columns=["example_id", "prompt", "prompt_input_ids"])
+            prompts = prompts.sort_by("example_id").slice(0, settings["generation_examples"]).to_pylist()
+            per_task[name][GENERATION] = generation_accuracy(net, tokenizer, benchmark, prompts, settings)
+    return {"per_task": per_task, "seconds": time.perf_counter() - start}
+
+
+def generation_accuracy(net, tokenizer, benchmark: str, rows: list[dict], settings: dict) -> float:
+    """Share of prompts whose greedy completion the benchmark verifier accepts.
+
+    Left-padded batches (so every row's new tokens start at the same column), decoding stops at
+    the tokenizer's eos, and only the new tokens are decoded.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    from ama_ray import dpo
+    from ama_ray.data.benchmark import verify
+
+    eos = tokenizer.eos_token_id
+    gen_cfg = GenerationConfig(
+        max_new_tokens=settings["max_new_tokens"], do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
+    correct = 0
+    device = next(net.parameters()).device
+    for start in range(0, len(rows), settings["batch_size"]):
+        chunk = rows[start : start + settings["batch_size"]]
+        ids = [list(r["prompt_input_ids"]) for r in chunk]
+        batch = dpo.pad_sequences(ids, [len(s) for s in ids], tokenizer.pad_token_id, padding_side="left")
+        with torch.no_grad():
+            out = net.generate(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), generation_config=gen_cfg
+            )
+        for row, new in zip(chunk, out[:, batch["input_ids"].shape[1]:].tolist()):
+            if eos in new:
+                new = new[: new.index(eos)]
+            correct += verify(benchmark, row["prompt"], tokenizer.decode(new, skip_special_tokens=True))
+    return correct / len(rows) if rows else math.nan
+
+
+# --- metrics.json ----------------------------------------------------------------------------
+
+def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results: dict, missing: list[str], digest: str) -> dict:
+    """The metrics.json document (schema_version 1, docs/metrics.md)."""
+    entries = {}
+    for m in models:
+        per_task = results[m.key]["per_task"]
+        entry = {k: v for k, v in asdict(m).items() if k not in ("key", "unit") and v is not None}
+        if m.kind == "base":
+            entry["reference_check"] = reference_check(per_task)
+            for metrics in per_task.values():
+                metrics.update({name: 0.0 for name in REFERENCE_DEGENERATE})
+            entry["degenerate_metrics"] = list(REFERENCE_DEGENERATE)
+        entry["per_task"] = per_task
+        entry["aggregates"] = model_aggregates(per_task, LOWER_IS_BETTER)
+        entry["eval_seconds"] = round(results[m.key]["seconds"], 2)
+        entries[m.key] = entry
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "run": {
+            "run_dir": run_dir.uri, "run_name": cfg.storage.run_name, "config_hash": digest,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(), "base_model": base_model_path(cfg),
+            "dpo": cfg.dpo.model_dump(), "generation_examples": cfg.eval.generation_examples,
+            "max_new_tokens": cfg.eval.max_new_tokens, "algorithms": cfg.generalist.algorithms, "seeds": cfg.generalist.seeds,
+        },
+        "tasks": [_task_entry(run_dir, t) for t in cfg.data.tasks],
+        "lower_is_better": sorted(LOWER_IS_BETTER),
+        "models": entries,
+    }
+    doc["aggregates"] = {"algorithms": aggregate_algorithms(entries), "specialists_own_task": specialists_own_task(entries)}
+    doc["flags"] = compute_flags(doc, missing)
+    return _finite(doc)
+
+
+def _task_entry(run_dir: RunDir, task) -> dict:
+    rows = (run_dir.unit("prepared", task.name).manifest() or {}).get("rows", {})
+    return {"name": task.name, "benchmark": task.benchmark, "verifier": task.benchmark is not None, "eval_examples": rows.get("eval")}
+
+
+def reference_check(per_task: dict) -> dict:
+    """How far the base is from being its own reference: |dpo_loss - log 2| and |margin|, worst task."""
+    return {
+        "max_abs_dpo_loss_minus_log2": max(abs(m["dpo_loss"] - LOG2) for m in per_task.values()),
+        "max_abs_reward_margin": max(abs(m["rewards/margins"]) for m in per_task.values()),
+    }
+
+
+def compute_flags(doc: dict, missing: list[str]) -> list[dict]:
+    """Problems the report must show: weak specialists, a base that is not its reference, missing models."""
+    flags = []
+    models = doc["models"]
+    base = models["base"]["per_task"]
+    check = models["base"]["reference_check"]
+    if check["max_abs_dpo_loss_minus_log2"] > 1e-3:
+        flags.append({
+            "kind": "reference_mismatch", "model": "base", "task": None, "evidence": check,
+            "message": f"the base model's held-out DPO loss differs from log 2 by {check['max_abs_dpo_loss_minus_log2']:.4f}: "
+            "the reference log-probs were not computed with this model, tokenizer or dtype.",
+            "fix": "Rerun with --force reference (and the later stages).",
+        })
+    for task in (t["name"] for t in doc["tasks"]):
+        spec = models.get(f"specialist/{task}")
+        if spec is not None:
+            flag = weak_specialist(task, spec["per_task"][task], base[task])
+            if flag:
+                flags.append(flag)
+    for key in missing:
+        flags.append({
+            "kind": "missing_model", "model": key, "task": None, "evidence": {},
+            "message": f"{key} is configured but not committed, so it was not evaluated.",
+            "fix": "Run `ama-ray specialists` / `ama-ray generalist` (or `ama-ray run`), then evaluate again.",
+        })
+    return flags
+
+
+def weak_specialist(task: str, own: dict, base: dict) -> dict | None:
+    """A flag when a specialist did not clearly beat the base on its own task's held-out data, else None.
+
+    Clearly better = held-out DPO loss below log 2 - MIN_LOSS_DROP (the base's loss is log 2) and an
+    accuracy gain of at least MIN_ACCURACY_GAIN: logps/accuracies over the base's, or
+    rewards/accuracies over chance (0.5; the base's implicit rewards are 0 by definition).
+    """
+    gain = max(own["logps/accuracies"] - base["logps/accuracies"], own["rewards/accuracies"] - 0.5)
+    learned = own["dpo_loss"] < LOG2 - MIN_LOSS_DROP
+    if learned and gain >= MIN_ACCURACY_GAIN:
+        return None
+    evidence = {
+        "dpo_loss": own["dpo_loss"], "log2": LOG2, "logps/accuracies": own["logps/accuracies"],
+        "base_logps/accuracies": base["logps/accuracies"], "rewards/accuracies": own["rewards/accuracies"], "accuracy_gain": gain,
+    }
+    return {
+        "kind": "weak_specialist", "model": f"specialist/{task}", "task": task, "evidence": evidence,
+        "message": f"specialist of task '{task}' is not clearly better than the base on its held-out data "
+        f"(DPO loss {own['dpo_loss']:.4f} vs log 2 = {LOG2:.4f}; accuracy gain {gain:+.3f}, needs +{MIN_ACCURACY_GAIN}): "
+        "its scores set a target of 'nothing to learn', so AMA will starve this task.",
+        "fix": f"Train it longer or harder (data.tasks[{task}].specialist_steps, specialists.optim.steps or .lr), "
+        "check the task's data, then rerun with --force specialists.",
+    }
+
+
+def _finite(obj):
+    """NaN/inf become None: metrics.json stays strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def load_metrics(run_dir: RunDir) -> dict:
+    """The committed metrics.json of a run directory; StageInputError if absent or of another schema."""
+    unit = run_dir.unit(UNIT)
+    unit.require("the evaluation (eval/metrics.json)", fix="run `ama-ray evaluate` first")
+    doc = unit.read_json("metrics.json")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise StageInputError(
+            f"metrics.json has schema_version {doc.get('schema_version')}, this ama_ray reads {SCHEMA_VERSION}",
+            where=unit.file("metrics.json"),
+            fix="rerun `ama-ray evaluate --force evaluate`",
+        )
+    return doc

@@ -1,0 +1,181 @@
+"""report: `report/report.md` and a self-contained `report/report.html`, plus the PNGs, from saved files.
+
+Reads only the run directory (`ama_ray.report.sources`): eval/metrics.json, the generalists'
+mixing histories, TensorBoard event files and, when present, tune/results.csv. So
+`ama-ray report --run-dir DIR` rebuilds the report of any finished run without its config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from ama_ray.config import Config
+from ama_ray.report import plots, render, sources
+from ama_ray.report.schema import model_aggregates
+from ama_ray.stages.evaluate import UNIT as EVAL_UNIT
+from ama_ray.stages.evaluate import load_metrics
+from ama_ray.storage import RunDir
+
+log = logging.getLogger(__name__)
+STAGE = "report"
+REPORT_VERSION = 1
+# (metric, axis label) of the per-task bar charts, in report order.
+BAR_METRICS = (
+    ("excess_loss", "clipped excess loss (lower is better)"),
+    ("rewards/accuracies", "reward accuracy"),
+    ("logps/accuracies", "log-prob accuracy"),
+    ("generation/accuracy", "generation accuracy (verifier)"),
+)
+TABLE_METRICS = ("excess_loss", "rewards/accuracies", "logps/accuracies", "generation/accuracy", "loss")
+
+
+def run(cfg: Config, force: set[str] = frozenset(), run_dir: str | None = None) -> list[str]:
+    """Build the report of `run_dir` (default: the config's run directory); returns report.md and report.html.
+
+    Skips when committed for the same evaluation and Tune results unless "report" is in `force`.
+    Raises StageInputError when eval/metrics.json is missing.
+    """
+    run = RunDir(run_dir) if run_dir else RunDir(cfg.run_dir)
+    doc = load_metrics(run)
+    run.check_writable()
+    unit = run.unit(STAGE)
+    files = [unit.file("report.md"), unit.file("report.html")]
+    digest = report_hash(run)
+    if STAGE not in force and unit.is_committed(digest):
+        log.info("report: up to date, skipping (%s)", files[1])
+        return files
+    blocks, images = build(run, doc)
+    title = f"AMA report: {doc['run']['run_name']}"
+    unit.begin()
+    for name, png in images.items():
+        with unit.fs.open_output_stream(unit.file(name)) as out:
+            out.write(png)
+    with unit.fs.open_output_stream(files[0]) as out:
+        out.write(render.to_markdown(blocks).encode())
+    with unit.fs.open_output_stream(files[1]) as out:
+        out.write(render.to_html(blocks, images, title).encode())
+    unit.commit(digest, stage=STAGE, images=sorted(images), flags=len(doc["flags"]))
+    log.info("report: %s", files[1])
+    return files
+
+
+def report_hash(run: RunDir) -> str:
+    """The evaluation it shows, the Tune results and the report version."""
+    man = run.unit(EVAL_UNIT).manifest() or {}
+    tune = sources.load_tune(run)
+    inputs = {"eval": [man.get("config_hash"), man.get("committed_at")], "tune": tune, "version": REPORT_VERSION}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
+    """The report's blocks and its PNGs ({file name: bytes})."""
+    tasks = [t["name"] for t in doc["tasks"]]
+    images: dict[str, bytes] = {}
+    headline, lines = render.verdict(doc)
+    info = doc["run"]
+    blocks: list[tuple] = [
+        ("h1", f"AMA report: {info['run_name']}"),
+        ("p", f"Run directory `{info['run_dir']}`; base model `{info['base_model']}`; evaluated {info['created_at'][:19]} UTC. "
+              "Tasks (held-out examples): " + ", ".join(f"{t['name']} ({t['eval_examples']})" for t in doc["tasks"]) + "."),
+        ("h2", "Verdict"), ("p", headline), ("list", lines),
+        ("h2", "Flags"), _flags_block(doc),
+        ("h2", "Held-out metrics per task"),
+        ("p", "Bars: the base, each task's specialist on its own task, and each generalist (mean over seeds, error bar: "
+              "std). Excess loss is the mean clipped excess of the DPO loss over the specialist's (0 = as good as the "
+              "specialist). In the tables a specialist is shown on every task; its own task is marked (own)."),
+    ]
+    for metric, label in BAR_METRICS:
+        bars = metric_bars(doc, metric, label)
+        if bars is not None:
+            images[f"bars_{metric.replace('/', '_')}.png"] = bars
+            blocks.append(("img", f"bars_{metric.replace('/', '_')}.png", f"Held-out {metric} per task."))
+    for metric in TABLE_METRICS:
+        header, rows = render.metric_table(doc, metric)
+        blocks += [("h3", f"`{metric}`"), ("table", header, rows)]
+    blocks += dynamics(run, doc, tasks, images)
+    blocks += tune_section(run, images)
+    blocks += [("h2", "Files"), ("p", f"Every number above is in `{EVAL_UNIT}/metrics.json` and `{EVAL_UNIT}/metrics.csv` "
+                                       "(schema: docs/metrics.md).")]
+    return blocks, images
+
+
+def _flags_block(doc: dict) -> tuple:
+    if not doc["flags"]:
+        return ("p", "None: every specialist clearly beat the base on its own task's held-out data.")
+    return ("list", [f"**WARNING ({f['kind']})**: {f['message']} {f['fix']}" for f in doc["flags"]])
+
+
+def metric_bars(doc: dict, metric: str, label: str) -> bytes | None:
+    """Grouped bars for one metric; None when no model has it (e.g. no task with a verifier)."""
+    tasks = [t["name"] for t in doc["tasks"]]
+    groups = [*tasks, "mean", "worst"]
+    models = doc["models"]
+    series = []
+    base = models["base"]
+    if metric not in base.get("degenerate_metrics", []):
+        series.append({"label": "base", "color": plots.BASE_COLOR, "values": _values(base, metric, tasks)})
+    own = doc["aggregates"]["specialists_own_task"]
+    if own:
+        lower = set(doc["lower_is_better"])
+        spec = {"per_task": own, "aggregates": model_aggregates(own, lower)}
+        series.append({"label": "specialist (own task)", "color": plots.SPECIALIST_COLOR, "values": _values(spec, metric, tasks)})
+    for algo, agg in doc["aggregates"]["algorithms"].items():
+        series.append({
+            "label": algo, "color": plots.algorithm_color(algo),
+            "values": [agg["mean"].get(f"{metric}/{g}") for g in groups],
+            "errors": [agg["std"].get(f"{metric}/{g}") for g in groups] if len(agg["seeds"]) > 1 else None,
+        })
+    if all(v is None for s in series for v in s["values"]):
+        return None
+    note = ""
+    if metric in base.get("degenerate_metrics", []):
+        note = "base omitted: its implicit rewards are 0 by definition"
+    elif metric == "excess_loss":
+        note = "specialists: 0 on their own task by construction"
+    return plots.metric_bars(groups, series, metric, label, note)
+
+
+def _values(entry: dict, metric: str, tasks: list[str]) -> list:
+    return [entry["per_task"].get(t, {}).get(metric) for t in tasks] + [entry["aggregates"][s].get(metric) for s in ("mean", "worst")]
+
+
+def dynamics(run: RunDir, doc: dict, tasks: list[str], images: dict[str, bytes]) -> list[tuple]:
+    """α and excess over steps (mixing histories) and training curves (TensorBoard)."""
+    blocks: list[tuple] = [("h2", "Training dynamics")]
+    histories = sources.load_histories(run, doc)
+    gen_scalars = {(a, s): sources.load_scalars(run, "generalist", a, f"seed{s}") for a, s in sources.generalists(doc)}
+    if histories:
+        images["alpha.png"] = plots.alpha_over_steps(histories, tasks)
+        images["excess_over_steps.png"] = plots.excess_over_steps(histories, tasks, gen_scalars)
+        blocks += [
+            ("img", "alpha.png", "Mixing weight α per task over optimizer steps (AMA-S: sampling distribution; AMA-R: loss "
+                                 "weights; baselines: their fixed mix)."),
+            ("img", "excess_over_steps.png", "Per-task clipped excess loss over steps: training batches (smoothed) and "
+                                             "held-out evaluations."),
+        ]
+    else:
+        blocks.append(("p", "No mixing history found (no generalist was trained)."))
+    spec_scalars = {t: sources.load_scalars(run, "specialists", t) for t in tasks}
+    if any(spec_scalars.values()) or any(gen_scalars.values()):
+        images["training.png"] = plots.training_curves(spec_scalars, gen_scalars, tasks)
+        blocks.append(("img", "training.png", "Training curves from the TensorBoard event files."))
+    else:
+        blocks.append(("p", "No TensorBoard event files in this run directory (written for local run directories only)."))
+    return blocks
+
+
+def tune_section(run: RunDir, images: dict[str, bytes]) -> list[tuple]:
+    """A plot of the Tune objective per trial when `tune/results.csv` exists, else nothing."""
+    rows = sources.load_tune(run)
+    if rows is None:
+        return []
+    metric = sources.TUNE_OBJECTIVE
+    if not rows or metric not in rows[0]:
+        return [("h2", "Tune study"), ("p", f"`tune/results.csv` has no `{metric}` column.")]
+    images["tune.png"] = plots.tune_objective(rows, metric)
+    usable = [r for r in rows if isinstance(r[metric], float) and r[metric] == r[metric]]
+    best = min(usable, key=lambda r: r[metric]) if usable else None
+    text = f"{len(rows)} trials; best `{best.get('trial_id')}` with {metric} = {best[metric]:.4f}." if best else f"{len(rows)} trials, none finished."
+    return [("h2", "Tune study"), ("p", text), ("img", "tune.png", f"{metric} per trial.")]

@@ -1,0 +1,248 @@
+"""The evaluate and report stages on a finished minimal run (the session's `tiny_run`), plus pure
+unit tests of the verdict, the aggregates, the specialist flag and greedy-generation scoring."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ama_ray.report import render
+from ama_ray.report.schema import aggregate_algorithms, model_aggregates
+from ama_ray.stages import evaluate, report
+from ama_ray.storage import RunDir
+
+LOG2 = math.log(2)
+METRICS = {"loss", "dpo_loss", "nll", "excess_loss", "rewards/accuracies", "rewards/margins", "logps/accuracies"}
+
+
+def _copy_run(cfg, src: Path, root: Path):
+    """A writable copy of a run directory and a config pointing at it."""
+    shutil.copytree(src, root / cfg.storage.run_name, ignore=shutil.ignore_patterns("_checkpoints"))
+    copy = cfg.model_copy(deep=True)
+    copy.storage.path = str(root)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run, tmp_path_factory):
+    """(cfg, run dir, metrics.json) of a copy of the session's run after `evaluate.run`."""
+    cfg, path = tiny_run
+    cfg = _copy_run(cfg, path, tmp_path_factory.mktemp("eval_run"))
+    files = evaluate.run(cfg)
+    run = Path(cfg.run_dir)
+    assert files == [str(run / "eval" / "metrics.json"), str(run / "eval" / "metrics.csv")]
+    return cfg, run, json.loads((run / "eval" / "metrics.json").read_text())
+
+
+# The first test that uses `evaluated` may build the session's `tiny_run` (a few minutes on 2 CPUs)
+# inside its setup, which counts against its timeout; the evaluation itself takes ~15 s.
+@pytest.mark.timeout(900)
+def test_metrics_schema_and_csv(evaluated):
+    cfg, run, doc = evaluated
+    tasks = cfg.task_names
+    assert doc["schema_version"] == 1
+    assert set(doc) == {"schema_version", "run", "tasks", "lower_is_better", "models", "aggregates", "flags"}
+    assert [t["name"] for t in doc["tasks"]] == tasks and all(t["verifier"] for t in doc["tasks"])
+    expected = {"base", *(f"specialist/{t}" for t in tasks)}
+    expected |= {f"generalist/{a}/seed{s}" for a in cfg.generalist.algorithms for s in cfg.generalist.seeds}
+    assert set(doc["models"]) == expected
+    for key, entry in doc["models"].items():
+        assert set(entry["per_task"]) == set(tasks), key  # specialists too: every model on every task
+        for task in tasks:
+            assert set(entry["per_task"][task]) == METRICS | {"generation/accuracy"}, (key, task)
+        worst = max(entry["per_task"][t]["excess_loss"] for t in tasks)
+        assert entry["aggregates"]["worst"]["excess_loss"] == pytest.approx(worst)
+        assert entry["aggregates"]["worst"]["logps/accuracies"] == pytest.approx(min(entry["per_task"][t]["logps/accuracies"] for t in tasks))
+    assert set(doc["aggregates"]["algorithms"]) == set(cfg.generalist.algorithms)
+    rows = list(csv.DictReader(io.StringIO((run / "eval" / "metrics.csv").read_text())))
+    n_values = sum(len(m) for e in doc["models"].values() for m in e["per_task"].values())
+    n_values += sum(len(m) for e in doc["models"].values() for m in e["aggregates"].values())
+    assert len(rows) == n_values
+    row = next(r for r in rows if r["model"] == "specialist/refusal" and r["task"] == "arithmetic" and r["metric"] == "loss")
+    assert float(row["value"]) == pytest.approx(doc["models"]["specialist/refusal"]["per_task"]["arithmetic"]["loss"])
+    assert row["own_task"] == "refusal" and row["kind"] == "specialist"
+    assert (run / "eval" / "_manifest.json").exists()
+
+
+@pytest.mark.timeout(60)
+def test_base_is_its_own_reference(evaluated):
+    """Loss log 2 and zero implicit rewards; log-prob accuracy agrees with the reference stage's log-probs."""
+    cfg, run, doc = evaluated
+    base = doc["models"]["base"]
+    assert base["reference_check"]["max_abs_dpo_loss_minus_log2"] < 1e-5
+    assert base["reference_check"]["max_abs_reward_margin"] < 1e-4
+    assert base["degenerate_metrics"] == ["rewards/accuracies", "rewards/margins"]
+    for task in cfg.task_names:
+        metrics = base["per_task"][task]
+        assert metrics["dpo_loss"] == pytest.approx(LOG2, abs=1e-5)
+        assert metrics["rewards/accuracies"] == 0.0 and metrics["rewards/margins"] == 0.0
+        ref = pq.read_table(run / "reference" / task / "eval.parquet").to_pydict()
+        agree = np.mean(np.array(ref["ref_chosen_logps"]) > np.array(ref["ref_rejected_logps"]))
+        assert metrics["logps/accuracies"] == pytest.approx(agree, abs=0.02)  # batching round-off may flip near-ties
+
+
+@pytest.mark.timeout(60)
+def test_specialists_against_their_scores_and_the_base(evaluated):
+    cfg, run, doc = evaluated
+    base = doc["models"]["base"]["per_task"]
+    for task in cfg.task_names:
+        own = doc["models"][f"specialist/{task}"]["per_task"][task]
+        scores = pq.read_table(run / "scores" / task / "eval.parquet").column("specialist_loss").to_numpy()
+        assert own["loss"] == pytest.approx(float(scores.mean()), abs=1e-5)  # same model, same examples as the score stage
+        assert own["excess_loss"] < 1e-4
+        assert own["logps/accuracies"] > base[task]["logps/accuracies"] or own["rewards/accuracies"] > 0.5, task
+    assert base["arithmetic"]["generation/accuracy"] > 0.3  # the SFT base generates
+    assert not [f for f in doc["flags"] if f["kind"] == "reference_mismatch"]
+
+
+@pytest.mark.timeout(60)
+def test_rerun_skips_and_report_rebuilds_from_run_dir_alone(evaluated):
+    from ama_ray.cli import main
+
+    cfg, run, doc = evaluated
+    evaluate.run(cfg)
+    assert json.loads((run / "eval" / "metrics.json").read_text())["run"]["created_at"] == doc["run"]["created_at"]
+    md, html = (Path(p) for p in report.run(cfg))
+    text = md.read_text()
+    assert "## Verdict" in text and any(f"**{a}**" in text.split("## Flags")[0] for a in cfg.generalist.algorithms)
+    page = html.read_text()
+    pngs = sorted(p.name for p in (run / "report").glob("*.png"))
+    assert {"alpha.png", "excess_over_steps.png", "training.png", "bars_excess_loss.png"} <= set(pngs)
+    assert page.count("data:image/png;base64,") == len(pngs)
+    for name in pngs:
+        assert (run / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shutil.rmtree(run / "report")
+    assert main(["report", "--run-dir", str(run)]) == 0  # the default config knows nothing of this run
+    assert (run / "report" / "report.html").read_text().count("data:image/png;base64,") == len(pngs)
+
+
+@pytest.mark.timeout(60)
+def test_report_tune_section(evaluated, tmp_path):
+    cfg, run, _ = evaluated
+    shutil.copytree(run, tmp_path / "r")
+    (tmp_path / "r" / "tune").mkdir()
+    (tmp_path / "r" / "tune" / "results.csv").write_text(
+        "trial_id,eval/excess_loss/worst,mixing.eta_alpha\nt0,0.30,0.1\nt1,0.12,0.5\nt2,nan,1.0\n"
+    )
+    md = Path(report.run(cfg, {"report"}, run_dir=str(tmp_path / "r"))[0]).read_text()
+    assert "## Tune study" in md and "best `t1`" in md and "0.1200" in md
+    assert (tmp_path / "r" / "report" / "tune.png").exists()
+
+
+@pytest.mark.timeout(90)
+def test_bad_specialist_is_flagged_and_reevaluated(evaluated, tmp_path, caplog):
+    """A specialist replaced by the base model: a new commit re-evaluates, and the flag names the task."""
+    cfg, run, doc = evaluated
+    cfg = _copy_run(cfg, run, tmp_path)
+    unit = RunDir(cfg.run_dir).unit("specialists", "refusal")
+    man = unit.manifest()
+    model_dir = Path(unit.path) / "model"
+    shutil.rmtree(model_dir)
+    shutil.copytree(doc["run"]["base_model"], model_dir, ignore=shutil.ignore_patterns("_manifest.json"))
+    unit.commit(man["config_hash"], **{k: v for k, v in man.items() if k not in ("config_hash", "committed_at", "versions")})
+    with caplog.at_level("WARNING", logger="ama_ray.stages.evaluate"):
+        evaluate.run(cfg)
+    new = json.loads((Path(cfg.run_dir) / "eval" / "metrics.json").read_text())
+    assert new["run"]["created_at"] != doc["run"]["created_at"]
+    flags = [f for f in new["flags"] if f["kind"] == "weak_specialist"]
+    assert [f["task"] for f in flags] == ["refusal"]
+    assert flags[0]["evidence"]["dpo_loss"] == pytest.approx(LOG2, abs=1e-5)
+    assert any("specialist of task 'refusal'" in r.getMessage() and "--force specialists" in r.getMessage() for r in caplog.records)
+    report.run(cfg)
+    assert "WARNING (weak_specialist)" in (Path(cfg.run_dir) / "report" / "report.md").read_text()
+
+
+# --- pure unit tests (no Ray) -------------------------------------------------------------------
+
+def _algo_entry(algo: str, seed: int, excess: dict[str, float]) -> dict:
+    per_task = {t: {"excess_loss": v} for t, v in excess.items()}
+    return {"kind": "generalist", "algorithm": algo, "seed": seed, "per_task": per_task,
+            "aggregates": model_aggregates(per_task, {"excess_loss"})}
+
+
+def test_aggregates_and_verdict_by_hand():
+    models = {
+        "a0": _algo_entry("ama_s", 0, {"x": 0.10, "y": 0.20}),
+        "a1": _algo_entry("ama_s", 1, {"x": 0.12, "y": 0.24}),
+        "p0": _algo_entry("proportional", 0, {"x": 0.01, "y": 0.50}),
+        "p1": _algo_entry("proportional", 1, {"x": 0.03, "y": 0.40}),
+    }
+    algos = aggregate_algorithms(models)
+    assert algos["ama_s"]["seeds"] == [0, 1]
+    assert algos["ama_s"]["mean"]["excess_loss/worst"] == pytest.approx(0.22)
+    assert algos["ama_s"]["std"]["excess_loss/worst"] == pytest.approx(math.sqrt(2) * 0.02)  # sample std of 0.20, 0.24
+    assert algos["proportional"]["mean"]["excess_loss/mean"] == pytest.approx((0.255 + 0.215) / 2)
+    headline, lines = render.verdict({"aggregates": {"algorithms": algos}})
+    assert headline.startswith("**ama_s** keeps the worst task") and "not separated" not in headline
+    assert lines[0].startswith("Best worst-task excess loss: **ama_s** (0.220 ± 0.028)")
+    # ama_s wins the mean too (0.165 vs 0.235)
+    assert "lowest average" not in headline
+    close = {"ama_s": algos["ama_s"], "balanced": {"seeds": [0, 1], "mean": {"excess_loss/worst": 0.23}, "std": {"excess_loss/worst": 0.05}}}
+    headline, _ = render.verdict({"aggregates": {"algorithms": close}})
+    assert "not separated from balanced" in headline
+
+
+def test_weak_specialist_thresholds():
+    base = {"logps/accuracies": 0.60}
+    good = {"dpo_loss": 0.50, "logps/accuracies": 0.70, "rewards/accuracies": 0.80}
+    assert evaluate.weak_specialist("t", good, base) is None
+    stuck = {"dpo_loss": LOG2 - 0.005, "logps/accuracies": 0.70, "rewards/accuracies": 0.80}
+    assert evaluate.weak_specialist("t", stuck, base)["task"] == "t"
+    no_gain = {"dpo_loss": 0.60, "logps/accuracies": 0.61, "rewards/accuracies": 0.51}
+    assert evaluate.weak_specialist("t", no_gain, base)["evidence"]["accuracy_gain"] == pytest.approx(0.01)
+
+
+class _Tok:
+    """Whitespace tokenizer over a fixed vocabulary; eos = 1, pad = 0."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def __init__(self, words):
+        self.vocab = {w: i + 2 for i, w in enumerate(words)}
+        self.inv = {i: w for w, i in self.vocab.items()}
+
+    def encode(self, text):
+        return [self.vocab[w] for w in text.split()]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " " + " ".join(self.inv[i] for i in ids if i > 1)
+
+
+class _EchoModel(torch.nn.Module):
+    """`generate` appends a fixed completion per prompt (then eos and junk) and checks left padding."""
+
+    def __init__(self, completions):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.completions = completions
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        assert bool((attention_mask[:, -1] == 1).all()), "prompts must be left-padded"
+        assert generation_config.do_sample is False and generation_config.eos_token_id == 1
+        rows = []
+        for ids in input_ids.tolist():
+            key = tuple(i for i in ids if i != 0)
+            rows.append(self.completions[key] + [1, 7, 7])  # junk after eos must be ignored
+        width = max(map(len, rows))
+        tail = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_generation_accuracy_decodes_new_tokens_until_eos():
+    words = "add and = the answer is . 1 2 3 4 5 6 7 8 9 0".split()
+    tok = _Tok(words)
+    prompts = ["add 1 2 and 3 4 =", "add 5 and 6 =", "add 1 0 and 2 =", "add 9 and 9 ="]
+    answers = ["the answer is 4 6 .", "the answer is 1 1 .", "the answer is 1 2 .", "the answer is 1 9 ."]  # last is wrong (18)
+    rows = [{"prompt": p, "prompt_input_ids": tok.encode(p)} for p in prompts]
+    model = _EchoModel({tuple(tok.encode(p)): tok.encode(a) for p, a in zip(prompts, answers)})
+    acc = evaluate.generation_accuracy(model, tok, "arithmetic", rows, {"max_new_tokens": 8, "batch_size": 3})
+    assert acc == pytest.approx(0.75)
