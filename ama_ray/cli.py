@@ -111,11 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except AmaError as err:
-        sys.stderr.write(f"ama-ray: error: {err}\n")
-        return 2
+        return _user_error(err)
     except KeyboardInterrupt:
         sys.stderr.write("ama-ray: interrupted; committed units are kept, rerun the same command to continue\n")
         return 130
+    except Exception as err:  # noqa: BLE001 - a user error raised inside a Ray task/worker arrives wrapped
+        from ama_ray.train.launch import find_user_error
+
+        user = find_user_error(err)
+        if user is None:
+            raise
+        return _user_error(user)
+
+
+def _user_error(err: AmaError) -> int:
+    # ray.get re-raises a task's error as a class deriving from both RayTaskError and the
+    # original: print the original's one line, not Ray's traceback.
+    while isinstance(getattr(err, "cause", None), AmaError):
+        err = err.cause
+    sys.stderr.write(f"ama-ray: error: {err}\n")
+    return 2
 
 
 if __name__ == "__main__":

@@ -55,8 +55,33 @@ def resolve_model_path(name: str, cache_dir: str | os.PathLike, tiny_settings: A
                 where=str(path),
                 fix="set model.name to a save_pretrained directory, 'tiny', 'smollm2-135m' or a hub id",
             )
+        check_causal_lm(path)
         return str(path.resolve())
     return name
+
+
+def check_causal_lm(path: Path) -> None:
+    """Raise ModelError unless `path` holds the config.json of a causal LM (checked before any Ray work).
+
+    Reads only config.json: its `model_type` must be one `AutoModelForCausalLM` knows, or its
+    `auto_map` must name an `AutoModelForCausalLM` (remote code, still gated by trust_remote_code).
+    """
+    import json
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_file = path / "config.json"
+    fix = "set model.name to a save_pretrained directory of a causal LM (e.g. a Llama/Qwen2/GPT-2 checkpoint)"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError("not a save_pretrained model directory (no config.json)", where=str(path), fix=fix) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"unreadable config.json ({err})", where=str(config_file), fix=fix) from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    remote = isinstance(config, dict) and "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise ModelError(f"model_type {model_type!r} is not a causal language model", where=str(config_file), fix=fix)
 
 
 def _load_error(kind: str, name_or_path: str, err: Exception) -> ModelError:

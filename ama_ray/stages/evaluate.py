@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -161,9 +162,12 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
     start = time.perf_counter()
     torch.set_num_threads(1)  # one Ray CPU per task; more threads only contend on small hosts
     run = RunDir(run_uri)
-    path = model["path"] if model["unit"] is None else str(run.unit(*model["unit"]).local_copy() / "model")
+    copy = None if model["unit"] is None else run.unit(*model["unit"]).local_copy()
+    path = model["path"] if copy is None else str(copy / "model")
     net = load_model(path, dtype=settings["dtype"], trust_remote_code=settings["trust_remote_code"])
     tokenizer = load_tokenizer(path, trust_remote_code=settings["trust_remote_code"])
+    if copy is not None and not run.is_local:
+        shutil.rmtree(copy, ignore_errors=True)  # a download from object storage; the weights are in memory now
     if torch.cuda.is_available():
         net = net.cuda()
     names = [name for name, _ in tasks]

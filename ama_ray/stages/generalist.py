@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from ama_ray.cluster import NAMESPACE
 from ama_ray.config import Config
+from ama_ray.errors import AmaError
 from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.score import check_scores_match, score_hash
 from ama_ray.stages.specialists import fresh_checkpoints
@@ -77,8 +78,15 @@ def actor_name(cfg: Config, algorithm: str, seed: int, trial: str | None = None)
     return f"mixer:{cfg.storage.run_name}:{trial or ''}:{algorithm}:seed{seed}"
 
 
-def train_generalist(cfg: Config, algorithm: str, seed: int, model_path: str, sizes: list[int], force: bool, trial: str | None = None) -> str:
-    """Train one generalist unit end to end: fresh actor, TorchTrainer, history, manifest."""
+def train_generalist(
+    cfg: Config, algorithm: str, seed: int, model_path: str, sizes: list[int], force: bool,
+    trial: str | None = None, callbacks: list | None = None,
+) -> str:
+    """Train one generalist unit end to end: fresh actor, TorchTrainer, history, manifest.
+
+    With `trial` (a Tune trial id) the unit is `tune/<trial>/<algorithm>/seed<k>`; `callbacks`
+    (Ray Train `UserCallback`s, e.g. Tune's report callback) go to the TorchTrainer.
+    """
     import ray
 
     from ama_ray.mixing_actor import create_mixing_actor
@@ -100,8 +108,17 @@ def train_generalist(cfg: Config, algorithm: str, seed: int, model_path: str, si
         mode="reweight" if algorithm == "ama_r" else "sample",
     )
     try:
-        result = fit_unit(cfg, spec, STAGE if trial is None else "tune")
+        result = fit_unit(cfg, spec, STAGE if trial is None else "tune", callbacks=callbacks)
         history = ray.get(actor.history.remote())
+    except Exception as err:
+        if _alive(actor):
+            raise
+        # A fresh actor would restart from uniform weights: stop instead; a rerun restores it.
+        raise AmaError(
+            f"the mixing actor of {'/'.join(out)} died during training; stopped rather than train on with reset mixing weights",
+            where=f"actor {NAMESPACE}/{name}",
+            fix="rerun the same command: training resumes from the last checkpoint, which restores the actor's state",
+        ) from err
     finally:
         ray.kill(actor)
     unit.write_parquet("mixing_history.parquet", history_table(history, cfg.task_names))
@@ -114,6 +131,16 @@ def train_generalist(cfg: Config, algorithm: str, seed: int, model_path: str, si
     )
     log.info("generalist: %s/seed%d committed", algorithm, seed)
     return unit.path
+
+
+def _alive(actor) -> bool:
+    import ray
+
+    try:
+        ray.get(actor.describe.remote(), timeout=30)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
 
 
 def _kill_actor(name: str) -> None:

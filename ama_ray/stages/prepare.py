@@ -86,12 +86,14 @@ def normalise_task(cfg: Config, task: TaskConfig, tokenizer: Any) -> tuple[list[
     from ama_ray.data.formats import Dropped, normalize_row, to_text
 
     drops: Counter = Counter()
+    first_drop = ""
     seen: set[str] = set()
     out = []
     for where, row in raw_rows(cfg, task):
         norm = normalize_row(row, task.layout, task.column_map, task.pku_pair_key)
         if isinstance(norm, Dropped):
             drops[norm.reason] += 1
+            first_drop = first_drop or f"; first at {where}: {norm.reason} ({norm.detail})"
             continue
         prompt, chosen, rejected = to_text(norm, tokenizer)
         example_id = _example_id(task.name, prompt, chosen, rejected)
@@ -104,7 +106,7 @@ def normalise_task(cfg: Config, task: TaskConfig, tokenizer: Any) -> tuple[list[
             break
     if not out:
         raise DataError(
-            f"task '{task.name}' has no usable rows (dropped: {dict(drops) or 'none read'})",
+            f"task '{task.name}' has no usable rows (dropped: {dict(drops) or 'none read'}{first_drop})",
             where=task.path or task.benchmark or str(task.hf_dataset),
             fix="check the file's layout and column names (docs/data-formats.md) or set data.tasks[].layout/column_map",
         )

@@ -80,7 +80,7 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
         ("p", f"Run directory `{info['run_dir']}`; base model `{info['base_model']}`; evaluated {info['created_at'][:19]} UTC. "
               "Tasks (held-out examples): " + ", ".join(f"{t['name']} ({t['eval_examples']})" for t in doc["tasks"]) + "."),
         ("h2", "Verdict"), ("p", headline), ("list", lines),
-        ("h2", "Flags"), _flags_block(doc),
+        ("h2", "Flags"), flags_block(doc),
         ("h2", "Held-out metrics per task"),
         ("p", "Bars: the base, each task's specialist on its own task, and each generalist (mean over seeds, error bar: "
               "std). Excess loss is the mean clipped excess of the DPO loss over the specialist's (0 = as good as the "
@@ -101,7 +101,7 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
     return blocks, images
 
 
-def _flags_block(doc: dict) -> tuple:
+def flags_block(doc: dict) -> tuple:
     if not doc["flags"]:
         return ("p", "None: every specialist clearly beat the base on its own task's held-out data.")
     return ("list", [f"**WARNING ({f['kind']})**: {f['message']} {f['fix']}" for f in doc["flags"]])

@@ -82,3 +82,17 @@ def check_scores_match(run_dir, cfg: Config) -> None:
                 where=unit.path,
                 fix="rerun `ama-ray score --force score` (and specialists if the loss changed)",
             )
+        _check_ids(run_dir, task)
+
+
+def _check_ids(run_dir, task: str) -> None:
+    """Refuse scores whose example ids differ from the prepared data, before any worker starts."""
+    for split in SPLITS:
+        prepared = set(run_dir.unit("prepared", task).read_parquet(f"{split}.parquet", columns=["example_id"])["example_id"].to_pylist())
+        scored = set(run_dir.unit(STAGE, task).read_parquet(f"{split}.parquet", columns=["example_id"])["example_id"].to_pylist())
+        if prepared != scored:
+            raise StageInputError(
+                f"example ids do not match the prepared data ({len(prepared - scored)} missing, {len(scored - prepared)} unknown)",
+                where=run_dir.unit(STAGE, task).file(f"{split}.parquet"),
+                fix="the data changed after scoring: rerun `ama-ray score --force score`",
+            )

@@ -1,7 +1,11 @@
-"""Resumable training state: model (safetensors), optimizer, scheduler, stream positions, mixing state.
+"""Files of a resumable checkpoint: trainable weights, optimizer and scheduler, and the loop's state.
 
-Weights are written with safetensors; the optimizer and scheduler with `torch.save` and read
-back with `weights_only=True`, so loading a checkpoint never unpickles arbitrary objects.
+A checkpoint directory holds `state.json` (step, best held-out step, stream positions, mixing
+state; written by rank 0) plus either `model.safetensors` + `optim.pt` (DDP and single
+process; rank 0) or DeepSpeed's `engine/` directory, to which every rank writes its shard
+(`ama_ray.train.engine`). Weights are written with safetensors; the optimizer and scheduler
+with `torch.save` and read back with `weights_only=True`, so loading a checkpoint never
+unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -23,25 +27,28 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # clone + contiguous: safetensors refuses shared (tied) storages.
-    return {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
-
-
-def save(directory: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Write one checkpoint into `directory` (created)."""
+def save_weights(directory: Path, weights: dict[str, torch.Tensor], optimizer, scheduler) -> None:
+    """Write `weights` (name -> tensor), optimizer and scheduler into `directory` (created)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(model_state(model), str(directory / MODEL))
+    save_file(weights, str(directory / MODEL))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIM)
-    (directory / STATE).write_text(json.dumps(state, default=_plain))
 
 
-def load(directory: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore model, optimizer and scheduler from `directory`; returns the saved `state` dict."""
+def load_weights(directory: Path, model, optimizer, scheduler) -> None:
+    """Restore what `save_weights` wrote; weights absent from the file (frozen ones) stay as they are."""
     unwrap(model).load_state_dict(load_file(str(directory / MODEL)), strict=False)
     optim = torch.load(directory / OPTIM, weights_only=True)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
+
+
+def save_state(directory: Path, state: dict[str, Any]) -> None:
+    """Write the loop's state (JSON) into `directory` (created)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STATE).write_text(json.dumps(state, default=_plain))
+
+
+def load_state(directory: Path) -> dict[str, Any]:
     return json.loads((directory / STATE).read_text())
 
 

@@ -18,8 +18,10 @@ from ama_ray.train.loop import UnitSpec, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
-def fit_unit(cfg: Config, spec: UnitSpec, stage: str) -> object:
+def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = None) -> object:
     """Train one unit with a `TorchTrainer`; resumes from its latest checkpoint if one exists.
+
+    `callbacks` are Ray Train `UserCallback`s (e.g. the Tune study's report callback).
 
     Checkpoints live in `<run_dir>/_checkpoints/<stage>/<unit>`. Errors a user can fix that a
     worker raised are re-raised here as the original AmaError.
@@ -43,6 +45,7 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str) -> object:
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _forwarded_env()},
+            callbacks=list(callbacks or []),
         ),
     )
     try:

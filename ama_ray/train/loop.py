@@ -15,7 +15,6 @@ replays exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -37,6 +36,7 @@ from ama_ray.mixing import batch_objective
 from ama_ray.storage import RunDir
 from ama_ray.train import checkpointing
 from ama_ray.train.data import TaskStream, draw_batch, load_task_split, rows_of
+from ama_ray.train.engine import Engine, build_engine, lr_lambda  # noqa: F401 - lr_lambda: re-exported
 from ama_ray.train.metrics import ROW, evaluate_rows, metrics_from_sums, mixing_stats, per_example, task_sums
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class WorkerState:
     best_eval: float = math.inf
     best_step: int = -1
     positions: dict[str, list[int]] = field(default_factory=dict)
+    resumed_at: int = 0  # the checkpoint step this attempt started from (0: a fresh start)
 
 
 def _seed(*parts: object) -> int:
@@ -99,33 +100,29 @@ class Job:
     """One worker's training run: model, streams, optimizer and the mixing client."""
 
     def __init__(self, **kw: Any):
+        if "engine" not in kw:  # a bare model, optimizer and scheduler (one process, e.g. benchmarks)
+            model = kw.pop("model")
+            kw["engine"] = Engine(module=model, bare=checkpointing.unwrap(model), optimizer=kw.pop("optimizer"),
+                                  scheduler=kw.pop("scheduler"), max_grad_norm=kw["optim"].max_grad_norm)
         self.__dict__.update(kw)
 
     @classmethod
     def build(cls, spec: UnitSpec, cfg: Config, optim_cfg: OptimConfig, run: RunDir, rank: int, world: int) -> "Job":
-        import ray.train.torch
-
-        from ama_ray.models.loading import load_model, load_tokenizer
+        from ama_ray.models.loading import load_tokenizer
 
         torch.manual_seed(spec.seed)
         tokenizer = load_tokenizer(spec.model_path, trust_remote_code=cfg.model.trust_remote_code)
-        model = load_model(spec.model_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train()
-        model = ray.train.torch.prepare_model(model)
+        engine = build_engine(cfg, optim_cfg, spec.model_path, spec.steps, rank, world)
         with_scores = spec.kind == "generalist"
         streams = [
             TaskStream(t, rows_of(load_task_split(run, t, "train", with_scores=with_scores, rank=rank, world=world)), spec.seed, rank)
             for t in spec.tasks
         ]
         per_worker_eval = math.ceil(cfg.eval.max_examples / world)
-        eval_rows = [
+        eval_rows = engine.lockstep_rows([
             rows_of(load_task_split(run, t, "eval", with_scores=with_scores, rank=rank, world=world, limit=per_worker_eval))
             for t in spec.tasks
-        ]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, spec.steps))
+        ])
         loss_cfg = dpo.DPOLossConfig(**cfg.dpo.model_dump())
         mixer = MixerClient(spec, rank)
         if spec.mode == "reweight" and optim_cfg.batch_size < len(spec.tasks):
@@ -135,8 +132,8 @@ class Job:
                 fix=f"set generalist.optim.batch_size >= {len(spec.tasks)}",
             )
         return cls(
-            spec=spec, cfg=cfg, optim=optim_cfg, run=run, rank=rank, world=world, model=model, streams=streams,
-            eval_rows=eval_rows, optimizer=optimizer, scheduler=scheduler, loss_cfg=loss_cfg, mixer=mixer,
+            spec=spec, cfg=cfg, optim=optim_cfg, run=run, rank=rank, world=world, engine=engine, streams=streams,
+            eval_rows=eval_rows, loss_cfg=loss_cfg, mixer=mixer,
             pad_id=tokenizer.pad_token_id, state=WorkerState(), writer=_tensorboard(run, spec, rank),
             tasks=list(spec.tasks), k=len(spec.tasks), best_dir=_best_dir(run, spec),
         )
@@ -146,9 +143,11 @@ class Job:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as d:
-            saved = checkpointing.load(Path(d), self.model, self.optimizer, self.scheduler)
+            self.engine.load_checkpoint(Path(d))
+            saved = checkpointing.load_state(Path(d))
         self.state = WorkerState(
-            step=saved["step"], best_eval=saved["best_eval"], best_step=saved["best_step"], positions=saved["positions"][str(self.rank)]
+            step=saved["step"], best_eval=saved["best_eval"], best_step=saved["best_step"], positions=saved["positions"][str(self.rank)],
+            resumed_at=saved["step"],
         )
         for stream in self.streams:
             stream.seek(self.state.positions[stream.task])
@@ -161,19 +160,19 @@ class Job:
 
         positions = {s.task: s.position() for s in self.streams}
         all_positions = _all_gather_obj(positions, self.world)
-        if self.rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        state = {
-            "step": self.state.step,
-            "best_eval": self.state.best_eval,
-            "best_step": self.state.best_step,
-            "positions": {str(r): p for r, p in enumerate(all_positions)},
-            "mixer": self.mixer.state(),
-        }
         with tempfile.TemporaryDirectory() as tmp:
-            checkpointing.save(Path(tmp), self.model, self.optimizer, self.scheduler, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{self.state.step:06d}")
+            # Every rank may write a part (DeepSpeed shards); Ray Train merges the directories.
+            wrote = self.engine.save_checkpoint(Path(tmp))
+            if self.rank == 0:
+                checkpointing.save_state(Path(tmp), {
+                    "step": self.state.step,
+                    "best_eval": self.state.best_eval,
+                    "best_step": self.state.best_step,
+                    "positions": {str(r): p for r, p in enumerate(all_positions)},
+                    "mixer": self.mixer.state(),
+                })
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote or self.rank == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{self.state.step:06d}")
 
     # -- training ------------------------------------------------------------------------------
     def train(self) -> None:
@@ -214,27 +213,26 @@ class Job:
         loss_weights = alpha if self.spec.mode == "reweight" else None
         sums = torch.zeros(len(ROW), self.k, dtype=torch.float64)
         chunks = np.array_split(np.arange(len(examples)), self.optim.grad_accum)
+        engine = self.engine
         for j, idx in enumerate(chunks):
-            sync = self.world == 1 or j == len(chunks) - 1
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            last = j == len(chunks) - 1
+            with engine.no_sync(last):
                 rows = [examples[i] for i in idx]
-                out = per_example(self.model, rows, self.loss_cfg, self.pad_id)
+                with engine.autocast():
+                    out = per_example(engine.module, rows, self.loss_cfg, self.pad_id)
                 spec_loss = _specialist_losses(rows, out["loss"])
                 e = self.per_example_objective(out["loss"], spec_loss)
-                batch_objective(e, task_ids[idx], loss_weights, step_counts, len(labels)).backward()
+                engine.backward(batch_objective(e, task_ids[idx], loss_weights, step_counts, len(labels)), last)
             sums += task_sums(out, task_ids[idx], spec_loss, self.k)
         if self.world > 1:
             torch.distributed.all_reduce(sums)
         self.mixer.report(step, mixing_stats(sums))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.max_grad_norm or math.inf)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = engine.step()
         self.mixer.prefetch(step + 1)
         metrics = metrics_from_sums(sums, self.tasks, "train", with_excess=self.spec.kind == "generalist")
         metrics.update({f"mix/alpha/{t}": float(a) for t, a in zip(self.tasks, alpha)})
         metrics.update({f"mix/count/{t}": float(c) for t, c in zip(self.tasks, sums[ROW["count"]].tolist())})
-        metrics.update({"step": step + 1, "train/grad_norm": float(grad_norm), "train/lr": self.scheduler.get_last_lr()[0]})
+        metrics.update({"step": step + 1, "train/grad_norm": grad_norm, "train/lr": engine.lr()})
         return metrics
 
     def sample_labels(self, step: int, alpha: np.ndarray) -> np.ndarray:
@@ -253,15 +251,15 @@ class Job:
         return clipped_excess(loss, spec_loss, mix.clip, mix.excess_target)
 
     def evaluate(self) -> dict[str, float]:
-        sums = evaluate_rows(checkpointing.unwrap(self.model), self.eval_rows, self.loss_cfg, self.pad_id, self.cfg.reference.batch_size)
+        with self.engine.autocast():
+            sums = evaluate_rows(self.engine.bare, self.eval_rows, self.loss_cfg, self.pad_id, self.cfg.reference.batch_size)
         if self.world > 1:
             torch.distributed.all_reduce(sums)
         metrics = metrics_from_sums(sums, self.tasks, "eval", with_excess=self.spec.kind == "generalist")
         score = metrics["eval/dpo_loss/mean"]
         if self.spec.kind == "specialist" and score < self.state.best_eval:
             self.state.best_eval, self.state.best_step = score, self.state.step
-            if self.rank == 0:
-                self._save_best()
+            self._save_best()
         metrics["eval/best_step"] = self.state.best_step
         return metrics
 
@@ -269,25 +267,31 @@ class Job:
         """Cross-worker checks at the end: DDP replicas identical, every worker used the same alphas.
 
         `check/replica_max_diff` is the largest parameter difference between any worker and rank 0
-        (0 when data parallelism is correct); `check/alpha_agree` is 1 when every worker hashed the
-        same sequence of alphas since this attempt started.
+        (0 when data parallelism is correct; absent under ZeRO-3, whose ranks hold different shards);
+        `check/alpha_agree` is 1 when every worker hashed the same sequence of alphas since this
+        attempt started; `check/resumed_at_step` is the checkpoint step this attempt started from.
         """
-        params = torch.cat([p.detach().double().flatten() for p in checkpointing.unwrap(self.model).parameters()])
+        params = self.engine.replica_params()
         digests = _all_gather_obj(self.alpha_digest.hexdigest(), self.world)
+        out = {"check/alpha_agree": float(len(set(digests)) == 1), "check/resumed_at_step": self.state.resumed_at}
+        if params is None:  # ZeRO-3: each rank holds a different shard, there is no replica to compare
+            return out
+        diff = torch.zeros((), dtype=torch.float64)
         if self.world > 1:
             reference = params.clone()
             torch.distributed.broadcast(reference, src=0)
             diff = (params - reference).abs().max()
             torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
-        else:
-            diff = torch.zeros(())
-        return {"check/replica_max_diff": float(diff), "check/alpha_agree": float(len(set(digests)) == 1)}
+        return {"check/replica_max_diff": float(diff), **out}
 
     def _save_best(self) -> None:
+        """Every rank (collective under ZeRO-3); rank 0 writes the trainable weights."""
         from safetensors.torch import save_file
 
-        self.best_dir.mkdir(parents=True, exist_ok=True)
-        save_file(checkpointing.model_state(self.model), str(self.best_dir / "model.safetensors"))
+        state = self.engine.trainable_state()
+        if self.rank == 0:
+            self.best_dir.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(self.best_dir / "model.safetensors"))
 
     def _log(self, metrics: dict[str, float]) -> None:
         step = self.state.step
@@ -304,36 +308,19 @@ class Job:
         if self.writer is not None:
             self.writer.close()
         _barrier(self.world)
+        whole = self.engine.consolidate()
         if self.rank != 0:
             return
         from safetensors.torch import load_file
 
-        model = checkpointing.unwrap(self.model)
-        if self.spec.kind == "specialist" and (self.best_dir / "model.safetensors").exists():
-            model.load_state_dict(load_file(str(self.best_dir / "model.safetensors")), strict=False)
+        best_file = self.best_dir / "model.safetensors"
+        best = load_file(str(best_file)) if self.spec.kind == "specialist" and best_file.exists() else None
         unit = self.run.unit(*self.spec.out_unit)
         with unit.local_dir() as out:
-            model.save_pretrained(out / "model", safe_serialization=True)
+            self.engine.export(out / "model", whole, best)
             from ama_ray.models.loading import load_tokenizer
 
             load_tokenizer(self.spec.model_path, trust_remote_code=self.cfg.model.trust_remote_code).save_pretrained(out / "model")
-
-
-def lr_lambda(optim: OptimConfig, steps: int):
-    """Linear warm-up, then constant, linear or cosine decay to 0 at `steps`."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / (optim.warmup_steps + 1)
-        if optim.schedule == "constant":
-            return 1.0
-        progress = (step - optim.warmup_steps) / max(1, steps - optim.warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
-        if optim.schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def _specialist_losses(rows: list[dict], like: torch.Tensor) -> torch.Tensor | None:

@@ -12,70 +12,57 @@ from ama_ray.data.competition import (
     CompetitionSettings,
     competition_verdict,
     format_table,
-    generate_without_flagged_arithmetic,
     measure_competition,
     tokenize_rows,
 )
 
-# 150 steps, 1,000 training rows per task: ~5 s per run on one thread. Seeds 0-2 measured by
-# hand at these settings: refusal logps/accuracies 100 -> 53 / 49.5 / 48 after only-arithmetic,
-# its `refuse` rows 100 -> 0 / 0 / 0; with arithmetic's flagged share at 0 instead, refusal
-# ends at 91.5 / 90 / 80 and its `refuse` rows at 84 / 90 / 62.
-SETTINGS = CompetitionSettings(steps=150, train_examples_per_task=1000, eval_examples_per_task=200, seed=1, data_seed=1)
+# 150 steps, 1,000 training rows per task: ~5 s per run on one thread. Measured by hand at
+# these settings (tiny base with sft_chosen_share 0.5, sft_steps 800), seeds 0-4: the largest
+# drop of another task below the base 13-24 points (brackets, after only-arithmetic or
+# only-refusal); refusal's `refuse` rows 18-25% at the base, 0% after only-arithmetic, its
+# answered rows 66-82% -> 100%. With a base SFT'd on chosen only: refuse rows 100% -> 0%.
+SETTINGS = CompetitionSettings(steps=150, train_examples_per_task=1000, eval_examples_per_task=200, seed=0, data_seed=0)
+RUNS = [BASE, "only-arithmetic", "only-refusal"]
 
 
 @pytest.fixture(scope="module")
 def measured(model_cache):
     from ama_ray.models.tiny import ensure_tiny_base
 
-    base_dir = str(ensure_tiny_base(model_cache))
-    results = measure_competition(base_dir, SETTINGS, runs=[BASE, "only-arithmetic"])
-    ablation = measure_competition(
-        base_dir, SETTINGS, runs=["only-arithmetic"], generate=generate_without_flagged_arithmetic
-    )
-    return results, ablation["only-arithmetic"]
+    return measure_competition(str(ensure_tiny_base(model_cache)), SETTINGS, runs=RUNS)
 
 
 @pytest.mark.timeout(240)
-def test_arithmetic_alone_lowers_refusal_by_at_least_ten_points(measured):
-    results, _ = measured
-    base, only = results[BASE], results["only-arithmetic"]
-    # The SFT base already prefers every chosen answer: a drop is measured from near 100%.
-    assert base["refusal"]["logps/accuracies"] >= 0.95
-    assert base["arithmetic"]["logps/accuracies"] >= 0.95
+def test_one_task_alone_lowers_another_by_at_least_ten_points(measured):
+    base = measured[BASE]
     # The base is its own reference: implicit rewards are 0 up to float noise (a tie is no win).
-    assert base["refusal"]["rewards/accuracies"] <= 0.02
-    # Acceptance (b): measured drop 47-53 points on seeds 0-2; 10 is the criterion.
-    verdict = competition_verdict(results)
-    assert verdict["competes"] == 1.0
-    assert base["refusal"]["logps/accuracies"] - only["refusal"]["logps/accuracies"] >= 0.25
-    # The specialist itself learns (rewards against the base; 87-94 measured): not a broken run.
-    assert only["arithmetic"]["rewards/accuracies"] >= 0.75
+    assert all(base[t]["rewards/accuracies"] <= 0.02 for t in benchmark.TASKS)
+    # Acceptance (b), the criterion itself (measured 13-24 points on seeds 0-4).
+    verdict = competition_verdict(measured)
+    assert verdict["max_drop"] >= 0.10, format_table([measured])
+    # The specialists learn their own task (rewards against the base): not broken runs.
+    assert measured["only-arithmetic"]["arithmetic"]["rewards/accuracies"] >= 0.55
+    assert measured["only-refusal"]["refusal"]["rewards/accuracies"] >= 0.95
 
 
 @pytest.mark.timeout(240)
-def test_the_drop_comes_from_the_flagged_arithmetic_rows(measured):
-    results, ablation = measured
-    only = results["only-arithmetic"]
-    # Flagged arithmetic prefers the answer over the refusal after a refused request, which
-    # is the opposite of refusal's `refuse` rows: those flip, the answered kinds do not.
-    assert only["refusal"]["logps/accuracies/refuse"] <= 0.2
-    assert only["refusal"]["logps/accuracies/hard_negative"] >= 0.9
-    assert only["refusal"]["logps/accuracies/benign"] >= 0.9
-    # Same recipe without the flagged share: most `refuse` rows survive (62-90 measured), and
-    # refusal loses 32-40 points fewer.
-    assert ablation["refusal"]["logps/accuracies/refuse"] >= 0.4
-    assert ablation["refusal"]["logps/accuracies"] - only["refusal"]["logps/accuracies"] >= 0.2
+def test_arithmetic_alone_stops_the_refusals_that_the_refusal_task_wants(measured):
+    base, only = measured[BASE]["refusal"], measured["only-arithmetic"]["refusal"]
+    # Flagged arithmetic prefers the answer over the refusal after a refused request: DPO on
+    # it removes every refusal of the refusal task's `refuse` rows, and only those fall.
+    assert only["logps/accuracies/refuse"] <= 0.05
+    assert base["logps/accuracies/refuse"] - only["logps/accuracies/refuse"] >= 0.10
+    assert only["logps/accuracies/hard_negative"] >= 0.95
+    assert only["logps/accuracies/benign"] >= 0.95
 
 
 @pytest.mark.timeout(240)
 def test_per_kind_accuracies_add_up_to_the_task_accuracy(measured):
-    results, _ = measured
     for task in benchmark.TASKS:
         # The held-out rows are the first ones the generator yields for the data seed.
         rows = benchmark.generate(task, SETTINGS.eval_examples_per_task, seed=SETTINGS.data_seed)
         counts = Counter(r["meta"]["kind"] for r in rows)
-        metrics = results["only-arithmetic"][task]
+        metrics = measured["only-arithmetic"][task]
         weighted = sum(metrics[f"logps/accuracies/{k}"] * n for k, n in counts.items()) / len(rows)
         assert weighted == pytest.approx(metrics["logps/accuracies"], abs=1e-6)
 

@@ -1,0 +1,302 @@
+"""tune: a Ray Tune study over the generalist's settings, reusing one run's specialists and scores.
+
+Each trial trains one generalist unit (`tune/<trial_id>/<algorithm>/seed<k>/`, its own mixing
+actor) from the run's prepared data, reference log-probs and specialist scores, so a study
+costs only generalist training. Under Ray Train V2 a trial is a Tune *function trainable*
+(a 0.01-CPU share) that builds and fits the unit's `TorchTrainer` with a report callback
+forwarding every held-out evaluation to Tune; ASHA stops trials whose objective lags at a rung.
+
+Outputs in the run directory: `tune/results.csv` (one row per trial: `trial_id`, the sampled
+keys, `eval/excess_loss/worst`, `eval/rewards/accuracies/mean`, `status`, `steps`,
+`evaluations`), `tune/best.yaml` (the best trial's full config: `ama-ray run --config
+tune/best.yaml` retrains that generalist in this run directory) and `tune/_manifest.json`.
+See docs/tune.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from ama_ray.config import Config, apply_override, dump_yaml, validate
+from ama_ray.errors import AmaError, ConfigError
+from ama_ray.stages import base_model_path, open_run
+from ama_ray.stages.generalist import train_generalist, train_sizes
+from ama_ray.stages.score import check_scores_match, score_hash
+from ama_ray.storage import Unit
+
+log = logging.getLogger(__name__)
+STAGE = "tune"
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+MODES = {"eval/excess_loss/worst": "min", "eval/rewards/accuracies/mean": "max"}
+REPORTED = ("eval/excess_loss/worst", "eval/rewards/accuracies/mean")
+TRIAL_CPU = 0.01  # the trainable only waits on its TorchTrainer; {"cpu": 0} is rejected by Tune
+
+
+class EvaluationReport(TuneReportCallback):
+    """Tune's Ray Train report callback, forwarding only results that hold the objective.
+
+    The training loop also reports train-only metrics between evaluations; Tune refuses results
+    without the objective, and ASHA's rungs should count evaluations, not report calls.
+    """
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def study_hash(cfg: Config) -> str:
+    return score_hash(cfg) + "-" + cfg.section_hash("generalist", "mixing", "eval", "scaling", "tune", "seed")
+
+
+def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
+    """Run the study (earlier stages first where not committed); returns results.csv and best.yaml."""
+    from ama_ray.cluster import ensure_ray
+    from ama_ray.stages import prepare, reference, score, specialists
+    from ama_ray.train.launch import check_unit_resources
+
+    run_dir = open_run(cfg)
+    study = run_dir.unit(STAGE)
+    outputs = [study.file("results.csv"), study.file("best.yaml")]
+    digest = study_hash(cfg)
+    if STAGE not in force and study.is_committed(digest):
+        log.info("tune: study already committed, skipping (use --force tune to redo it)")
+        return outputs
+    space = search_space(cfg)
+    for stage in (prepare, reference, specialists, score):
+        stage.run(cfg, force)
+    check_scores_match(run_dir, cfg)
+    ensure_ray()
+    check_unit_resources(cfg, 1, STAGE)
+    study.begin()
+    _drop_stale_study(study)
+    results = _fit_study(cfg, space, _trial_base(cfg), base_model_path(cfg), train_sizes(run_dir, cfg))
+    rows = result_rows(results, cfg)
+    best = best_row(rows, cfg.tune.metric)
+    _write_text(study, "results.csv", results_csv(rows, list(space)))
+    _write_text(study, "best.yaml", dump_yaml(trial_config(cfg.model_dump(mode="json"), best["params"])))
+    study.commit(
+        digest, stage=STAGE, metric=cfg.tune.metric, mode=MODES[cfg.tune.metric], trials=len(rows),
+        best_trial=best["trial_id"], best_value=best[cfg.tune.metric], best_params=best["params"],
+        stopped_early=[r["trial_id"] for r in rows if r["status"] == "stopped"],
+    )
+    log.info("tune: best trial %s (%s = %.4f): %s", best["trial_id"], cfg.tune.metric, best[cfg.tune.metric], best["params"])
+    return outputs
+
+
+# --- the search space -------------------------------------------------------------------
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """`tune.search_space` as Tune domains, every candidate value checked against the config.
+
+    Keys are dotted config keys, plus `algorithm` (shorthand for `generalist.algorithms=[X]`).
+    Without an `algorithm` key, several `generalist.algorithms` become a grid. Raises
+    ConfigError naming `tune.search_space.<key>`.
+    """
+    from ray import tune
+
+    base = cfg.model_dump(mode="json")
+    space: dict[str, Any] = {}
+    for key, spec in cfg.tune.search_space.items():
+        kind, args = _domain_spec(key, spec)
+        for value in _candidates(kind, args):
+            try:
+                trial_config(base, {key: value})
+            except ConfigError as err:
+                raise ConfigError(f"value {value!r} does not fit the config: {err.what}", where=f"tune.search_space.{key}",
+                                  fix="use a dotted key from docs/configuration.md and values in its range") from None
+        space[key] = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
+                      "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}[kind](args)
+    if "algorithm" not in space and len(cfg.generalist.algorithms) > 1:
+        space["algorithm"] = tune.grid_search(list(cfg.generalist.algorithms))
+    return space
+
+
+def _domain_spec(key: str, spec: Any) -> tuple[str, list]:
+    where = f"tune.search_space.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+        raise ConfigError(f"domain {spec!r} is not one of {', '.join(DOMAINS)}", where=where,
+                          fix="write e.g. {loguniform: [0.01, 1.0]} or {choice: [0.0, 0.1]}")
+    kind, args = next(iter(spec.items()))
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{kind} needs a list of values", where=where, fix=f"write {{{kind}: [..]}}")
+    if kind in ("uniform", "loguniform", "randint") and (len(args) != 2 or not args[0] < args[1]):
+        raise ConfigError(f"{kind} needs [low, high] with low < high, got {args}", where=where, fix=f"write {{{kind}: [low, high]}}")
+    if kind == "loguniform" and args[0] <= 0:
+        raise ConfigError(f"loguniform needs a positive low bound, got {args[0]}", where=where, fix="use uniform, or a low bound > 0")
+    return kind, args
+
+
+def _candidates(kind: str, args: list) -> list:
+    if kind in ("choice", "grid"):
+        return list(args)
+    if kind == "randint":  # high is exclusive
+        return [args[0], args[1] - 1]
+    return list(args)
+
+
+def trial_config(base: dict, params: dict[str, Any]) -> Config:
+    """`base` (a config dump) with the sampled dotted keys applied, validated (ConfigError)."""
+    raw = copy.deepcopy(base)
+    for key, value in params.items():
+        if key == "algorithm":
+            key, value = "generalist.algorithms", [value]
+        # JSON is YAML, so apply_override parses the value back exactly.
+        apply_override(raw, f"{key}={json.dumps(value)}")
+    return validate(raw, source="tune.search_space")
+
+
+def _trial_base(cfg: Config) -> dict:
+    """The config dump trials start from, with local paths made absolute (trials run elsewhere)."""
+    base = cfg.model_dump(mode="json")
+    if "://" not in base["storage"]["path"]:
+        base["storage"]["path"] = str(Path(base["storage"]["path"]).expanduser().resolve())
+    base["model"]["cache_dir"] = str(Path(base["model"]["cache_dir"]).expanduser().resolve())
+    return base
+
+
+# --- the study --------------------------------------------------------------------------
+
+def train_trial(params: dict, *, base: dict, model_path: str, sizes: list[int], metric: str) -> None:
+    """Tune function trainable: train one generalist unit with the sampled settings."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base, params)
+    _write_text(_study_unit(cfg).run.unit(STAGE, trial_id), "config.yaml", dump_yaml(cfg))
+    train_generalist(cfg, cfg.generalist.algorithms[0], cfg.generalist.seeds[0], model_path, sizes, force=True,
+                     trial=trial_id, callbacks=[EvaluationReport(metric)])
+
+
+def _study_unit(cfg: Config) -> Unit:
+    from ama_ray.storage import RunDir
+
+    return RunDir(cfg.run_dir).unit(STAGE)
+
+
+def _fit_study(cfg: Config, space: dict, base: dict, model_path: str, sizes: list[int]):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    tc = cfg.tune
+    max_t = max_evaluations(cfg)
+    trainable = tune.with_parameters(train_trial, base=base, model_path=model_path, sizes=sizes, metric=tc.metric)
+    storage = _study_unit(cfg)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": TRIAL_CPU}),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=tc.metric, mode=MODES[tc.metric], num_samples=tc.num_samples,
+            # The generator itself limits concurrency: Tune ignores max_concurrent_trials when given one.
+            search_alg=BasicVariantGenerator(max_concurrent=tc.max_concurrent_trials or concurrent_trials(cfg), random_state=cfg.seed),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                                    grace_period=min(tc.grace_period, max_t), reduction_factor=tc.reduction_factor),
+        ),
+        run_config=tune.RunConfig(name="study", storage_path=_checkpoint_root(storage), verbose=1),
+    )
+    log.info("tune: %d sample(s) over %s, ASHA on %s (%s), up to %d evaluations per trial",
+             tc.num_samples, ", ".join(space) or "nothing", tc.metric, MODES[tc.metric], max_t)
+    return tuner.fit()
+
+
+def _checkpoint_root(study: Unit) -> str:
+    root = study.run.uri if not study.run.is_local else study.run.root
+    return f"{root}/_checkpoints/{STAGE}"
+
+
+def _drop_stale_study(study: Unit) -> None:
+    """Remove an earlier study's Tune state and trial checkpoints (trial ids never repeat)."""
+    import pyarrow.fs as pafs
+
+    root = _checkpoint_root(study).split("://", 1)[-1] if not study.run.is_local else _checkpoint_root(study)
+    if study.fs.get_file_info(root).type != pafs.FileType.NotFound:
+        study.fs.delete_dir(root)
+
+
+def max_evaluations(cfg: Config) -> int:
+    """Held-out evaluations of the longest trial (ASHA's max_t, in training iterations)."""
+    steps, every = [cfg.generalist.optim.steps], [cfg.eval.every_n_steps]
+    for key, spec in cfg.tune.search_space.items():
+        kind, args = _domain_spec(key, spec)
+        if key == "generalist.optim.steps":
+            steps += [int(v) for v in _candidates(kind, args)]
+        elif key == "eval.every_n_steps":
+            every += [int(v) for v in _candidates(kind, args)]
+    return math.ceil(max(steps) / min(every))
+
+
+def concurrent_trials(cfg: Config) -> int:
+    """How many trials' worker groups the cluster holds at once (at least 1)."""
+    import ray
+
+    total = ray.cluster_resources()
+    workers = cfg.scaling.num_workers
+    fits = [total.get("CPU", 0.0) // (workers * cfg.scaling.cpus_per_worker + TRIAL_CPU)]
+    if cfg.scaling.use_gpu:
+        fits.append(total.get("GPU", 0.0) // workers)
+    return max(1, int(min(fits)))
+
+
+# --- results ----------------------------------------------------------------------------
+
+def result_rows(results, cfg: Config) -> list[dict]:
+    """One dict per trial: trial_id, params, reported objectives, status, steps, evaluations.
+
+    status: `completed` (ran all its steps), `stopped` (ASHA stopped it early) or `error`.
+    Raises the first trial's error when no trial reported the objective.
+    """
+    from ama_ray.train.launch import find_user_error
+
+    base = cfg.model_dump(mode="json")
+    rows = []
+    for result in results:
+        metrics, params = dict(result.metrics or {}), dict(result.config or {})
+        steps = trial_config(base, params).generalist.optim.steps
+        reached = int(metrics.get("step", 0))
+        status = "error" if result.error else ("completed" if reached >= steps else "stopped")
+        rows.append({"trial_id": metrics.get("trial_id") or Path(result.path).name, "params": params,
+                     **{m: metrics.get(m) for m in REPORTED}, "status": status, "steps": reached,
+                     "evaluations": int(metrics.get("training_iteration", 0)), "error": str(result.error or "")[:300]})
+    if not any(r[cfg.tune.metric] is not None for r in rows):
+        errors = [r.error for r in results if r.error]
+        if errors:
+            raise (find_user_error(errors[0]) or errors[0])
+        raise AmaError("no tune trial reported an evaluation", where="tune", fix="check eval.every_n_steps <= generalist.optim.steps")
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def best_row(rows: list[dict], metric: str) -> dict:
+    """The best trial by its last reported objective, preferring trials that ran to the end."""
+    scored = [r for r in rows if r[metric] is not None]
+    finished = [r for r in scored if r["status"] == "completed"] or scored
+    sign = 1.0 if MODES[metric] == "min" else -1.0
+    return min(finished, key=lambda r: (sign * r[metric], r["trial_id"]))
+
+
+def results_csv(rows: list[dict], keys: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["trial_id", *keys, *REPORTED, "status", "steps", "evaluations", "error"])
+    for r in rows:
+        writer.writerow([r["trial_id"], *(r["params"].get(k) for k in keys), *(r[m] for m in REPORTED),
+                         r["status"], r["steps"], r["evaluations"], r["error"]])
+    return out.getvalue()
+
+
+def _write_text(unit: Unit, name: str, text: str) -> None:
+    unit.fs.create_dir(unit.path, recursive=True)
+    with unit.fs.open_output_stream(unit.file(name)) as out:
+        out.write(text.encode())

@@ -1,0 +1,268 @@
+"""Shared pieces of the benchmarks: offline setup, models, data, a Ray-free worker, timing, tables.
+
+Every benchmark compares arms measured side by side in one process and one run, as ratios:
+`alternate` runs the arms in blocks, in an order that flips every repetition, and ratios are
+medians of per-repetition ratios, so a neighbour that loads this shared machine for a while
+slows every arm of that repetition alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "TQDM_DISABLE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def quiet() -> None:
+    """Silence progress bars and info logs of datasets/transformers (the tables are the output)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+JOB_FILE = Path(__file__).resolve().parent.parent / "jobs" / "minimal.yaml"
+TINY_SHAPES = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}
+
+
+# -- models ------------------------------------------------------------------------------------
+def model_dir(name: str, workdir: Path, cache_dir: str = "~/.cache/ama_ray", **shapes) -> str:
+    """A `save_pretrained` directory for `name`.
+
+    `tiny`: the embedded tiny model's shapes (or `shapes`), tokenizer trained on the benchmark,
+    random weights: speed does not depend on the weights, and the SFT base takes ~20 s to
+    build. Anything else goes through `resolve_model_path` (e.g. `smollm2-135m` once fetched).
+    """
+    if name != "tiny":
+        from ama_ray.models.loading import resolve_model_path
+
+        return resolve_model_path(name, cache_dir)
+    from ama_ray.data import benchmark
+    from ama_ray.models.tiny import build_tiny
+
+    out = workdir / "tiny-model"
+    if not (out / "config.json").exists():
+        build_tiny(out, benchmark.corpus(seed=0, n_per_task=300), **{**TINY_SHAPES, **shapes})
+    return str(out)
+
+
+def load(path: str):
+    """(model in train mode, tokenizer), float32."""
+    from ama_ray.models.loading import load_model, load_tokenizer
+
+    return load_model(path, dtype="float32").train(), load_tokenizer(path)
+
+
+# -- data --------------------------------------------------------------------------------------
+def texts(tasks: list[str], n_per_task: int, seed: int = 0) -> list[tuple[int, dict]]:
+    """(task index, text row) pairs; task j uses benchmark generator j mod 3 with its own seed."""
+    from ama_ray.data import benchmark
+
+    out = []
+    for j, _ in enumerate(tasks):
+        generator = benchmark.TASKS[j % len(benchmark.TASKS)]
+        out += [(j, row) for row in benchmark.generate(generator, n_per_task, seed=seed + j)]
+    return out
+
+
+def tokenize(tokenizer, row: dict) -> dict:
+    """Token ids the way the prepare stage writes them (completions end with EOS)."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [tokenizer.eos_token_id]
+    return {
+        "prompt_input_ids": ids(row["prompt"]),
+        "chosen_input_ids": ids(row["chosen"]) + eos,
+        "rejected_input_ids": ids(row["rejected"]) + eos,
+    }
+
+
+def with_scores(rows: list[dict], model, pad_id: int, seed: int = 0) -> list[dict]:
+    """Rows plus real reference log-probs (from `model`) and synthetic specialist losses.
+
+    Specialist losses are drawn around log 2, so about half the examples have a positive
+    clipped excess: the masked and the unmasked paths both run, as in a real generalist.
+    """
+    from ama_ray.dpo import reference_logps
+
+    ref_c, ref_r = reference_logps(model, rows, pad_id, batch_size=64)
+    spec = np.random.default_rng(seed).uniform(0.55, 0.85, len(rows))
+    return [
+        {**r, "ref_chosen_logps": float(c), "ref_rejected_logps": float(j), "specialist_loss": float(s)}
+        for r, c, j, s in zip(rows, ref_c, ref_r, spec)
+    ]
+
+
+# -- the generalist step without Ray -----------------------------------------------------------
+class LocalMixer:
+    """`MixerClient`'s interface over an in-process policy: `report` applies the update at once.
+
+    A real worker sends the report with `.remote()` and fetches alpha from the actor; here the
+    policy update (numpy, 4k numbers) runs inside the step, so its cost is counted, the
+    actor's round trip is not (mixing_overhead.py measures that separately).
+    """
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def prefetch(self, step: int) -> None:
+        pass
+
+    def alpha(self, step: int) -> np.ndarray:
+        return self.policy.weights()
+
+    def report(self, step: int, stats: dict) -> None:
+        self.policy.update(stats)
+
+
+def load_cfg(batch_size: int, lr: float = 1e-4):
+    from ama_ray.config import load_config
+
+    return load_config(JOB_FILE, [f"generalist.optim.batch_size={batch_size}", f"generalist.optim.lr={lr}",
+                                  "generalist.optim.warmup_steps=0", "generalist.optim.schedule=constant"])
+
+
+def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str, batch_size: int,
+             *, client=None, lr: float = 1e-4, seed: int = 0):
+    """A `ama_ray.train.loop.Job` for one worker (rank 0 of 1) built from in-memory rows.
+
+    Its `train_step(step, alpha)` is the library's own step: label draw, `draw_batch`, collate,
+    `per_example_loss`, clipped excess, `batch_objective`, backward, per-task sums, mixer
+    report, gradient clipping, AdamW and the metric dict. The mixer is a `LocalMixer` over
+    `make_policy(algorithm, ...)` (no Ray), or, when `client` is given (e.g.
+    `ama_ray.train.loop.MixerClient`), a fresh mixing actor on the running Ray and
+    `client(spec, 0)`. The model is used as is (no DDP wrapper: world = 1).
+    """
+    from ama_ray import dpo
+    from ama_ray.mixing import MixingSettings, make_policy
+    from ama_ray.train.data import TaskStream
+    from ama_ray.train.loop import Job, UnitSpec, WorkerState, lr_lambda
+
+    cfg = load_cfg(batch_size, lr)
+    tasks = [f"task{i}" for i in range(len(rows_by_task))]
+    spec = UnitSpec(cfg={}, kind="generalist", tasks=tasks, algorithm=algorithm, seed=seed, steps=10**9,
+                    model_path="", out_unit=["bench", algorithm], use_excess=algorithm in ("ama_r", "ama_s"),
+                    mode="reweight" if algorithm == "ama_r" else "sample")
+    mix = cfg.mixing
+    settings = MixingSettings(eta_alpha=mix.eta_alpha, smoothing=mix.smoothing, clip=mix.clip,
+                              excess_target=mix.excess_target, g_bound=mix.g_bound)
+    sizes = [len(r) for r in rows_by_task]
+    if client is None:
+        mixer = LocalMixer(make_policy(algorithm, tasks, sizes, settings))
+    else:
+        from ama_ray.mixing_actor import create_mixing_actor
+
+        spec.actor_name = f"bench-{algorithm}-{time.time_ns()}"
+        owner = create_mixing_actor(spec.actor_name, algorithm, tasks, sizes, settings)
+        mixer = client(spec, 0)
+        mixer.owner = owner  # a named actor dies with its creator's last handle
+    optim = cfg.generalist.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    return Job(
+        spec=spec, cfg=cfg, optim=optim, run=None, rank=0, world=1, model=model,
+        streams=[TaskStream(t, rows, seed, 0) for t, rows in zip(tasks, rows_by_task)], eval_rows=[],
+        optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, spec.steps)),
+        loss_cfg=dpo.DPOLossConfig(**cfg.dpo.model_dump()), mixer=mixer, pad_id=pad_id, state=WorkerState(),
+        writer=None, tasks=tasks, k=len(tasks), best_dir=None,
+    )
+
+
+def job_block(job) -> Callable[[int], tuple[float, float]]:
+    """A block runner for `alternate`: n steps of `job` (alpha fetched per step as `Job.train` does)."""
+    counter = SimpleNamespace(step=0)
+
+    def run(n: int) -> tuple[float, float]:
+        start = clock()
+        for _ in range(n):
+            job.train_step(counter.step, job.mixer.alpha(counter.step))
+            counter.step += 1
+        return since(start, n)
+
+    return run
+
+
+# -- timing ------------------------------------------------------------------------------------
+def clock() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds), for `since`."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float], n: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per unit since `start` = `clock()`, over n units."""
+    wall, cpu = clock()
+    return (wall - start[0]) / n, (cpu - start[1]) / n
+
+
+def alternate(arms: dict[str, Callable[[int], tuple[float, float]]], reps: int, block: int,
+              warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Per arm, {"wall": [...], "cpu": [...]}: seconds per unit, one figure per repetition.
+
+    Each arm is a callable `run(n) -> (wall, CPU) seconds per unit`. Every arm first runs
+    `warmup` units untimed; then each repetition runs every arm for `block` units, in an order
+    reversed on odd repetitions (no arm always runs first or last). On a shared, oversubscribed
+    machine the CPU time of a one-thread arm is the steadier measure (it does not count the
+    time other processes hold the core); wall time is what a user waits.
+    """
+    names = list(arms)
+    for name in names:
+        if warmup:
+            arms[name](warmup)
+    out: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            wall, cpu = arms[name](block)
+            out[name]["wall"].append(wall)
+            out[name]["cpu"].append(cpu)
+    return out
+
+
+def ratios(times: dict, num: str, den: str, kind: str, speed: bool = True) -> list[float]:
+    """Per-repetition ratios of arm `num` to arm `den` on `kind` ("wall" or "cpu").
+
+    speed=True: speed of num over speed of den (time den / time num); False: time num / time den.
+    """
+    pairs = zip(times[num][kind], times[den][kind])
+    return [d / n if speed else n / d for n, d in pairs]
+
+
+def med(times: dict, name: str, kind: str) -> float:
+    return statistics.median(times[name][kind])
+
+
+def spread(values: list[float]) -> str:
+    """`median [min-max]` of a list of ratios, for the tables."""
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table; floats with 3 significant digits."""
+    def cell(v) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def header(title: str, **facts) -> str:
+    """A one-line heading with the run's facts (threads, torch version, ...)."""
+    facts = {"torch": torch.__version__, "threads": torch.get_num_threads(), **facts}
+    return f"## {title}\n\n" + ", ".join(f"{k}={v}" for k, v in facts.items()) + "\n"

@@ -1,0 +1,171 @@
+"""Preference pairs/s: TRL's DPOTrainer vs our generalist step vs the physical floor, one worker.
+
+Arms, all on the same model copy, the same tokenized rows (TRL's own tokenization), the same
+batch size, float32, no activation checkpointing, one torch thread, AdamW at the same lr:
+  (a) trl          TRL `DPOTrainer` with a reference model, computing the reference each step;
+  (b) trl-precomp  TRL with `precompute_ref_log_probs=True` (reference pass done at set-up);
+  (c) ours         `ama_ray.train.loop.Job.train_step` (the library's own step) with AMA-S and a
+                   local policy (no Ray: the actor round trip is in mixing_overhead.py), on the
+                   reference log-probs TRL precomputed for (b);
+  (d) floor        forward + token cross-entropy + backward + AdamW step on pre-collated batches
+                   of the same 2B rows: what any trainer must do per step.
+TRL arms are timed between consecutive `on_step_end` callbacks (data loading, collation,
+forward, backward, clipping, optimizer, logging: everything inside `train()`'s loop); ours and
+the floor time whole steps. Arms alternate in blocks (see common.alternate); ratios are medians
+of per-repetition ratios.
+
+    python benchmarks/dpo_throughput.py [--model tiny|smollm2-135m|PATH] [--batch 8] [--reps 7] [--block 10]
+    python benchmarks/dpo_throughput.py --quick      # seconds; what the test runs
+
+`--model smollm2-135m` (after `ama-ray models fetch smollm2-135m`) takes ~11 s a step here:
+optional, never run in CI; use e.g. --reps 3 --block 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+TARGETS = {("ours", "trl"): 1.3, ("ours", "trl-precomp"): 1.0, ("ours", "floor"): 0.9}
+
+
+def trl_arm(model, tokenizer, dataset, workdir: Path, batch: int, lr: float, precompute: bool):
+    """(block runner, trainer) for one TRL configuration."""
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    marks: list[tuple[float, float]] = []
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append(common.clock())
+
+    args = DPOConfig(
+        output_dir=str(workdir / ("trl-pre" if precompute else "trl")), bf16=False, use_cpu=True,
+        gradient_checkpointing=False, per_device_train_batch_size=batch, learning_rate=lr,
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=0.1, max_steps=2,
+        precompute_ref_log_probs=precompute, precompute_ref_batch_size=64, max_length=None,
+        report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )
+    trainer = DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=args,
+                         train_dataset=dataset, processing_class=tokenizer, callbacks=[StepEnd()])
+    trainer.remove_callback(PrinterCallback)  # it prints every train() summary
+
+    def run(n: int) -> tuple[float, float]:
+        marks.clear()
+        trainer.args.max_steps = n + 1  # the first interval starts at the first step's end
+        trainer.train()
+        (wall, cpu), n_steps = marks[-1], len(marks) - 1
+        return (wall - marks[0][0]) / n_steps, (cpu - marks[0][1]) / n_steps
+
+    return run, trainer
+
+
+def floor_arm(model, pad_id: int, rows: list[dict], batch: int, lr: float):
+    """Forward, cross-entropy on completion tokens, backward, AdamW, on pre-collated batches."""
+    from ama_ray.dpo import collate
+
+    batches = []
+    for start in range(0, len(rows) - batch + 1, batch):
+        b = collate(rows[start : start + batch], pad_id)
+        labels = b["input_ids"][:, 1:].masked_fill(b["completion_mask"][:, 1:] == 0, -100)
+        batches.append((b, labels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    state = {"i": 0}
+
+    def run(n: int) -> tuple[float, float]:
+        start = common.clock()
+        for _ in range(n):
+            b, labels = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                           position_ids=b["position_ids"], use_cache=False).logits[:, :-1]
+            F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return common.since(start, n)
+
+    return run
+
+
+def build_arms(args, workdir: Path):
+    """The four block runners and a description of the data."""
+    from datasets import Dataset
+
+    model, tokenizer = common.load(common.model_dir(args.model, workdir))
+    tasks = ["arithmetic", "refusal", "brackets"]
+    labelled = common.texts(tasks, args.rows_per_task)
+    dataset = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for _, row in labelled])
+    run_a, _ = trl_arm(model, tokenizer, dataset, workdir, args.batch, args.lr, precompute=False)
+    run_b, trainer_b = trl_arm(model, tokenizer, dataset, workdir, args.batch, args.lr, precompute=True)
+    # TRL's tokenized rows and its precomputed reference log-probs feed our arm: same data.
+    ours_rows: list[list[dict]] = [[] for _ in tasks]
+    flat = []
+    spec_loss = np.random.default_rng(0).uniform(0.55, 0.85, len(labelled))
+    for i, (task, _) in enumerate(labelled):
+        r = trainer_b.train_dataset[i]
+        row = {"prompt_input_ids": r["prompt_ids"], "chosen_input_ids": r["chosen_ids"],
+               "rejected_input_ids": r["rejected_ids"], "ref_chosen_logps": float(r["ref_chosen_logps"]),
+               "ref_rejected_logps": float(r["ref_rejected_logps"]), "specialist_loss": float(spec_loss[i])}
+        ours_rows[task].append(row)
+        flat.append(row)
+    job = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr)
+    floor = floor_arm(copy.deepcopy(model), tokenizer.pad_token_id, flat, args.batch, args.lr)
+    lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in flat]
+    facts = {"model": args.model, "params": sum(p.numel() for p in model.parameters()), "batch_pairs": args.batch,
+             "rows": len(flat), "tokens_per_pair_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths)}
+    arms = {"trl": run_a, "trl-precomp": run_b, "ours": common.job_block(job), "floor": floor}
+    return arms, facts
+
+
+def report(times: dict, batch: int) -> str:
+    arm_rows = [[name, common.med(times, name, "wall") * 1e3, common.med(times, name, "cpu") * 1e3,
+                 batch / common.med(times, name, "cpu")] for name in times]
+    ratio_rows = []
+    for (num, den), target in TARGETS.items():
+        row = [f"{num} / {den}"]
+        for kind in ("cpu", "wall"):
+            values = common.ratios(times, num, den, kind)
+            row += [common.spread(values), "yes" if statistics.median(values) >= target else "NO"]
+        ratio_rows.append(row + [f">= {target}"])
+    return (common.table(["arm", "wall ms/step", "CPU ms/step", "pairs/s (CPU)"], arm_rows) + "\n\n"
+            + common.table(["pairs/s ratio", "CPU time: median [min-max]", "met", "wall time: median [min-max]",
+                            "met", "target"], ratio_rows))
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--batch", type=int, default=8, help="preference pairs per step")
+    parser.add_argument("--rows-per-task", type=int, default=400)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--block", type=int, default=10, help="steps per arm per repetition")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmark runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.rows_per_task, args.reps, args.block = 4, 12, 1, 2
+    torch.set_num_threads(args.threads)
+    common.quiet()
+    with tempfile.TemporaryDirectory() as tmp:
+        arms, facts = build_arms(args, Path(tmp))
+        times = common.alternate(arms, args.reps, args.block)
+    out = common.header("DPO throughput: TRL vs ours vs floor", reps=args.reps, block=args.block, **facts)
+    out += "\n" + report(times, args.batch)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
