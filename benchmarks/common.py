@@ -132,6 +132,9 @@ class LocalMixer:
     def report(self, step: int, stats: dict) -> None:
         self.policy.update(stats)
 
+    def progress(self, step: int, total: int, metrics: dict) -> None:
+        pass
+
 
 def load_cfg(batch_size: int, lr: float = 1e-4):
     from ama_ray.config import load_config
@@ -141,7 +144,7 @@ def load_cfg(batch_size: int, lr: float = 1e-4):
 
 
 def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str, batch_size: int,
-             *, client=None, lr: float = 1e-4, seed: int = 0):
+             *, client=None, lr: float = 1e-4, seed: int = 0, tensorboard_dir: str | None = None):
     """A `ama_ray.train.loop.Job` for one worker (rank 0 of 1) built from in-memory rows.
 
     Its `train_step(step, alpha)` is the library's own step: label draw, `draw_batch`, collate,
@@ -149,7 +152,8 @@ def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str,
     report, gradient clipping, AdamW and the metric dict. The mixer is a `LocalMixer` over
     `make_policy(algorithm, ...)` (no Ray), or, when `client` is given (e.g.
     `ama_ray.train.loop.MixerClient`), a fresh mixing actor on the running Ray and
-    `client(spec, 0)`. The model is used as is (no DDP wrapper: world = 1).
+    `client(spec, 0)`. The model is used as is (no DDP wrapper: world = 1). With
+    `tensorboard_dir`, `Job._log` writes TensorBoard scalars there, as rank 0 of a local run does.
     """
     from ama_ray import dpo
     from ama_ray.mixing import MixingSettings, make_policy
@@ -181,19 +185,34 @@ def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str,
         streams=[TaskStream(t, rows, seed, 0) for t, rows in zip(tasks, rows_by_task)], eval_rows=[],
         optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, spec.steps)),
         loss_cfg=dpo.DPOLossConfig(**cfg.dpo.model_dump()), mixer=mixer, pad_id=pad_id, state=WorkerState(),
-        writer=None, tasks=tasks, k=len(tasks), best_dir=None,
+        writer=_writer(tensorboard_dir), tasks=tasks, k=len(tasks), best_dir=None,
     )
 
 
-def job_block(job) -> Callable[[int], tuple[float, float]]:
-    """A block runner for `alternate`: n steps of `job` (alpha fetched per step as `Job.train` does)."""
+def _writer(log_dir: str | None):
+    if log_dir is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=log_dir)
+
+
+def job_block(job, log: bool = False) -> Callable[[int], tuple[float, float]]:
+    """A block runner for `alternate`: n steps of `job`, alpha fetched per step as `Job.train` does.
+
+    log=True also runs `Job._log` after each step (TensorBoard scalars when the job has a
+    writer), which `Job.train` does every step.
+    """
     counter = SimpleNamespace(step=0)
 
     def run(n: int) -> tuple[float, float]:
         start = clock()
         for _ in range(n):
-            job.train_step(counter.step, job.mixer.alpha(counter.step))
+            metrics = job.train_step(counter.step, job.mixer.alpha(counter.step))
             counter.step += 1
+            if log:
+                job.state.step = counter.step
+                job._log(metrics)
         return since(start, n)
 
     return run

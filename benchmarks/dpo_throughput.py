@@ -7,6 +7,8 @@ batch size, float32, no activation checkpointing, one torch thread, AdamW at the
   (c) ours         `ama_ray.train.loop.Job.train_step` (the library's own step) with AMA-S and a
                    local policy (no Ray: the actor round trip is in mixing_overhead.py), on the
                    reference log-probs TRL precomputed for (b);
+      ours+log     the same plus `Job._log` each step (TensorBoard scalars, as `Job.train` does);
+      ours+log/10  the proposed change, as a local patch: TensorBoard scalars every 10th step only;
   (d) floor        forward + token cross-entropy + backward + AdamW step on pre-collated batches
                    of the same 2B rows: what any trainer must do per step.
 TRL arms are timed between consecutive `on_step_end` callbacks (data loading, collation,
@@ -36,7 +38,8 @@ import torch.nn.functional as F
 
 import common
 
-TARGETS = {("ours", "trl"): 1.3, ("ours", "trl-precomp"): 1.0, ("ours", "floor"): 0.9}
+TARGETS = {("ours", "trl"): 1.3, ("ours", "trl-precomp"): 1.0, ("ours", "floor"): 0.9,
+           ("ours+log", "trl"): 1.3, ("ours+log", "trl-precomp"): 1.0, ("ours+log", "floor"): 0.9}
 
 
 def trl_arm(model, tokenizer, dataset, workdir: Path, batch: int, lr: float, precompute: bool):
@@ -71,6 +74,17 @@ def trl_arm(model, tokenizer, dataset, workdir: Path, batch: int, lr: float, pre
     return run, trainer
 
 
+def log_every_n_steps(job, n: int) -> None:
+    """Patch one job: `_log` writes TensorBoard scalars only every n-th step (the proposed change)."""
+    log = job._log
+
+    def patched(metrics: dict) -> None:
+        if job.state.step % n == 0:
+            log(metrics)
+
+    job._log = patched
+
+
 def floor_arm(model, pad_id: int, rows: list[dict], batch: int, lr: float):
     """Forward, cross-entropy on completion tokens, backward, AdamW, on pre-collated batches."""
     from ama_ray.dpo import collate
@@ -99,7 +113,7 @@ def floor_arm(model, pad_id: int, rows: list[dict], batch: int, lr: float):
 
 
 def build_arms(args, workdir: Path):
-    """The four block runners and a description of the data."""
+    """The block runners and a description of the data."""
     from datasets import Dataset
 
     model, tokenizer = common.load(common.model_dir(args.model, workdir))
@@ -120,11 +134,20 @@ def build_arms(args, workdir: Path):
         ours_rows[task].append(row)
         flat.append(row)
     job = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr)
-    floor = floor_arm(copy.deepcopy(model), tokenizer.pad_token_id, flat, args.batch, args.lr)
+    logged = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr,
+                             tensorboard_dir=str(workdir / "tb"))
+    every = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr,
+                            tensorboard_dir=str(workdir / "tb10"))
+    log_every_n_steps(every, 10)
+    # Shuffled, so the floor's batches mix tasks (and lengths) the way sampled batches do.
+    mixed = [flat[i] for i in np.random.default_rng(1).permutation(len(flat))]
+    floor = floor_arm(copy.deepcopy(model), tokenizer.pad_token_id, mixed, args.batch, args.lr)
     lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in flat]
     facts = {"model": args.model, "params": sum(p.numel() for p in model.parameters()), "batch_pairs": args.batch,
              "rows": len(flat), "tokens_per_pair_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths)}
-    arms = {"trl": run_a, "trl-precomp": run_b, "ours": common.job_block(job), "floor": floor}
+    arms = {"trl": run_a, "trl-precomp": run_b, "ours": common.job_block(job),
+            "ours+log": common.job_block(logged, log=True), "ours+log/10": common.job_block(every, log=True),
+            "floor": floor}
     return arms, facts
 
 
@@ -138,6 +161,10 @@ def report(times: dict, batch: int) -> str:
             values = common.ratios(times, num, den, kind)
             row += [common.spread(values), "yes" if statistics.median(values) >= target else "NO"]
         ratio_rows.append(row + [f">= {target}"])
+    for num, den in (("ours+log/10", "ours+log"), ("ours+log/10", "floor")):
+        ratio_rows.append([f"{num} / {den}"] + [x for kind in ("cpu", "wall")
+                                                 for x in (common.spread(common.ratios(times, num, den, kind)), "")]
+                          + ["(proposed change)"])
     return (common.table(["arm", "wall ms/step", "CPU ms/step", "pairs/s (CPU)"], arm_rows) + "\n\n"
             + common.table(["pairs/s ratio", "CPU time: median [min-max]", "met", "wall time: median [min-max]",
                             "met", "target"], ratio_rows))

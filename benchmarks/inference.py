@@ -17,7 +17,6 @@ pad positions of the `collate`d (2B, L) batches that the model actually sees.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path

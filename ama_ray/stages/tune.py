@@ -21,9 +21,11 @@ import io
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ama_ray.config import Config, apply_override, dump_yaml, validate
@@ -55,6 +57,49 @@ class EvaluationReport(TuneReportCallback):
     def after_report(self, run_context, metrics, checkpoint):
         if metrics and self.metric in metrics[0]:
             super().after_report(run_context, metrics, checkpoint)
+
+
+class OrphanedGroupCleanup(Callback):
+    """Driver-side Tune callback: frees the worker placement groups of stopped trials.
+
+    When ASHA stops a trial, Tune kills its actor and with it the trial's Train controller;
+    the controller's placement group outlives it (Ray keeps a placement group until its
+    creator actor *and* job are gone) and Train V2's own cleaner needs the dashboard's state
+    API, which a local Ray without dashboard lacks. Left alone, the next trial waits forever
+    for the CPUs. Every couple of seconds this removes this job's placement groups whose
+    creating actor is dead.
+    """
+
+    def __init__(self, every_s: float = 2.0):
+        self.every_s, self.last, self.removed = every_s, 0.0, 0
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.removed += remove_orphaned_groups()
+
+
+def remove_orphaned_groups() -> int:
+    """Remove this job's live placement groups whose creator actor died; returns how many."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    job = ray.get_runtime_context().get_job_id()
+    nil_actor = ray.ActorID.nil().binary()
+    removed = 0
+    for blob in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
+        orphan = pg.creator_actor_dead and pg.creator_actor_id != nil_actor and not pg.is_detached
+        live = pg.state in (gcs_pb2.PlacementGroupTableData.PENDING, gcs_pb2.PlacementGroupTableData.CREATED)
+        if orphan and live and pg.creator_job_id.hex() == job:
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    if removed:
+        log.info("tune: removed %d placement group(s) left by stopped trials", removed)
+    return removed
 
 
 def study_hash(cfg: Config) -> str:
@@ -205,7 +250,7 @@ def _fit_study(cfg: Config, space: dict, base: dict, model_path: str, sizes: lis
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                     grace_period=min(tc.grace_period, max_t), reduction_factor=tc.reduction_factor),
         ),
-        run_config=tune.RunConfig(name="study", storage_path=_checkpoint_root(storage), verbose=1),
+        run_config=tune.RunConfig(name="study", storage_path=_checkpoint_root(storage), verbose=1, callbacks=[OrphanedGroupCleanup()]),
     )
     log.info("tune: %d sample(s) over %s, ASHA on %s (%s), up to %d evaluations per trial",
              tc.num_samples, ", ".join(space) or "nothing", tc.metric, MODES[tc.metric], max_t)

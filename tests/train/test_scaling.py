@@ -107,7 +107,7 @@ def _check_adapter_matches_merged(model_dir: Path, base_dir: str, rows: list[dic
     assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], want["model.layers.0.self_attn.q_proj.weight"])
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_lora_specialist(tiny_run, tmp_path):
     cfg = _config(tiny_run, tmp_path, LORA)
     manifest = _train_specialist(cfg)
@@ -127,7 +127,7 @@ def zero3_run(tiny_run, tmp_path_factory):
     return cfg, _train_specialist(cfg)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_zero3_specialist(zero3_run):
     cfg, manifest = zero3_run
     _check_specialist(cfg, manifest, lockstep=True)
@@ -138,7 +138,7 @@ def test_zero3_specialist(zero3_run):
     ]
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_zero2_resumes_from_its_checkpoint(zero3_run, tiny_run, tmp_path, monkeypatch):
     """Rank 1 is killed at step 13; the run restarts from the step-10 checkpoint and finishes.
 
@@ -159,7 +159,7 @@ def test_zero2_resumes_from_its_checkpoint(zero3_run, tiny_run, tmp_path, monkey
     assert max(diffs) < 1e-4, diffs
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_lora_generalist(tiny_run, tmp_path):
     from ama_ray.stages.generalist import train_generalist, train_sizes
 
