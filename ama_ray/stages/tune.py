@@ -37,6 +37,7 @@ from ama_ray.storage import Unit
 
 log = logging.getLogger(__name__)
 STAGE = "tune"
+SEARCHABLE = ("generalist.", "mixing.", "eval.", "scaling.")  # what trials may vary; the rest is shared
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 MODES = {"eval/excess_loss/worst": "min", "eval/rewards/accuracies/mean": "max"}
 REPORTED = ("eval/excess_loss/worst", "eval/rewards/accuracies/mean")
@@ -79,22 +80,44 @@ class OrphanedGroupCleanup(Callback):
             self.last = now
             self.removed += remove_orphaned_groups()
 
+    def on_experiment_end(self, trials, **info):
+        # The last stopped trial's controller may still be dying: wait for it, then free its group.
+        deadline = time.monotonic() + 30.0
+        while True:
+            self.removed += remove_orphaned_groups()
+            if not _actor_created_groups() or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+
+
+def _live_groups(job: str):
+    """This job's pending or created placement groups made by (non-detached) actors."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    live = (gcs_pb2.PlacementGroupTableData.PENDING, gcs_pb2.PlacementGroupTableData.CREATED)
+    for blob in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
+        if pg.state in live and pg.creator_actor_id != ray.ActorID.nil().binary() and not pg.is_detached \
+                and pg.creator_job_id.hex() == job:
+            yield pg
+
+
+def _actor_created_groups() -> list:
+    import ray
+
+    return list(_live_groups(ray.get_runtime_context().get_job_id()))
+
 
 def remove_orphaned_groups() -> int:
     """Remove this job's live placement groups whose creator actor died; returns how many."""
     import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup
 
-    job = ray.get_runtime_context().get_job_id()
-    nil_actor = ray.ActorID.nil().binary()
     removed = 0
-    for blob in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
-        orphan = pg.creator_actor_dead and pg.creator_actor_id != nil_actor and not pg.is_detached
-        live = pg.state in (gcs_pb2.PlacementGroupTableData.PENDING, gcs_pb2.PlacementGroupTableData.CREATED)
-        if orphan and live and pg.creator_job_id.hex() == job:
+    for pg in _live_groups(ray.get_runtime_context().get_job_id()):
+        if pg.creator_actor_dead:
             ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             removed += 1
     if removed:
@@ -146,7 +169,8 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
 def search_space(cfg: Config) -> dict[str, Any]:
     """`tune.search_space` as Tune domains, every candidate value checked against the config.
 
-    Keys are dotted config keys, plus `algorithm` (shorthand for `generalist.algorithms=[X]`).
+    Keys are dotted config keys under SEARCHABLE, plus `algorithm` (shorthand for
+    `generalist.algorithms=[X]`).
     Without an `algorithm` key, several `generalist.algorithms` become a grid. Raises
     ConfigError naming `tune.search_space.<key>`.
     """
@@ -155,6 +179,10 @@ def search_space(cfg: Config) -> dict[str, Any]:
     base = cfg.model_dump(mode="json")
     space: dict[str, Any] = {}
     for key, spec in cfg.tune.search_space.items():
+        if key != "algorithm" and not key.startswith(SEARCHABLE):
+            raise ConfigError(f"'{key}' is not a generalist setting: trials share the run's data, specialists and scores",
+                              where=f"tune.search_space.{key}",
+                              fix=f"search keys under {', '.join(SEARCHABLE)} or `algorithm`; compare other settings with separate runs")
         kind, args = _domain_spec(key, spec)
         for value in _candidates(kind, args):
             try:

@@ -107,6 +107,8 @@ def _check_adapter_matches_merged(model_dir: Path, base_dir: str, rows: list[dic
     assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], want["model.layers.0.self_attn.q_proj.weight"])
 
 
+# Timeouts cover building the session's tiny_run (minutes on a busy 2-CPU machine) when a
+# test here is the first to use it, plus 1-2 Ray Train runs of 30-60 s each.
 @pytest.mark.timeout(900)
 def test_lora_specialist(tiny_run, tmp_path):
     cfg = _config(tiny_run, tmp_path, LORA)
@@ -163,12 +165,14 @@ def test_zero2_resumes_from_its_checkpoint(zero3_run, tiny_run, tmp_path, monkey
 def test_lora_generalist(tiny_run, tmp_path):
     from ama_ray.stages.generalist import train_generalist, train_sizes
 
-    steps = 20
-    cfg = _config(tiny_run, tmp_path, [*LORA, f"generalist.optim.steps={steps}", "generalist.optim.checkpoint_every=10"])
+    steps = 30
+    cfg = _config(tiny_run, tmp_path, [*LORA, f"generalist.optim.steps={steps}", "generalist.optim.checkpoint_every=10",
+                                       "generalist.optim.lr=3e-2", "generalist.optim.warmup_steps=2"])
     path = train_generalist(cfg, "ama_s", 0, base_model_path(cfg), train_sizes(RunDir(cfg.run_dir), cfg), force=True)
     final = RunDir(cfg.run_dir).unit("generalist", "ama_s", "seed0").manifest()["final_metrics"]
     assert final["check/alpha_agree"] == 1.0 and final["check/replica_max_diff"] == 0.0
     losses = _scalars(cfg, "generalist/ama_s/seed0", "train/dpo_loss/mean")
-    assert abs(losses[1] - math.log(2)) < 1e-4 and losses[steps] < math.log(2) - 0.05, losses
+    assert abs(losses[1] - math.log(2)) < 1e-4, losses
+    assert np.mean([losses[s] for s in range(steps - 4, steps + 1)]) < math.log(2) - 0.03, losses
     rows = _eval_rows(cfg, lockstep=False)[:24]
     _check_adapter_matches_merged(Path(path) / "model", base_model_path(cfg), rows)

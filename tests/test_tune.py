@@ -1,0 +1,140 @@
+"""The Tune study: trials reuse the run's scores, ASHA stops a diverging trial, outputs are ready to use."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from ama_ray.config import load_config
+from ama_ray.errors import ConfigError
+
+GOOD_LRS = [0.002, 0.003, 0.004]
+BAD_LR = 0.5  # AdamW at lr 0.5 wrecks the tiny model within 5 steps: its excess loss explodes
+
+
+def _study_cfg(run_root, minimal_cfg, **extra):
+    overrides = [
+        f"storage.path={run_root}", f"model.cache_dir={minimal_cfg.model.cache_dir}",
+        "generalist.algorithms=[ama_s]", "generalist.optim.steps=20", "generalist.optim.warmup_steps=2",
+        "eval.every_n_steps=5", "eval.log_every_n_steps=5", "eval.max_examples=30",
+        # The bad value comes last: trials run one at a time in grid order, so ASHA's first rung
+        # already holds the good trials' values when the bad one reports.
+        f"tune.search_space={{generalist.optim.lr: {{grid: {GOOD_LRS + [BAD_LR]}}}}}",
+        "tune.max_concurrent_trials=1", "tune.num_samples=1", "tune.grace_period=1", "tune.reduction_factor=2",
+    ]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(Path(__file__).resolve().parent.parent / "jobs" / "minimal.yaml", overrides)
+
+
+@pytest.mark.timeout(420)
+def test_study_stops_the_bad_trial_and_writes_a_runnable_best_config(tiny_run, tmp_path):
+    import ray
+
+    from ama_ray.stages import tune
+
+    cfg0, run_dir = tiny_run
+    shutil.copytree(run_dir, tmp_path / run_dir.name)
+    cfg = _study_cfg(tmp_path, cfg0)
+    start = time.perf_counter()
+    written = tune.run(cfg)
+    elapsed = time.perf_counter() - start
+
+    with open(written[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["generalist.optim.lr"]) for r in rows] == GOOD_LRS + [BAD_LR]  # trial ids follow grid order
+    by_lr = {float(r["generalist.optim.lr"]): r for r in rows}
+    bad = by_lr[BAD_LR]
+    good_steps = [int(by_lr[lr]["steps"]) for lr in GOOD_LRS]
+    # The first trial has nobody to lose against: it runs all 20 steps (4 evaluations).
+    assert by_lr[GOOD_LRS[0]]["status"] == "completed" and good_steps[0] == 20
+    # The diverging trial is stopped at the first rung (grace period 1 = its first evaluation).
+    assert bad["status"] == "stopped" and int(bad["steps"]) == 5 and int(bad["evaluations"]) == 1
+    assert int(bad["steps"]) < max(good_steps)
+    assert float(bad["eval/excess_loss/worst"]) > max(float(by_lr[lr]["eval/excess_loss/worst"]) for lr in GOOD_LRS)
+
+    # best.yaml is a complete config: it loads, names the best trial's lr and this run directory.
+    best = load_config(written[1])
+    best_row = min((r for r in rows if r["status"] == "completed"), key=lambda r: float(r["eval/excess_loss/worst"]))
+    assert best.generalist.optim.lr == float(best_row["generalist.optim.lr"])
+    assert best.generalist.algorithms == ["ama_s"] and best.run_dir == cfg.run_dir
+
+    # Outputs isolated per trial: completed trials committed their unit, stopped ones did not.
+    study = tmp_path / run_dir.name / "tune"
+    manifest = json.loads((study / "_manifest.json").read_text())
+    assert manifest["best_trial"] == best_row["trial_id"] and bad["trial_id"] in manifest["stopped_early"]
+    for r in rows:
+        unit = study / r["trial_id"] / "ama_s" / "seed0"
+        assert (unit / "_manifest.json").exists() == (r["status"] == "completed"), r
+        assert (study / r["trial_id"] / "config.yaml").exists()
+    # The generalist stage's own units were not touched by the study.
+    assert (tmp_path / run_dir.name / "generalist" / "ama_s" / "seed0" / "_manifest.json").exists()
+
+    # Stopped trials leave no placement group behind: all CPUs are free again.
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(ray.cluster_resources()["CPU"])
+
+    # A second call with the same settings finds the committed study and trains nothing.
+    again = time.perf_counter()
+    assert tune.run(cfg) == written
+    assert time.perf_counter() - again < 10
+    print(f"study of {len(rows)} trials: {elapsed:.0f} s")
+
+
+def test_search_space_domains_and_errors(minimal_cfg):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from ama_ray.stages.tune import max_evaluations, search_space, trial_config
+
+    cfg = minimal_cfg.model_copy(deep=True)
+    cfg.tune.search_space = {
+        "mixing.eta_alpha": {"loguniform": [0.01, 1.0]},
+        "mixing.smoothing": {"choice": [0.0, 0.1]},
+        "generalist.optim.steps": {"randint": [10, 101]},
+    }
+    space = search_space(cfg)
+    assert isinstance(space["mixing.eta_alpha"], Float) and space["mixing.eta_alpha"].lower == 0.01
+    assert isinstance(space["mixing.smoothing"], Categorical)
+    assert isinstance(space["generalist.optim.steps"], Integer)
+    # minimal.yaml lists two algorithms: without an `algorithm` key they become a grid.
+    assert space["algorithm"] == {"grid_search": ["proportional", "ama_s"]}
+    # max_t counts evaluations of the longest trial: randint's high is exclusive, so 100 steps;
+    # evaluated every 50 -> 2, every 30 -> 4 (the last at step 100).
+    assert max_evaluations(cfg) == 2
+    cfg.eval.every_n_steps = 30
+    assert max_evaluations(cfg) == 4
+
+    trial = trial_config(cfg.model_dump(mode="json"), {"algorithm": "ama_r", "mixing.eta_alpha": 0.37})
+    assert trial.generalist.algorithms == ["ama_r"] and trial.mixing.eta_alpha == 0.37
+
+    for bad, where in [
+        ({"mixing.eta_alpah": {"choice": [0.1]}}, "tune.search_space.mixing.eta_alpah"),  # unknown key
+        ({"mixing.smoothing": {"choice": [0.5, 2.0]}}, "tune.search_space.mixing.smoothing"),  # 2.0 > 1
+        ({"mixing.eta_alpha": {"normal": [0, 1]}}, "tune.search_space.mixing.eta_alpha"),  # unknown domain
+        ({"mixing.eta_alpha": {"loguniform": [0.0, 1.0]}}, "tune.search_space.mixing.eta_alpha"),
+        ({"mixing.eta_alpha": {"uniform": [1.0, 0.5]}}, "tune.search_space.mixing.eta_alpha"),
+        ({"dpo.beta": {"choice": [0.1, 0.5]}}, "tune.search_space.dpo.beta"),  # would make the scores stale
+    ]:
+        cfg.tune.search_space = bad
+        with pytest.raises(ConfigError) as err:
+            search_space(cfg)
+        assert err.value.where == where
+
+
+def test_best_row_prefers_completed_trials_and_respects_the_mode():
+    from ama_ray.stages.tune import best_row
+
+    rows = [
+        {"trial_id": "a", "status": "completed", "eval/excess_loss/worst": 0.30, "eval/rewards/accuracies/mean": 0.7},
+        {"trial_id": "b", "status": "stopped", "eval/excess_loss/worst": 0.10, "eval/rewards/accuracies/mean": 0.9},
+        {"trial_id": "c", "status": "completed", "eval/excess_loss/worst": 0.20, "eval/rewards/accuracies/mean": 0.6},
+        {"trial_id": "d", "status": "error", "eval/excess_loss/worst": None, "eval/rewards/accuracies/mean": None},
+    ]
+    assert best_row(rows, "eval/excess_loss/worst")["trial_id"] == "c"  # b is lower but did not finish
+    assert best_row(rows, "eval/rewards/accuracies/mean")["trial_id"] == "a"  # max mode
