@@ -196,7 +196,7 @@ class StorageConfig(Section):
 
 class EvalConfig(Section):
     every_n_steps: int = Field(50, ge=1, description="Held-out evaluation interval during training.")
-    log_every_n_steps: int = Field(10, ge=1, description="Interval of `ray.train.report` calls (TensorBoard gets every step).")
+    log_every_n_steps: int = Field(10, ge=1, description="Interval of `ray.train.report` calls and TensorBoard scalars (evaluations and the last step are always written).")
     max_examples: int = Field(200, ge=1, description="Held-out examples per task evaluated during training.")
     generation_examples: int = Field(100, ge=0, description="Examples per task for greedy-generation accuracy (0: off).")
     max_new_tokens: int = Field(12, ge=1, description="Greedy decoding length for generation accuracy.")

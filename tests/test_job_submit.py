@@ -120,19 +120,25 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path, model_cache):
     logs = _ray(["job", "logs", "--address", url, job_id], env, timeout=60).stdout
     assert status == "SUCCEEDED", f"job ended {status}:\n{logs[-5000:]}"
     # Stage progress reached the job logs, in pipeline order.
-    marks = [m.start() for m in (re.search(p, logs) for p in (r"prepare", r"specialist", r"generalist", r"pipeline finished")) if m]
-    assert len(marks) == 4 and marks == sorted(marks), logs[-5000:]
+    stages = ("prepare", "specialists", "generalist", "evaluate", "report")
+    marks = [m.start() for m in (re.search(rf"INFO ama_ray\.stages\.{s}\b", logs) for s in stages) if m]
+    assert len(marks) == len(stages) and marks == sorted(marks), logs[-5000:]
+    assert re.search(r"generalist/ama_s/seed0: step 60/60", logs), "per-unit training progress"
+    assert "pipeline finished" in logs
     run_dir = runs / "minimal"
     assert (run_dir / "report" / "report.html").stat().st_size > 1000
     assert (run_dir / "generalist" / "ama_s" / "seed0" / "_manifest.json").exists()
 
 
 def _wait_for_job(url: str, job_id: str, env: dict, timeout: float) -> str:
+    """Poll `ray job status` until the job ends; returns SUCCEEDED, FAILED, STOPPED or TIMEOUT."""
+    ended = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}  # the CLI's wording per end state
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = _ray(["job", "status", "--address", url, job_id], env, timeout=60, check=False).stdout
-        found = re.search(r"(SUCCEEDED|FAILED|STOPPED)", out)
-        if found:
-            return found.group(1)
+        out = _ray(["job", "status", "--address", url, job_id], env, timeout=60, check=False)
+        text = out.stdout + out.stderr
+        for words, status in ended.items():
+            if f"Job '{job_id}' {words}" in text:
+                return status
         time.sleep(3)
     return "TIMEOUT"

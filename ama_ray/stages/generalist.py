@@ -29,7 +29,7 @@ STAGE = "generalist"
 
 
 def generalist_hash(cfg: Config, algorithm: str, seed: int) -> str:
-    return score_hash(cfg) + "-" + cfg.section_hash("generalist.optim", "generalist.baseline_excess", "mixing", "scaling.num_workers") + f"-{algorithm}-{seed}"
+    return score_hash(cfg) + "-" + cfg.section_hash("generalist.optim", "generalist.baseline_excess", "mixing", "scaling.num_workers", "model.lora", "scaling.deepspeed") + f"-{algorithm}-{seed}"
 
 
 def units(cfg: Config) -> list[tuple[str, int]]:

@@ -24,7 +24,7 @@ STAGE = "specialists"
 
 
 def specialist_hash(cfg: Config) -> str:
-    return reference_hash(cfg) + "-" + cfg.section_hash("dpo", "specialists", "seed", "scaling.num_workers")
+    return reference_hash(cfg) + "-" + cfg.section_hash("dpo", "specialists", "seed", "scaling.num_workers", "model.lora", "scaling.deepspeed")
 
 
 def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:

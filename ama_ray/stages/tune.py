@@ -45,18 +45,20 @@ TRIAL_CPU = 0.01  # the trainable only waits on its TorchTrainer; {"cpu": 0} is 
 
 
 class EvaluationReport(TuneReportCallback):
-    """Tune's Ray Train report callback, forwarding only results that hold the objective.
+    """Tune's Ray Train report callback, forwarding the held-out evaluations before the last step.
 
     The training loop also reports train-only metrics between evaluations; Tune refuses results
-    without the objective, and ASHA's rungs should count evaluations, not report calls.
+    without the objective, and ASHA's rungs should count evaluations, not report calls. The
+    last evaluation is held back: `train_trial` reports it once the unit is committed, because
+    a STOP decision on it would kill the trial while it saves.
     """
 
-    def __init__(self, metric: str):
+    def __init__(self, metric: str, last_step: int):
         super().__init__()
-        self.metric = metric
+        self.metric, self.last_step = metric, last_step
 
     def after_report(self, run_context, metrics, checkpoint):
-        if metrics and self.metric in metrics[0]:
+        if metrics and self.metric in metrics[0] and metrics[0].get("step", 0) < self.last_step:
             super().after_report(run_context, metrics, checkpoint)
 
 
@@ -249,8 +251,11 @@ def train_trial(params: dict, *, base: dict, model_path: str, sizes: list[int], 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params)
     _write_text(_study_unit(cfg).run.unit(STAGE, trial_id), "config.yaml", dump_yaml(cfg))
-    train_generalist(cfg, cfg.generalist.algorithms[0], cfg.generalist.seeds[0], model_path, sizes, force=True,
-                     trial=trial_id, callbacks=[EvaluationReport(metric)])
+    algorithm, seed, steps = cfg.generalist.algorithms[0], cfg.generalist.seeds[0], cfg.generalist.optim.steps
+    train_generalist(cfg, algorithm, seed, model_path, sizes, force=True, trial=trial_id,
+                     callbacks=[EvaluationReport(metric, steps)])
+    final = _study_unit(cfg).run.unit(STAGE, trial_id, algorithm, f"seed{seed}").manifest()["final_metrics"]
+    tune.report({k: v for k, v in final.items() if isinstance(v, (int, float))})
 
 
 def _study_unit(cfg: Config) -> Unit:
@@ -294,7 +299,7 @@ def _drop_stale_study(study: Unit) -> None:
     """Remove an earlier study's Tune state and trial checkpoints (trial ids never repeat)."""
     import pyarrow.fs as pafs
 
-    root = _checkpoint_root(study).split("://", 1)[-1] if not study.run.is_local else _checkpoint_root(study)
+    root = f"{study.run.root}/_checkpoints/{STAGE}"
     if study.fs.get_file_info(root).type != pafs.FileType.NotFound:
         study.fs.delete_dir(root)
 

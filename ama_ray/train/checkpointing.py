@@ -4,8 +4,9 @@ A checkpoint directory holds `state.json` (step, best held-out step, stream posi
 state; written by rank 0) plus either `model.safetensors` + `optim.pt` (DDP and single
 process; rank 0) or DeepSpeed's `engine/` directory, to which every rank writes its shard
 (`ama_ray.train.engine`). Weights are written with safetensors; the optimizer and scheduler
-with `torch.save` and read back with `weights_only=True`, so loading a checkpoint never
-unpickles arbitrary objects.
+with `torch.save` and read back with `weights_only=True`, so loading a DDP checkpoint never
+unpickles arbitrary objects. DeepSpeed's `engine/*.pt` files are its own `torch.save` pickles,
+which DeepSpeed loads with full unpickling: resume only from checkpoint directories you wrote.
 """
 
 from __future__ import annotations
