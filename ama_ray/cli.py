@@ -90,9 +90,9 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     from ama_ray.config import STAGES
 
-    bad = [s for s in args.force if s not in STAGES]
+    bad = [s for s in args.force if s not in (*STAGES, "tune")]
     if bad:
-        raise AmaError(f"--force {bad[0]}: unknown stage", fix=f"use one of {', '.join(STAGES)}")
+        raise AmaError(f"--force {bad[0]}: unknown stage", fix=f"use one of {', '.join(STAGES)}, tune")
     entry = _stage_entry(args.command)
     kwargs = {"force": set(args.force)}
     if args.command == "report" and args.run_dir:

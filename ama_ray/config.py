@@ -210,7 +210,7 @@ class TuneConfig(Section):
     grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial may be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA reduction factor.")
     max_concurrent_trials: int = Field(0, ge=0, description="Trials at once (0: from cluster resources).")
-    search_space: dict[str, Any] = Field(default_factory=dict, description="Dotted config keys to Tune domains, e.g. {mixing.eta_alpha: {loguniform: [0.01, 1]}}.")
+    search_space: dict[str, Any] = Field(default_factory=dict, description="Dotted keys under generalist./mixing./eval./scaling. (or `algorithm`) to Tune domains {choice|grid|uniform|loguniform|randint: [...]}, e.g. {mixing.eta_alpha: {loguniform: [0.01, 1]}}.")
 
 
 class Config(Section):
