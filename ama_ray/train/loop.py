@@ -42,6 +42,7 @@ from ama_ray.train.mixer_client import MixerClient  # noqa: F401 - also imported
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "AMA_RAY_FAULT"
+FAULT_DELAY_S = 2.0
 
 
 @dataclass
@@ -382,4 +383,8 @@ def maybe_inject_fault(fault: str | None, step: int, rank: int, run: RunDir, uni
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))
     log.warning("fault injection: killing worker rank %d (pid %d) at step %d", rank, os.getpid(), step)
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers; a
+    # crash a few milliseconds after a checkpoint would race that poll. Wait, as a real failure
+    # some time after the checkpoint would, so the test of resuming from it is deterministic.
+    time.sleep(FAULT_DELAY_S)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -32,6 +32,7 @@ COMMON = [
     "scaling.num_workers=2", "scaling.cpus_per_worker=1",
     f"specialists.optim.steps={STEPS}", "specialists.optim.checkpoint_every=10", "specialists.optim.warmup_steps=2",
     "specialists.optim.lr=5e-3", "eval.every_n_steps=10",
+    "eval.log_every_n_steps=1",  # the checks below read per-step TensorBoard scalars
 ]
 LORA = ["model.lora.enabled=true", "model.lora.r=8", "specialists.optim.lr=2e-2", "generalist.optim.lr=2e-2"]
 

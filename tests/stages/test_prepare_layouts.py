@@ -1,0 +1,51 @@
+"""`prepare` on local files in every supported layout (JSONL, Parquet, CSV; plain and chat)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ama_ray.config import validate
+from ama_ray.stages import prepare
+from ama_ray.storage import RunDir
+from tests.data.test_formats import CASES, write
+
+N_ROWS = 20
+
+
+def _vary(obj, i: int):
+    """A distinct copy of a raw row: append a marker to every free-text string (not roles, ids, ratings)."""
+    if isinstance(obj, dict):
+        return {k: (v if k in ("role", "model") else _vary(v, i)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_vary(v, i) for v in obj]
+    if isinstance(obj, str) and len(obj) > 3:
+        return f"{obj} v{i}"
+    return obj
+
+
+@pytest.mark.timeout(600)
+def test_prepare_writes_every_layout(ray_session, model_cache, tmp_path):
+    tasks = []
+    for n, (layout, name, raw, options, _expected) in enumerate(CASES):
+        path = write(tmp_path, name, [_vary(raw, i) for i in range(N_ROWS)])
+        tasks.append({"name": f"t{n}_{name.split('.')[0]}", "path": str(path), "layout": layout, **options})
+    cfg = validate({
+        "data": {"tasks": tasks, "eval_fraction": 0.3},
+        "storage": {"path": str(tmp_path / "runs"), "run_name": "layouts"},
+        "model": {"cache_dir": model_cache},
+    })
+    prepare.run(cfg)
+    run = RunDir(cfg.run_dir)
+    for task in cfg.data.tasks:
+        man = run.unit("prepared", task.name).manifest()
+        assert man is not None, task.name
+        assert man["rows"]["train"] + man["rows"]["eval"] == N_ROWS and man["rows"]["eval"] > 0, (task.name, man)
+        table = run.unit("prepared", task.name).read_parquet("train.parquet")
+        eos = None
+        for row in table.to_pylist():
+            assert row["prompt_input_ids"] and row["chosen_input_ids"] and row["rejected_input_ids"]
+            eos = eos or row["chosen_input_ids"][-1]
+            assert row["chosen_input_ids"][-1] == row["rejected_input_ids"][-1] == eos
+            assert row["chosen"] != row["rejected"]
+        if any(layout in task.layout for layout in ("hh_rlhf", "ultrafeedback", "codeultrafeedback")) or "chat" in task.name:
+            assert "<|im_start|>" in table["prompt"][0].as_py(), task.name  # rendered with the chat template
