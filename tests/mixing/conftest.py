@@ -1,22 +1,11 @@
-"""Fixtures of the mixing tests: a local Ray cluster on loopback for the actor tests only."""
+"""Fixtures of the mixing tests: the actor tests use the session's one local Ray (tests/conftest.py)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A 2-CPU local Ray cluster for this module; reuses one that is already running."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    # Keeps every Ray process on 127.0.0.1 (measured; `_node_ip_address` alone did not).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_local(ray_session):
+    """The session-wide local Ray on loopback; never a second cluster."""
+    yield ray_session
