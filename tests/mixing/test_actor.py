@@ -63,9 +63,11 @@ def test_concurrent_clients_see_the_same_alpha_per_step(ray_local, algorithm):
     expected = local_alphas(algorithm, steps)[:steps]
     for alphas in seen:
         assert alphas == expected  # exact: the actor runs the same float64 arithmetic
+    # The clients fire the last report with .remote() and return: wait for it to be applied
+    # (get_alpha(steps) blocks until step steps-1 is reported) before reading the history.
+    reply = ray.get(actor.get_alpha.remote(steps))
     history = ray.get(actor.history.remote())
     assert [r["step"] for r in history] == list(range(steps))
-    reply = ray.get(actor.get_alpha.remote(steps))
     assert reply["alpha"].tolist() == local_alphas(algorithm, steps)[steps]
     if algorithm == "ama_r":
         assert reply["mode"] == "reweight" and reply["loss_weights"].tolist() == reply["alpha"].tolist()
