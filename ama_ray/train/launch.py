@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable
 
 from ama_ray.cluster import NAMESPACE, check_fits
@@ -167,9 +166,6 @@ def _draw(snapshot: dict, bars: dict) -> None:
         bar.n = step
         bar.set_postfix({k.split("/")[-2] if k.count("/") > 1 else k: f"{v:.3f}" for k, v in metrics.items()}, refresh=True)
 
-
-def unit_dir(run: RunDir, *parts: str) -> Path:
-    return Path(run.unit(*parts).path)
 
 
 def _log_progress(snapshot: dict, last: dict) -> None:

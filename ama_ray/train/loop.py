@@ -37,7 +37,9 @@ from ama_ray.storage import RunDir
 from ama_ray.train import checkpointing
 from ama_ray.train.data import TaskStream, draw_batch, load_task_split, rows_of
 from ama_ray.train.engine import Engine, build_engine, lr_lambda  # noqa: F401 - lr_lambda: re-exported
-from ama_ray.train.metrics import ROW, evaluate_rows, metrics_from_sums, mixing_stats, per_example, task_sums
+from ama_ray.train.metrics import (
+    ROW, evaluate_rows, metrics_from_sums, mixing_stats, per_example, specialist_losses, task_sums,
+)
 from ama_ray.train.mixer_client import MixerClient  # noqa: F401 - also imported from here by benchmarks
 
 log = logging.getLogger(__name__)
@@ -222,7 +224,7 @@ class Job:
                 rows = [examples[i] for i in idx]
                 with engine.autocast():
                     out = per_example(engine.module, rows, self.loss_cfg, self.pad_id)
-                spec_loss = _specialist_losses(rows, out["loss"])
+                spec_loss = specialist_losses(rows, out["loss"])
                 e = self.per_example_objective(out["loss"], spec_loss)
                 engine.backward(batch_objective(e, task_ids[idx], loss_weights, step_counts, len(labels)), last)
             sums += task_sums(out, task_ids[idx], spec_loss, self.k)
@@ -331,12 +333,6 @@ class Job:
             from ama_ray.models.loading import load_tokenizer
 
             load_tokenizer(self.spec.model_path, trust_remote_code=self.cfg.model.trust_remote_code).save_pretrained(out / "model")
-
-
-def _specialist_losses(rows: list[dict], like: torch.Tensor) -> torch.Tensor | None:
-    if rows and "specialist_loss" in rows[0]:
-        return torch.tensor([r["specialist_loss"] for r in rows], dtype=like.dtype, device=like.device)
-    return None
 
 
 def _barrier(world: int) -> None:

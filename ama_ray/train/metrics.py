@@ -98,7 +98,7 @@ def evaluate_rows(
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
                 out = per_example(model, chunk, loss_cfg, pad_token_id)
-                spec = _specialist(chunk)
+                spec = specialist_losses(chunk)
                 total += task_sums(out, torch.full((len(chunk),), i), spec, k)
     finally:
         model.train(was_training)
@@ -113,7 +113,9 @@ def per_example(model, rows: list[dict], loss_cfg: dpo.DPOLossConfig, pad_token_
     return dpo.per_example_loss(model, batch, ref_c, ref_r, loss_cfg)
 
 
-def _specialist(rows: list[dict]) -> torch.Tensor | None:
+def specialist_losses(rows: list[dict], like: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The rows' `specialist_loss` as a tensor (dtype/device of `like`, else float64), or None without scores."""
     if rows and "specialist_loss" in rows[0]:
-        return torch.tensor([r["specialist_loss"] for r in rows], dtype=torch.float64)
+        dtype, device = (like.dtype, like.device) if like is not None else (torch.float64, None)
+        return torch.tensor([r["specialist_loss"] for r in rows], dtype=dtype, device=device)
     return None
