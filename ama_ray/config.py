@@ -235,6 +235,27 @@ class Config(Section):
     def run_dir(self) -> str:
         return f"{self.storage.path.rstrip('/')}/{self.storage.run_name}"
 
+    def mixing_settings(self):
+        """The pure `MixingSettings` the mixing policies are built from."""
+        from ama_ray.mixing import MixingSettings
+
+        mix = self.mixing
+        return MixingSettings(
+            eta_alpha=mix.eta_alpha, smoothing=mix.smoothing, clip=mix.clip, excess_target=mix.excess_target,
+            g_bound=mix.g_bound, initial_weights=mix.initial_weights, fixed_weights=mix.fixed_weights,
+            baseline_objective="excess" if self.generalist.baseline_excess else "loss",
+        )
+
+    def check_mixing(self) -> None:
+        """Build every listed algorithm's policy once, so a missing `fixed_weights`, a weight for an
+        unknown task or AMA-S with c = 0 fails when the config is read, not after the specialists
+        trained. Raises ConfigError naming the setting."""
+        from ama_ray.mixing import make_policy
+
+        settings = self.mixing_settings()
+        for algorithm in self.generalist.algorithms:
+            make_policy(algorithm, self.task_names, [1] * len(self.task_names), settings)
+
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections, for manifests and skip decisions."""
         dump = self.model_dump(mode="json")
@@ -314,9 +335,11 @@ def _index(node: list, part: str, path: str) -> int:
 def validate(raw: dict, source: str = "config") -> Config:
     """Build a Config from a raw tree; the first problem becomes a one-line ConfigError."""
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise _config_error(err, raw, source) from None
+    cfg.check_mixing()
+    return cfg
 
 
 def _config_error(err: ValidationError, raw: dict, source: str) -> ConfigError:

@@ -15,10 +15,12 @@ def test_laptop_default_loads():
 
 
 def test_overrides_parse_as_yaml_and_index_lists():
-    cfg = load_config(None, ["mixing.eta_alpha=0.3", "generalist.algorithms=[ama_r, fixed]", "data.tasks.1.size=77"])
+    cfg = load_config(None, ["mixing.eta_alpha=0.3", "generalist.algorithms=[ama_r, fixed]", "data.tasks.1.size=77",
+                             "mixing.fixed_weights={arithmetic: 2, refusal: 1, brackets: 1}"])
     assert cfg.mixing.eta_alpha == 0.3
     assert cfg.generalist.algorithms == ["ama_r", "fixed"]
     assert cfg.data.tasks[1].size == 77
+    assert cfg.mixing.fixed_weights == {"arithmetic": 2, "refusal": 1, "brackets": 1}
 
 
 @pytest.mark.parametrize(
@@ -45,6 +47,25 @@ def test_bad_values_name_the_key(override, key, hint):
     msg = str(err.value)
     assert f"'{key}" in msg and hint in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, key, hint",
+    [
+        (["generalist.algorithms=[fixed]"], "mixing.fixed_weights", "needs weights"),
+        (["generalist.algorithms=[fixed]", "mixing.fixed_weights={arithmetic: 1, refusal: 1, brackts: 1}"],
+         "mixing.fixed_weights", "unknown tasks ['brackts']"),
+        (["generalist.algorithms=[fixed]", "mixing.fixed_weights={arithmetic: 1, refusal: 1}"],
+         "mixing.fixed_weights", "brackets"),
+        (["generalist.algorithms=[ama_s]", "mixing.smoothing=0"], "mixing.smoothing", "c > 0"),
+        (["mixing.initial_weights={arithmetic: 1}"], "mixing.initial_weights", "brackets"),
+    ],
+)
+def test_mixing_settings_are_checked_against_the_tasks_when_the_config_is_read(overrides, key, hint):
+    """A policy that cannot be built fails on load, before any stage runs (not at the generalist)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert err.value.where == key and hint in str(err.value)
 
 
 def test_task_needs_exactly_one_source():

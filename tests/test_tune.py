@@ -95,7 +95,7 @@ def test_search_space_domains_and_errors(minimal_cfg):
     cfg = minimal_cfg.model_copy(deep=True)
     cfg.tune.search_space = {
         "mixing.eta_alpha": {"loguniform": [0.01, 1.0]},
-        "mixing.smoothing": {"choice": [0.0, 0.1]},
+        "mixing.smoothing": {"choice": [0.05, 0.1]},
         "generalist.optim.steps": {"randint": [10, 101]},
     }
     space = search_space(cfg)
@@ -125,6 +125,30 @@ def test_search_space_domains_and_errors(minimal_cfg):
         with pytest.raises(ConfigError) as err:
             search_space(cfg)
         assert err.value.where == where
+
+
+def test_fixed_weights_are_searched_per_task(minimal_cfg):
+    """A 'fixed (tuned)' baseline: one weight per task is a key of its own; the policy normalises."""
+    from ray.tune.search.sample import Float
+
+    from ama_ray.mixing import make_policy
+    from ama_ray.stages.tune import search_space, trial_config
+
+    cfg = minimal_cfg.model_copy(deep=True)
+    cfg.generalist.algorithms = ["fixed"]
+    cfg.mixing.fixed_weights = {t: 1.0 for t in cfg.task_names}
+    cfg.tune.search_space = {f"mixing.fixed_weights.{t}": {"uniform": [0.02, 1.0]} for t in cfg.task_names}
+    space = search_space(cfg)
+    assert all(isinstance(space[k], Float) for k in cfg.tune.search_space) and "algorithm" not in space
+    params = dict(zip(cfg.tune.search_space, [0.6, 0.3, 0.1]))
+    trial = trial_config(cfg.model_dump(mode="json"), params)
+    policy = make_policy("fixed", trial.task_names, [1] * len(trial.task_names), trial.mixing_settings())
+    assert policy.weights().tolist() == pytest.approx([0.6, 0.3, 0.1])
+
+    cfg.tune.search_space = {"mixing.fixed_weights.brackts": {"uniform": [0.02, 1.0]}}
+    with pytest.raises(ConfigError) as err:
+        search_space(cfg)
+    assert err.value.where == "tune.search_space.mixing.fixed_weights.brackts" and "brackts" in str(err.value)
 
 
 def test_best_row_prefers_completed_trials_and_respects_the_mode():

@@ -63,17 +63,6 @@ def train_sizes(run_dir: RunDir, cfg: Config) -> list[int]:
     return [int(run_dir.unit("prepared", t).require(f"prepared data of task '{t}'", fix="run `ama-ray prepare`")["rows"]["train"]) for t in cfg.task_names]
 
 
-def mixing_settings(cfg: Config):
-    from ama_ray.mixing import MixingSettings
-
-    mix = cfg.mixing
-    return MixingSettings(
-        eta_alpha=mix.eta_alpha, smoothing=mix.smoothing, clip=mix.clip, excess_target=mix.excess_target,
-        g_bound=mix.g_bound, initial_weights=mix.initial_weights, fixed_weights=mix.fixed_weights,
-        baseline_objective="excess" if cfg.generalist.baseline_excess else "loss",
-    )
-
-
 def actor_name(cfg: Config, algorithm: str, seed: int, trial: str | None = None) -> str:
     return f"mixer:{cfg.storage.run_name}:{trial or ''}:{algorithm}:seed{seed}"
 
@@ -99,7 +88,7 @@ def train_generalist(
     unit.begin()
     name = actor_name(cfg, algorithm, seed, trial)
     _kill_actor(name)
-    actor = create_mixing_actor(name, algorithm, cfg.task_names, sizes, mixing_settings(cfg))
+    actor = create_mixing_actor(name, algorithm, cfg.task_names, sizes, cfg.mixing_settings())
     spec = UnitSpec(
         cfg=cfg.model_dump(mode="json"), kind="generalist", tasks=cfg.task_names, algorithm=algorithm, seed=seed,
         steps=cfg.generalist.optim.steps, model_path=model_path, out_unit=out, actor_name=name,

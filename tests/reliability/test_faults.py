@@ -102,10 +102,9 @@ def test_killed_worker_resumes_and_replays_generalist_and_specialist(tiny_run, t
 def _replays(history, tasks: list[str], sizes: list[int], cfg: Config) -> None:
     """Every alpha in the history is what the pure policy gives after the earlier rows' updates."""
     from ama_ray.mixing import STAT_KEYS, make_policy
-    from ama_ray.stages.generalist import mixing_settings
 
     hist = history.to_pandas()
-    policy = make_policy("ama_s", tasks, sizes, mixing_settings(cfg))
+    policy = make_policy("ama_s", tasks, sizes, cfg.mixing_settings())
     for _, row in hist.iterrows():
         np.testing.assert_array_equal(policy.weights(), [row[f"alpha/{t}"] for t in tasks])
         policy.update({k: np.array([row[f"{k}/{t}"] for t in tasks]) for k in STAT_KEYS})

@@ -104,13 +104,13 @@ def test_rerun_skips_committed_units(tiny_run):
 
 def test_mixing_history_replays_through_the_pure_policy(tiny_run):
     from ama_ray.mixing import STAT_KEYS, make_policy
-    from ama_ray.stages.generalist import mixing_settings, train_sizes
+    from ama_ray.stages.generalist import train_sizes
 
     cfg, run_dir = tiny_run
     hist = pq.read_table(run_dir / "generalist" / "ama_s" / "seed0" / "mixing_history.parquet").to_pandas()
     tasks = cfg.task_names
     assert list(hist["step"]) == list(range(cfg.generalist.optim.steps))
-    policy = make_policy("ama_s", tasks, train_sizes(RunDir(str(run_dir)), cfg), mixing_settings(cfg))
+    policy = make_policy("ama_s", tasks, train_sizes(RunDir(str(run_dir)), cfg), cfg.mixing_settings())
     for _, row in hist.iterrows():
         np.testing.assert_array_equal(policy.weights(), [row[f"alpha/{t}"] for t in tasks])
         policy.update({k: np.array([row[f"{k}/{t}"] for t in tasks]) for k in STAT_KEYS})
