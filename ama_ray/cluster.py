@@ -23,9 +23,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not verbose():
+        # Ray Data logs every dataset's plan and, without a terminal, a progress block every few
+        # seconds; the stages log one line per task instead (terminal progress bars stay).
+        import ray.data  # noqa: F401 - configures the "ray.data" logger; the level is set after
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(namespace=NAMESPACE, log_to_driver=True)
         return
+    quiet = not verbose()
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -33,7 +40,36 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
+        runtime_env={"worker_process_setup_hook": "ama_ray.cluster.quiet_worker_logs",
+                     "env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}} if quiet else None,
     )
+
+
+# A warning Ray Train's placement-group cleaner repeats every few seconds on a local Ray without
+# the dashboard's state API (harmless: it keeps monitoring). Ray Train's own INFO lines are
+# filtered by the trainers' `LoggingConfig` (train/launch.py).
+_CHATTY = {"ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR}
+
+
+def quiet_worker_logs() -> None:
+    """Worker-process setup hook of local Ray: keep Ray Train's chatter out of the console.
+
+    The driver's own progress lines (`ama_ray.train.launch`) report every run; warnings and
+    errors from workers still reach the console, and everything is in Ray's session logs.
+    """
+    for name, level in _CHATTY.items():
+        logging.getLogger(name).setLevel(level)
+    # Train V2 logs every `ray.train.report` at INFO on a logger named by its file's path; named
+    # here without importing Ray Train into every worker process.
+    import ray
+
+    context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context).setLevel(logging.WARNING)
+
+
+def verbose() -> bool:
+    """Whether Ray's own INFO logs belong on the console (`ama-ray -v`)."""
+    return logging.getLogger("ama_ray").isEnabledFor(logging.DEBUG)
 
 
 def check_fits(what: str, bundle: dict[str, float], count: int, key: str) -> None:

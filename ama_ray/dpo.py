@@ -105,6 +105,14 @@ def sequence_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
     return token_logps.sum(dim=1), n_tokens, mean_logit
 
 
+def _vector(values: Tensor | np.ndarray | Sequence[float], device: torch.device) -> Tensor:
+    """float32 on `device`; arrays are copied (rows read from Arrow are read-only, which
+    `torch.as_tensor` would warn about and share)."""
+    if isinstance(values, Tensor):
+        return values.to(device=device, dtype=torch.float32)
+    return torch.tensor(np.asarray(values, dtype=np.float32), device=device)
+
+
 def dpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -193,8 +201,7 @@ def per_example_loss(
     logps, n_tokens, _ = sequence_logps(model, batch)
     chosen_logps, rejected_logps = logps.chunk(2)
     n_chosen, n_rejected = n_tokens.chunk(2)
-    ref_chosen = torch.as_tensor(ref_chosen_logps, dtype=torch.float32, device=logps.device)
-    ref_rejected = torch.as_tensor(ref_rejected_logps, dtype=torch.float32, device=logps.device)
+    ref_chosen, ref_rejected = _vector(ref_chosen_logps, logps.device), _vector(ref_rejected_logps, logps.device)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         chosen_logps,
         rejected_logps,

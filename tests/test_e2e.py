@@ -5,6 +5,7 @@ training stages are exercised by the shared fixture and here only their skip pat
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def _manifests(run_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(run_dir)): p.read_text() for p in sorted(run_dir.rglob("_manifest.json"))}
 
 
-def test_run_end_to_end_then_rerun_skips(tiny_run, tmp_path, model_cache, capsys):
+def test_run_end_to_end_then_rerun_skips(tiny_run, tmp_path, model_cache, caplog):
     cfg, src = tiny_run
     root = tmp_path / "runs"
     shutil.copytree(src, root / cfg.storage.run_name)
@@ -41,5 +42,10 @@ def test_run_end_to_end_then_rerun_skips(tiny_run, tmp_path, model_cache, capsys
     assert "data:image/png;base64" in html and (run_dir / "report" / "report.md").is_file()
 
     before = _manifests(run_dir)
-    assert main(args) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ama_ray"):
+        assert main(args) == 0
     assert _manifests(run_dir) == before, "a rerun redid committed work"
+    # The answer is on the console when the run ends, even when every stage was skipped.
+    verdict = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verdict: ")]
+    assert len(verdict) == 1 and "worst task" in verdict[0]

@@ -45,6 +45,7 @@ def run(cfg: Config, force: set[str] = frozenset(), run_dir: str | None = None) 
     digest = report_hash(run)
     if STAGE not in force and unit.is_committed(digest):
         log.info("report: up to date, skipping (%s)", files[1])
+        log_verdict(doc)
         return files
     blocks, images = build(run, doc)
     title = f"AMA report: {doc['run']['run_name']}"
@@ -58,7 +59,16 @@ def run(cfg: Config, force: set[str] = frozenset(), run_dir: str | None = None) 
         out.write(render.to_html(blocks, images, title).encode())
     unit.commit(digest, stage=STAGE, images=sorted(images), flags=len(doc["flags"]))
     log.info("report: %s", files[1])
+    log_verdict(doc)
     return files
+
+
+def log_verdict(doc: dict) -> None:
+    """The report's verdict on the console, so the answer is there when the run ends."""
+    headline, lines = render.verdict(doc)
+    log.info("verdict: %s", headline.replace("**", ""))
+    for line in lines:
+        log.info("  %s", line.replace("**", ""))
 
 
 def report_hash(run: RunDir) -> str:

@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from ama_ray.cluster import NAMESPACE, check_fits
+from ama_ray.cluster import NAMESPACE, check_fits, verbose
 from ama_ray.config import Config
 from ama_ray.errors import AmaError
 from ama_ray.storage import RunDir
@@ -25,7 +25,7 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
     Checkpoints live in `<run_dir>/_checkpoints/<stage>/<unit>`. Errors a user can fix that a
     worker raised are re-raised here as the original AmaError.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run = RunDir(cfg.run_dir)
@@ -45,6 +45,9 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _forwarded_env()},
             callbacks=list(callbacks or []),
+            # Ray Train's per-run INFO lines (worker group started, checkpoint saved, ...) only
+            # with `ama-ray -v`: the driver prints one progress line per run instead.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
     try:
