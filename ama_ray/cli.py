@@ -1,4 +1,4 @@
-"""`ama-ray`: one subcommand per pipeline stage, plus `run`, `tune`, `models` and `config`."""
+"""`ama-ray`: one subcommand per pipeline stage, plus `run`, `tune`, `compare`, `models` and `config`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
     sub.add_parser("config-docs", help="print docs/configuration.md generated from the config classes")
+    comp = sub.add_parser("compare", help="markdown tables of held-out metrics across evaluated run directories",
+                          description="One row per generalist algorithm of each run (mean ± std over seeds), "
+                                      "plus the first run's base and specialists.")
+    comp.add_argument("runs", nargs="+", metavar="RUN_DIR[=LABEL]", help="evaluated run directories")
+    comp.add_argument("--metric", action="append", metavar="M", help="excess_loss (default with rewards/accuracies, generation/accuracy), loss, ...")
+    comp.add_argument("--paired", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
+                      help="per-seed differences of two rows on the worst task, e.g. --paired 'imb ama_s' 'imb balanced'")
     return parser
 
 
@@ -73,6 +80,14 @@ def dispatch(args: argparse.Namespace) -> int:
         from ama_ray.config import config_reference
 
         sys.stdout.write(config_reference())
+        return 0
+    if args.command == "compare":
+        from ama_ray.report import compare
+        from ama_ray.stages.evaluate import load_metrics
+        from ama_ray.storage import RunDir
+
+        runs = [(label, load_metrics(RunDir(path))) for label, path in compare.label_runs(args.runs)]
+        sys.stdout.write(compare.render(runs, args.metric or list(compare.DEFAULT_METRICS), [tuple(p) for p in args.paired]))
         return 0
     if args.command == "models":
         from ama_ray.models.fetch import fetch

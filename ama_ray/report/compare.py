@@ -1,0 +1,96 @@
+"""`ama-ray compare`: one table per metric across several evaluated run directories.
+
+A study often spans run directories: a tuned baseline trained apart from the others, the same
+job at another `dpo.sft_weight`. Each generalist algorithm of each run becomes a row (mean ±
+sample std over its seeds, per task, mean and worst task, as in the report); `--paired A B`
+adds the per-seed differences of two rows on the worst task, the comparison seeds make fair.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from ama_ray.errors import ConfigError
+from ama_ray.report.render import fmt, to_markdown
+
+DEFAULT_METRICS = ("excess_loss", "rewards/accuracies", "generation/accuracy")
+
+
+def label_runs(args: list[str]) -> list[tuple[str, str]]:
+    """`DIR` or `DIR=LABEL` -> (label, dir); the label defaults to the directory's last part."""
+    out = []
+    for arg in args:
+        path, _, label = arg.partition("=")
+        out.append((label or path.rstrip("/").rsplit("/", 1)[-1], path))
+    return out
+
+
+def rows_of(label: str, doc: dict) -> dict[str, dict]:
+    """Row name -> {'tasks', 'per_seed': {seed: {metric key: value}}} for base, specialists, generalists."""
+    rows: dict[str, dict] = {}
+    own = doc["aggregates"].get("specialists_own_task", {})
+    if own:  # each specialist on its own task; mean and worst over those, as for a model
+        values = {f"{m}/{t}": v for t, per in own.items() for m, v in per.items()}
+        for m in {m for per in own.values() for m in per}:
+            vals = [per[m] for per in own.values() if per.get(m) is not None]
+            if vals:
+                values[f"{m}/mean"] = statistics.fmean(vals)
+                values[f"{m}/worst"] = max(vals) if m in doc.get("lower_is_better", ()) else min(vals)
+        rows[f"{label} specialists (own task)"] = {"per_seed": {0: values}}
+    for key, entry in doc["models"].items():
+        values = {f"{m}/{t}": v for t, per in entry["per_task"].items() for m, v in per.items()}
+        values.update({f"{m}/{agg}": v for agg, per in entry["aggregates"].items() for m, v in per.items()})
+        if entry["kind"] == "generalist":
+            algo, seed = key.split("/")[1], int(key.rsplit("seed", 1)[1])
+            rows.setdefault(f"{label} {algo}", {"per_seed": {}})["per_seed"][seed] = values
+        elif entry["kind"] == "base":
+            rows = {f"{label} base": {"per_seed": {0: values}}, **rows}
+    return rows
+
+
+def table(runs: list[tuple[str, dict]], metric: str, references: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one metric: every run's generalists (and base/specialists when `references`)."""
+    tasks = [t["name"] for t in runs[0][1]["tasks"]]
+    for label, doc in runs[1:]:
+        if [t["name"] for t in doc["tasks"]] != tasks:
+            raise ConfigError(f"run '{label}' has tasks {[t['name'] for t in doc['tasks']]}, the first run {tasks}",
+                              where=label, fix="compare runs of the same tasks")
+    header = ["run / model", *tasks, "mean", "worst", "seeds"]
+    body = []
+    for i, (label, doc) in enumerate(runs):
+        for name, row in rows_of(label, doc).items():
+            is_ref = name.endswith((" base", " specialists (own task)"))
+            if is_ref and not (references and i == 0):
+                continue
+            cells = []
+            for col in (*tasks, "mean", "worst"):
+                vals = [v[f"{metric}/{col}"] for v in row["per_seed"].values() if v.get(f"{metric}/{col}") is not None]
+                cells.append(fmt(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals)) if vals else "–")
+            body.append([name, *cells, "" if is_ref else str(len(row["per_seed"]))])
+    return header, body
+
+
+def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
+    """One line: the per-seed differences a - b of `metric` on the worst task, over common seeds."""
+    rows: dict[str, dict] = {}
+    for label, doc in runs:
+        rows.update(rows_of(label, doc))
+    for name in (a, b):
+        if name not in rows:
+            raise ConfigError(f"no row '{name}'", where="--paired", fix=f"use row names from the table: {', '.join(rows)}")
+    seeds = sorted(set(rows[a]["per_seed"]) & set(rows[b]["per_seed"]))
+    key = f"{metric}/worst"
+    diffs = [rows[a]["per_seed"][s][key] - rows[b]["per_seed"][s][key] for s in seeds]
+    shown = ", ".join(f"seed {s}: {d:+.3f}" for s, d in zip(seeds, diffs))
+    wins = sum(d < 0 for d in diffs)
+    return f"{a} − {b}, worst-task {metric}: {shown} ({wins} of {len(diffs)} seeds lower)"
+
+
+def render(runs: list[tuple[str, dict]], metrics: list[str], pairs: list[tuple[str, str]]) -> str:
+    blocks: list[tuple] = []
+    for metric in metrics:
+        header, body = table(runs, metric)
+        blocks += [("h3", f"`{metric}` (held-out; mean ± std over seeds)"), ("table", header, body)]
+    if pairs:
+        blocks += [("h3", "Paired differences"), ("list", [paired(runs, m, a, b) for a, b in pairs for m in metrics[:1]])]
+    return to_markdown(blocks)

@@ -1,0 +1,67 @@
+"""`ama-ray compare`: tables across run directories, checked against hand-computed means and stds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from ama_ray.cli import main
+from ama_ray.report import compare
+
+pytestmark = pytest.mark.timeout(60)
+TASKS = ("a", "b")
+
+
+def _model(kind: str, per_task: dict[str, float]) -> dict:
+    return {"kind": kind, "per_task": {t: {"excess_loss": v} for t, v in per_task.items()},
+            "aggregates": {"mean": {"excess_loss": statistics.fmean(per_task.values())},
+                           "worst": {"excess_loss": max(per_task.values())}}}
+
+
+def _doc(generalists: dict[str, dict[str, float]]) -> dict:
+    models = {"base": _model("base", {"a": 0.5, "b": 0.7})}
+    models.update({k: _model("generalist", v) for k, v in generalists.items()})
+    return {"schema_version": 1, "tasks": [{"name": t} for t in TASKS], "models": models, "lower_is_better": ["excess_loss"],
+            "aggregates": {"specialists_own_task": {"a": {"excess_loss": 0.0}, "b": {"excess_loss": 0.0}}}}
+
+
+RUN1 = _doc({"generalist/ama_s/seed0": {"a": 0.1, "b": 0.3}, "generalist/ama_s/seed1": {"a": 0.2, "b": 0.5},
+             "generalist/balanced/seed0": {"a": 0.1, "b": 0.4}, "generalist/balanced/seed1": {"a": 0.1, "b": 0.4}})
+RUN2 = _doc({"generalist/fixed/seed0": {"a": 0.3, "b": 0.2}})
+
+
+def test_table_means_stds_and_reference_rows():
+    header, rows = compare.table([("r1", RUN1), ("r2", RUN2)], "excess_loss")
+    assert header == ["run / model", "a", "b", "mean", "worst", "seeds"]
+    by_name = {r[0]: r[1:] for r in rows}
+    # base and specialists only from the first run; generalists of every run
+    assert list(by_name) == ["r1 base", "r1 specialists (own task)", "r1 ama_s", "r1 balanced", "r2 fixed"]
+    # ama_s: b over seeds = 0.3, 0.5 -> 0.400 ± 0.141; worst per seed 0.3, 0.5 -> same
+    assert by_name["r1 ama_s"] == ["0.150 ± 0.071", "0.400 ± 0.141", "0.275 ± 0.106", "0.400 ± 0.141", "2"]
+    assert by_name["r2 fixed"] == ["0.300", "0.200", "0.250", "0.300", "1"]
+    assert by_name["r1 specialists (own task)"][:4] == ["0.000"] * 4
+
+
+def test_paired_differences_per_seed():
+    line = compare.paired([("r1", RUN1)], "excess_loss", "r1 ama_s", "r1 balanced")
+    assert "seed 0: -0.100" in line and "seed 1: +0.100" in line and "(1 of 2 seeds lower)" in line
+    from ama_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no row 'r1 fixed'"):
+        compare.paired([("r1", RUN1)], "excess_loss", "r1 fixed", "r1 balanced")
+
+
+def test_cli_reads_committed_evaluations(tmp_path, capsys):
+    for name, doc in (("one", RUN1), ("two", RUN2)):
+        unit = tmp_path / name / "eval"
+        unit.mkdir(parents=True)
+        (unit / "metrics.json").write_text(json.dumps(doc))
+        (unit / "_manifest.json").write_text("{}")
+    assert main(["compare", str(tmp_path / "one"), f"{tmp_path / 'two'}=tuned", "--metric", "excess_loss",
+                 "--paired", "one ama_s", "one balanced"]) == 0
+    out = capsys.readouterr().out
+    assert "| tuned fixed | 0.300 | 0.200 | 0.250 | 0.300 | 1 |" in out and "one ama_s − one balanced" in out
+    # an uncommitted run directory is a one-line user error
+    assert main(["compare", str(tmp_path / "missing")]) == 2
