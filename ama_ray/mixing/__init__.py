@@ -12,10 +12,10 @@ from ama_ray.mixing.policies import (
     largest_remainder,
     make_policy,
 )
-from ama_ray.mixing.settings import ALGORITHMS, STAT_KEYS, MixingSettings
+from ama_ray.mixing.settings import ALGORITHMS, STAT_KEYS, USED_SETTINGS, MixingSettings
 
 __all__ = [
-    "ALGORITHMS", "STAT_KEYS", "MixingSettings", "MixingPolicy", "Proportional", "Balanced",
+    "ALGORITHMS", "STAT_KEYS", "USED_SETTINGS", "MixingSettings", "MixingPolicy", "Proportional", "Balanced",
     "Fixed", "AmaR", "AmaS", "make_policy", "largest_remainder", "draw_tasks", "clipped_excess",
     "batch_objective", "task_excess_sums",
 ]

@@ -11,6 +11,16 @@ from ama_ray.errors import ConfigError
 ALGORITHMS = ("proportional", "balanced", "fixed", "ama_r", "ama_s")
 """Every mixing algorithm `make_policy` knows, in the order reports list them."""
 
+USED_SETTINGS = {
+    "proportional": ("clip", "excess_target", "baseline_objective"),
+    "balanced": ("clip", "excess_target", "baseline_objective"),
+    "fixed": ("clip", "excess_target", "baseline_objective", "fixed_weights"),
+    "ama_r": ("eta_alpha", "smoothing", "clip", "excess_target", "initial_weights"),
+    "ama_s": ("eta_alpha", "smoothing", "clip", "excess_target", "initial_weights", "g_bound"),
+}
+"""The `MixingSettings` fields each algorithm reads. Changing any other field cannot change its
+run, so a committed generalist unit stays valid (its hash covers only these)."""
+
 STAT_KEYS = ("sum_loss", "sum_specialist_loss", "sum_clipped_excess", "count")
 """Per-task sums one optimizer step sends to the policy (each an array of shape (k,)).
 
@@ -71,6 +81,10 @@ class MixingSettings:
     def to_dict(self) -> dict:
         """A plain, JSON-serialisable copy (for actor arguments and manifests)."""
         return asdict(self)
+
+    def used_by(self, algorithm: str) -> dict:
+        """The fields `algorithm` reads (USED_SETTINGS), as a plain dict."""
+        return {k: v for k, v in self.to_dict().items() if k in USED_SETTINGS[algorithm]}
 
 
 def _check_real(key: str, value, *, low: float, high: float = math.inf,

@@ -9,6 +9,8 @@ Each unit `generalist/<algorithm>/seed<k>/` holds the model (`model/`, save_pret
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 
 import numpy as np
@@ -29,7 +31,11 @@ STAGE = "generalist"
 
 
 def generalist_hash(cfg: Config, algorithm: str, seed: int) -> str:
-    return score_hash(cfg) + "-" + cfg.section_hash("generalist.optim", "generalist.baseline_excess", "mixing", "scaling.num_workers", "model.lora", "scaling.deepspeed") + f"-{algorithm}-{seed}"
+    """What a generalist unit was trained with; only the mixing settings its algorithm reads
+    count, so e.g. adding a tuned `fixed` arm leaves the committed AMA units valid."""
+    mixing = json.dumps(cfg.mixing_settings().used_by(algorithm), sort_keys=True)
+    training = cfg.section_hash("generalist.optim", "generalist.baseline_excess", "scaling.num_workers", "model.lora", "scaling.deepspeed")
+    return f"{score_hash(cfg)}-{training}-{hashlib.sha256(mixing.encode()).hexdigest()[:16]}-{algorithm}-{seed}"
 
 
 def units(cfg: Config) -> list[tuple[str, int]]:

@@ -97,3 +97,61 @@ def test_mixing_package_imports_without_ray_or_torch():
     for source in package.glob("*.py"):
         text = source.read_text()
         assert "import ray" not in text and "from ray" not in text, source
+
+
+# A valid value different from the default, for every field; fixed/initial weights over TASKS.
+OTHER_VALUE = {
+    "eta_alpha": 0.9, "smoothing": 0.4, "clip": "none", "excess_target": "none", "g_bound": 0.05,
+    "initial_weights": {"math": 5.0, "safety": 1.0, "code": 1.0}, "fixed_weights": {"math": 1.0, "safety": 2.0, "code": 3.0},
+    "baseline_objective": "excess",
+}
+
+
+def _run(algorithm: str, settings: MixingSettings, steps: int = 6) -> list:
+    """Records and objectives of a few updates on fixed random statistics (same for every call)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    p = make_policy(algorithm, TASKS, [50, 30, 20], settings)
+    out = []
+    for _ in range(steps):
+        count = rng.integers(1, 8, size=3).astype(float)
+        loss, spec = rng.uniform(0, 2, size=3) * count, rng.uniform(0, 2, size=3) * count
+        clipped = np.maximum(loss - spec, 0) + rng.uniform(0, 0.5, size=3) * count
+        rec = p.update({"sum_loss": loss, "sum_specialist_loss": spec, "sum_clipped_excess": clipped, "count": count})
+        out.append((rec["alpha"].tolist(), rec["g_hat"].tolist()))
+    e = p.objective(torch.tensor([0.3, 1.2, 0.9]), torch.tensor([0.5, 0.4, 0.9]))
+    return out + [e.tolist()]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fields_outside_used_settings_do_not_change_a_run(algorithm):
+    """USED_SETTINGS decides which settings a committed generalist unit's hash covers: a field an
+    algorithm does not list must not change its alpha, its estimates or its objective."""
+    from ama_ray.mixing import USED_SETTINGS
+
+    base = MixingSettings(fixed_weights=OTHER_VALUE["fixed_weights"] if algorithm == "fixed" else None)
+    reference = _run(algorithm, base)
+    assert set(OTHER_VALUE) == set(MixingSettings().to_dict()), "a new field needs an entry here"
+    for field, value in OTHER_VALUE.items():
+        if field in USED_SETTINGS[algorithm] or (algorithm == "fixed" and field == "fixed_weights"):
+            continue
+        changed = MixingSettings(**{**base.to_dict(), field: value})
+        assert _run(algorithm, changed) == reference, f"{algorithm} reads {field}: add it to USED_SETTINGS"
+    # and a listed field does matter somewhere (the mapping is not vacuous)
+    listed = [f for f in USED_SETTINGS[algorithm] if f != "fixed_weights"]
+    assert any(_run(algorithm, MixingSettings(**{**base.to_dict(), f: OTHER_VALUE[f]})) != reference for f in listed)
+
+
+def test_generalist_hash_covers_only_the_algorithms_settings():
+    from ama_ray.config import load_config
+    from ama_ray.stages.generalist import generalist_hash
+
+    weights = "mixing.fixed_weights={arithmetic: 1, refusal: 1, brackets: 1}"
+    a = load_config(None, ["generalist.algorithms=[fixed, ama_s]", weights])
+    b = load_config(None, ["generalist.algorithms=[fixed, ama_s]", weights.replace("brackets: 1", "brackets: 3")])
+    c = load_config(None, ["generalist.algorithms=[fixed, ama_s]", weights, "mixing.eta_alpha=0.5"])
+    assert generalist_hash(a, "ama_s", 0) == generalist_hash(b, "ama_s", 0) != generalist_hash(c, "ama_s", 0)
+    assert generalist_hash(a, "fixed", 0) != generalist_hash(b, "fixed", 0)
+    assert generalist_hash(a, "fixed", 0) == generalist_hash(c, "fixed", 0)
+    assert generalist_hash(a, "balanced", 0) == generalist_hash(b, "balanced", 0) == generalist_hash(c, "balanced", 0)
