@@ -138,17 +138,26 @@ def run_concurrently(jobs: list[tuple[str, Callable[[], object]]], max_workers: 
                 errors.append(err)
             log.error("%s failed: %s", name, err)
 
+    pool = ThreadPoolExecutor(max_workers=max(1, max_workers))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-            futures = [pool.submit(wrap, name, fn) for name, fn in jobs]
-            while not all(f.done() for f in futures):
-                time.sleep(1.0)
-                _draw(ray.get(actor.snapshot.remote()), bars)
+        futures = [pool.submit(wrap, name, fn) for name, fn in jobs]
+        while not all(f.done() for f in futures):
+            time.sleep(1.0)
+            _draw(ray.get(actor.snapshot.remote()), bars)
         _draw(ray.get(actor.snapshot.remote()), bars)
+    except BaseException:
+        # Ctrl-C, or the driver loop itself failed: queued runs never start, and the running ones
+        # stop when this driver leaves Ray (a local Ray it started goes down with it). Their
+        # checkpoints stay, so rerunning the command resumes them.
+        pool.shutdown(wait=False, cancel_futures=True)
+        ray.shutdown()
+        raise
     finally:
         for bar in bars.values():
             bar.close()
-        ray.kill(actor)
+        if ray.is_initialized():
+            ray.kill(actor)
+    pool.shutdown(wait=True)
     if errors:
         raise errors[0]
     return results

@@ -113,6 +113,11 @@ CASES = {
                                 errors.ConfigError, ["'mixing.smoothing'", "1.5", "less than or equal to 1"]),
     "config-unknown-algorithm": Case(lambda c: ["generalist", "--config", str(c.config), "--algorithm", "ama_x"],
                                      errors.ConfigError, ["generalist.algorithms", "ama_x", "allowed: proportional"]),
+    "config-fixed-without-weights": Case(lambda c: ["run", "--config", str(c.config), "--algorithm", "fixed"],
+                                         errors.ConfigError, ["mixing.fixed_weights", "needs weights", "one non-negative weight per task"]),
+    "config-weight-for-unknown-task": Case(
+        lambda c: ["run", "--config", str(c.config), "mixing.initial_weights={nosuchtask: 1}"],
+        errors.ConfigError, ["mixing.initial_weights", "unknown tasks ['nosuchtask']", "one weight per task"]),
     "config-file-missing": Case(lambda c: ["prepare", "--config", str(c.tmp / "nope.yaml")],
                                 errors.ConfigError, ["nope.yaml does not exist", "pass --config"]),
     "config-broken-yaml": Case(_broken_yaml, errors.ConfigError, ["{file}", "cannot parse YAML", "fix the YAML"]),
