@@ -20,7 +20,8 @@ import yaml
 from ama_ray import cli, errors
 from ama_ray.config import dump_yaml
 
-pytestmark = pytest.mark.timeout(120)
+# 300 s, not less: the first case may build the session's shared tiny run (~100 s on a quiet machine).
+pytestmark = pytest.mark.timeout(300)
 
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 UNIT_STAGES = ("prepared", "reference", "specialists", "scores")
