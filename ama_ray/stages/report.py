@@ -20,7 +20,7 @@ from ama_ray.storage import RunDir
 
 log = logging.getLogger(__name__)
 STAGE = "report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # bump when the report text or plots change, so committed reports are rebuilt
 # (metric, axis label) of the per-task bar charts, in report order.
 BAR_METRICS = (
     ("excess_loss", "clipped excess loss (lower is better)"),
@@ -93,8 +93,8 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
         ("h2", "Flags"), flags_block(doc),
         ("h2", "Held-out metrics per task"),
         ("p", "Bars: the base, each task's specialist on its own task, and each generalist (mean over seeds, error bar: "
-              "std). Excess loss is the mean clipped excess of the DPO loss over the specialist's (0 = as good as the "
-              "specialist). In the tables a specialist is shown on every task; its own task is marked (own)."),
+              "std). Excess loss is the mean clipped excess of the training loss (DPO + `dpo.sft_weight` × NLL) over the "
+              "specialist's on the same example (0 = as good as the specialist). In the tables a specialist is shown on every task; its own task is marked (own)."),
     ]
     for metric, label in BAR_METRICS:
         bars = metric_bars(doc, metric, label)
