@@ -43,7 +43,7 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
             storage_path=f"{run.uri if not run.is_local else run.root}/_checkpoints/{stage}",
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": _forwarded_env()},
+            worker_runtime_env={"env_vars": _forwarded_env(cpu_only=not scaling.use_gpu)},
             callbacks=list(callbacks or []),
             # Ray Train's per-run INFO lines (worker group started, checkpoint saved, ...) only
             # with `ama-ray -v`: the driver prints one progress line per run instead.
@@ -66,11 +66,16 @@ def check_unit_resources(cfg: Config, concurrent: int, stage: str) -> None:
     check_fits(f"{stage}: {concurrent} run(s) of {cfg.scaling.num_workers} worker(s)", bundle, concurrent * cfg.scaling.num_workers, "scaling.cpus_per_worker")
 
 
-def _forwarded_env() -> dict[str, str]:
+def _forwarded_env(cpu_only: bool = False) -> dict[str, str]:
+    """The allow-listed driver variables workers get (never secrets). CPU-only workers also get
+    DS_ACCELERATOR=cpu: DeepSpeed would pick the CPU anyway, after a warning on every import."""
     import os
 
-    keys = ("AMA_RAY_FAULT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")
-    return {k: os.environ[k] for k in keys if k in os.environ}
+    keys = ("AMA_RAY_FAULT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    if cpu_only:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
 
 
 def find_user_error(err: BaseException) -> AmaError | None:
