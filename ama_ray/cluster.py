@@ -23,7 +23,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if not verbose():
+    quiet = not verbose()
+    if quiet:
         # Ray Data logs every dataset's plan and, without a terminal, a progress block every few
         # seconds; the stages log one line per task instead (terminal progress bars stay).
         import ray.data  # noqa: F401 - configures the "ray.data" logger; the level is set after
@@ -32,7 +33,6 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(namespace=NAMESPACE, log_to_driver=True)
         return
-    quiet = not verbose()
     ray.init(
         address="local",
         num_cpus=num_cpus,

@@ -259,8 +259,12 @@ class Config(Section):
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections, for manifests and skip decisions."""
         dump = self.model_dump(mode="json")
-        blob = json.dumps({s: _dig(dump, s) for s in sections}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return short_hash({s: _dig(dump, s) for s in sections})
+
+
+def short_hash(obj: Any) -> str:
+    """16 hex digits of SHA-256 over `obj` as sorted JSON: the digest manifests record."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _dig(tree: dict, dotted: str) -> Any:

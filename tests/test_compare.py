@@ -14,15 +14,16 @@ pytestmark = pytest.mark.timeout(60)
 TASKS = ("a", "b")
 
 
-def _model(kind: str, per_task: dict[str, float]) -> dict:
-    return {"kind": kind, "per_task": {t: {"excess_loss": v} for t, v in per_task.items()},
+def _model(kind: str, per_task: dict[str, float], **fields) -> dict:
+    return {"kind": kind, **fields, "per_task": {t: {"excess_loss": v} for t, v in per_task.items()},
             "aggregates": {"mean": {"excess_loss": statistics.fmean(per_task.values())},
                            "worst": {"excess_loss": max(per_task.values())}}}
 
 
 def _doc(generalists: dict[str, dict[str, float]]) -> dict:
     models = {"base": _model("base", {"a": 0.5, "b": 0.7})}
-    models.update({k: _model("generalist", v) for k, v in generalists.items()})
+    models.update({k: _model("generalist", v, algorithm=k.split("/")[1], seed=int(k.rsplit("seed", 1)[1]))
+                   for k, v in generalists.items()})
     return {"schema_version": 1, "tasks": [{"name": t} for t in TASKS], "models": models, "lower_is_better": ["excess_loss"],
             "aggregates": {"specialists_own_task": {"a": {"excess_loss": 0.0}, "b": {"excess_loss": 0.0}}}}
 

@@ -12,6 +12,7 @@ import statistics
 
 from ama_ray.errors import ConfigError
 from ama_ray.report.render import fmt, to_markdown
+from ama_ray.report.schema import flat_metrics, model_aggregates
 
 DEFAULT_METRICS = ("excess_loss", "rewards/accuracies", "generation/accuracy")
 
@@ -26,30 +27,27 @@ def label_runs(args: list[str]) -> list[tuple[str, str]]:
 
 
 def rows_of(label: str, doc: dict) -> dict[str, dict]:
-    """Row name -> {'tasks', 'per_seed': {seed: {metric key: value}}} for base, specialists, generalists."""
+    """Row name -> {"reference": bool, "per_seed": {seed: flat metrics}} (`schema.flat_metrics`
+    keys): the base and the specialists on their own tasks (references), then each generalist
+    algorithm with one entry per seed."""
     rows: dict[str, dict] = {}
+    models = doc["models"]
+    if "base" in models:
+        rows[f"{label} base"] = {"reference": True, "per_seed": {0: flat_metrics(models["base"])}}
     own = doc["aggregates"].get("specialists_own_task", {})
-    if own:  # each specialist on its own task; mean and worst over those, as for a model
-        values = {f"{m}/{t}": v for t, per in own.items() for m, v in per.items()}
-        for m in {m for per in own.values() for m in per}:
-            vals = [per[m] for per in own.values() if per.get(m) is not None]
-            if vals:
-                values[f"{m}/mean"] = statistics.fmean(vals)
-                values[f"{m}/worst"] = max(vals) if m in doc.get("lower_is_better", ()) else min(vals)
-        rows[f"{label} specialists (own task)"] = {"per_seed": {0: values}}
-    for key, entry in doc["models"].items():
-        values = {f"{m}/{t}": v for t, per in entry["per_task"].items() for m, v in per.items()}
-        values.update({f"{m}/{agg}": v for agg, per in entry["aggregates"].items() for m, v in per.items()})
+    if own:  # each specialist on its own task; mean and worst over those, as for one model
+        entry = {"per_task": own, "aggregates": model_aggregates(own, set(doc.get("lower_is_better", ())))}
+        rows[f"{label} specialists (own task)"] = {"reference": True, "per_seed": {0: flat_metrics(entry)}}
+    for entry in models.values():
         if entry["kind"] == "generalist":
-            algo, seed = key.split("/")[1], int(key.rsplit("seed", 1)[1])
-            rows.setdefault(f"{label} {algo}", {"per_seed": {}})["per_seed"][seed] = values
-        elif entry["kind"] == "base":
-            rows = {f"{label} base": {"per_seed": {0: values}}, **rows}
+            row = rows.setdefault(f"{label} {entry['algorithm']}", {"reference": False, "per_seed": {}})
+            row["per_seed"][entry["seed"]] = flat_metrics(entry)
     return rows
 
 
 def table(runs: list[tuple[str, dict]], metric: str, references: bool = True) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of one metric: every run's generalists (and base/specialists when `references`)."""
+    """Header and rows of one metric: every run's generalists (and the first run's base and
+    specialists when `references`)."""
     tasks = [t["name"] for t in runs[0][1]["tasks"]]
     for label, doc in runs[1:]:
         if [t["name"] for t in doc["tasks"]] != tasks:
@@ -59,14 +57,13 @@ def table(runs: list[tuple[str, dict]], metric: str, references: bool = True) ->
     body = []
     for i, (label, doc) in enumerate(runs):
         for name, row in rows_of(label, doc).items():
-            is_ref = name.endswith((" base", " specialists (own task)"))
-            if is_ref and not (references and i == 0):
+            if row["reference"] and not (references and i == 0):
                 continue
             cells = []
             for col in (*tasks, "mean", "worst"):
                 vals = [v[f"{metric}/{col}"] for v in row["per_seed"].values() if v.get(f"{metric}/{col}") is not None]
                 cells.append(fmt(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals)) if vals else "–")
-            body.append([name, *cells, "" if is_ref else str(len(row["per_seed"]))])
+            body.append([name, *cells, "" if row["reference"] else str(len(row["per_seed"]))])
     return header, body
 
 

@@ -13,15 +13,13 @@ own task are logged as warnings and listed in `flags`.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
 
-from ama_ray.config import Config
+from ama_ray.config import Config, short_hash
 from ama_ray.errors import StageInputError
 from ama_ray.report.schema import aggregate_algorithms, csv_text, model_aggregates, specialists_own_task
 from ama_ray.stages import base_model_path, open_run
@@ -115,9 +113,8 @@ def evaluate_hash(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> str:
     for stage in ("prepared", "reference", "scores"):
         for task in cfg.task_names:
             inputs[f"{stage}/{task}"] = (run_dir.unit(stage, task).manifest() or {}).get("committed_at")
-    blob = json.dumps({"schema": SCHEMA_VERSION, "inputs": inputs}, sort_keys=True)
     settings = cfg.section_hash("model.name", "model.dtype", "data", "dpo", "eval.generation_examples", "eval.max_new_tokens")
-    return settings + "-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return settings + "-" + short_hash({"schema": SCHEMA_VERSION, "inputs": inputs})
 
 
 # --- the Ray tasks ---------------------------------------------------------------------------

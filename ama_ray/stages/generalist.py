@@ -9,15 +9,13 @@ Each unit `generalist/<algorithm>/seed<k>/` holds the model (`model/`, save_pret
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 
 import numpy as np
 import pyarrow as pa
 
 from ama_ray.cluster import NAMESPACE
-from ama_ray.config import Config
+from ama_ray.config import Config, short_hash
 from ama_ray.errors import AmaError
 from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.score import check_scores_match, score_hash
@@ -33,9 +31,9 @@ STAGE = "generalist"
 def generalist_hash(cfg: Config, algorithm: str, seed: int) -> str:
     """What a generalist unit was trained with; only the mixing settings its algorithm reads
     count, so e.g. adding a tuned `fixed` arm leaves the committed AMA units valid."""
-    mixing = json.dumps(cfg.mixing_settings().used_by(algorithm), sort_keys=True)
+    mixing = short_hash(cfg.mixing_settings().used_by(algorithm))
     training = cfg.section_hash("generalist.optim", "generalist.baseline_excess", "scaling.num_workers", "model.lora", "scaling.deepspeed")
-    return f"{score_hash(cfg)}-{training}-{hashlib.sha256(mixing.encode()).hexdigest()[:16]}-{algorithm}-{seed}"
+    return f"{score_hash(cfg)}-{training}-{mixing}-{algorithm}-{seed}"
 
 
 def units(cfg: Config) -> list[tuple[str, int]]:

@@ -7,11 +7,9 @@ mixing histories, TensorBoard event files and, when present, tune/results.csv. S
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 
-from ama_ray.config import Config
+from ama_ray.config import Config, short_hash
 from ama_ray.report import plots, render, sources
 from ama_ray.report.schema import model_aggregates
 from ama_ray.stages.evaluate import UNIT as EVAL_UNIT
@@ -76,7 +74,7 @@ def report_hash(run: RunDir) -> str:
     man = run.unit(EVAL_UNIT).manifest() or {}
     tune = sources.load_tune(run)
     inputs = {"eval": [man.get("config_hash"), man.get("committed_at")], "tune": tune, "version": REPORT_VERSION}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return short_hash(inputs)
 
 
 def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
