@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -82,11 +83,12 @@ def dispatch(args: argparse.Namespace) -> int:
         sys.stdout.write(config_reference())
         return 0
     if args.command == "compare":
+        from ama_ray.paths import absolute
         from ama_ray.report import compare
         from ama_ray.stages.evaluate import load_metrics
         from ama_ray.storage import RunDir
 
-        runs = [(label, load_metrics(RunDir(path))) for label, path in compare.label_runs(args.runs)]
+        runs = [(label, load_metrics(RunDir(absolute(path, os.getcwd())))) for label, path in compare.label_runs(args.runs)]
         sys.stdout.write(compare.render(runs, args.metric or list(compare.DEFAULT_METRICS), [tuple(p) for p in args.paired]))
         return 0
     if args.command == "models":
@@ -111,7 +113,10 @@ def dispatch(args: argparse.Namespace) -> int:
     entry = _stage_entry(args.command)
     kwargs = {"force": set(args.force)}
     if args.command == "report" and args.run_dir:
-        kwargs["run_dir"] = args.run_dir
+        from ama_ray.paths import absolute
+
+        kwargs["run_dir"] = absolute(args.run_dir, os.getcwd())
+    logging.getLogger("ama_ray").info("run directory %s", kwargs.get("run_dir", cfg.run_dir))
     written = entry(cfg, **kwargs)
     for path in written or []:
         logging.getLogger("ama_ray").info("wrote %s", path)

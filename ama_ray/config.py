@@ -8,8 +8,10 @@ allowed.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -20,6 +22,7 @@ from ama_ray.errors import ConfigError
 
 ALGORITHMS = ("proportional", "balanced", "fixed", "ama_r", "ama_s")
 STAGES = ("prepare", "reference", "specialists", "score", "generalist", "evaluate", "report")
+BUILTIN_MODELS = ("tiny", "smollm2-135m")  # names, never paths (ama_ray.models.loading)
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "laptop.yaml"
 
 
@@ -257,14 +260,90 @@ class Config(Section):
             make_policy(algorithm, self.task_names, [1] * len(self.task_names), settings)
 
     def section_hash(self, *sections: str) -> str:
-        """Short stable hash of the named sections, for manifests and skip decisions."""
-        dump = self.model_dump(mode="json")
+        """Short stable hash of the named sections, for manifests and skip decisions.
+
+        Local files and directories (a task's `path`, `hf_dataset.data_files`, a local
+        `model.name`) count by what they hold (`ama_ray.paths.content_digest`), not where they
+        are, so the same files reached by another path reuse committed units.
+        """
+        dump = content_identity(self.model_dump(mode="json"))
         return short_hash({s: _dig(dump, s) for s in sections})
+
+    # -- paths ---------------------------------------------------------------------------
+    def resolve_paths(self, base: str | Path | None = None) -> "Config":
+        """This config with every relative local path made absolute against `base` (default: the
+        working directory); URIs and hub ids unchanged. Done once, on the driver (`load_config`)."""
+        from ama_ray import paths
+
+        base = os.path.abspath(base if base is not None else os.getcwd())
+        raw = self.model_dump(mode="json")
+        raw["storage"]["path"] = paths.absolute(raw["storage"]["path"], base)
+        raw["model"]["cache_dir"] = paths.absolute(raw["model"]["cache_dir"], base)
+        if raw["model"]["name"] not in BUILTIN_MODELS and paths.looks_local(raw["model"]["name"], base):
+            raw["model"]["name"] = paths.absolute(raw["model"]["name"], base)
+        for task in raw["data"]["tasks"]:
+            if task.get("path"):
+                task["path"] = paths.absolute(task["path"], base)
+            spec = task.get("hf_dataset")
+            if spec:
+                if isinstance(spec.get("data_files"), (str, list, dict)):
+                    spec["data_files"] = paths.map_data_files(spec["data_files"], lambda f: paths.absolute(f, base))
+                if isinstance(spec.get("path"), str) and paths.looks_local(spec["path"], base):
+                    spec["path"] = paths.absolute(spec["path"], base)
+        return Config.model_validate(raw)
+
+    def local_paths(self) -> dict[str, str]:
+        """Every local path the config names, by key (URIs and hub ids left out)."""
+        from ama_ray import paths
+
+        found = {"storage.path": self.storage.path, "model.cache_dir": self.model.cache_dir}
+        if paths.looks_local(self.model.name):
+            found["model.name"] = self.model.name
+        for task in self.data.tasks:
+            if task.path:
+                found[f"data.tasks[{task.name}].path"] = task.path
+            spec = task.hf_dataset or {}
+            files: list[str] = []
+            paths.map_data_files(spec.get("data_files"), files.append)
+            for i, f in enumerate(files):
+                found[f"data.tasks[{task.name}].hf_dataset.data_files[{i}]"] = f
+            if isinstance(spec.get("path"), str) and paths.looks_local(spec["path"]):
+                found[f"data.tasks[{task.name}].hf_dataset.path"] = spec["path"]
+        return {k: v for k, v in found.items() if not paths.is_uri(v)}
+
+    def require_resolved(self, who: str) -> None:
+        """Raise ConfigError if a local path is still relative: `who` (a Ray worker, task or
+        actor, or a stage's driver code) would read it against the wrong working directory."""
+        from ama_ray import paths
+
+        for key, value in self.local_paths().items():
+            paths.require_absolute(value, key, who)
 
 
 def short_hash(obj: Any) -> str:
     """16 hex digits of SHA-256 over `obj` as sorted JSON: the digest manifests record."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def content_identity(dump: dict) -> dict:
+    """A config dump with local data files and a local model directory replaced by digests of
+    their contents (what `section_hash` hashes). Hub ids, URIs and benchmark tasks stay as named."""
+    from ama_ray import paths
+
+    dump = copy.deepcopy(dump)
+    model = dump.get("model") or {}
+    if isinstance(model.get("name"), str) and os.path.isabs(model["name"]):
+        model["name"] = {"content": paths.content_digest(model["name"])}
+    for task in (dump.get("data") or {}).get("tasks") or []:
+        if task.get("path"):
+            task["path"] = {"content": paths.content_digest(task["path"])}
+        spec = task.get("hf_dataset")
+        if spec:
+            if spec.get("data_files") is not None:
+                spec["data_files"] = paths.map_data_files(spec["data_files"], lambda f: {"content": paths.content_digest(f)})
+            if isinstance(spec.get("path"), str) and os.path.isabs(spec["path"]):
+                spec["path"] = {"content": paths.content_digest(spec["path"])}
+    return dump
 
 
 def _dig(tree: dict, dotted: str) -> Any:
@@ -276,16 +355,17 @@ def _dig(tree: dict, dotted: str) -> Any:
 # --- loading ----------------------------------------------------------------------------
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML job file (default `jobs/laptop.yaml`) and apply `key=value` overrides.
+    """Read a YAML job file (default `jobs/laptop.yaml`), apply `key=value` overrides, and make
+    every relative local path absolute against the working directory (`Config.resolve_paths`).
 
     Override values are parsed as YAML (`mixing.eta_alpha=0.3`, `generalist.algorithms=[ama_s]`);
     list items are addressed by index (`data.tasks.0.size=500`). Raises ConfigError.
     """
-    path = Path(path) if path else DEFAULT_JOB
+    path = Path(path).expanduser().absolute() if path else DEFAULT_JOB
     raw = read_yaml(path)
     for item in overrides or []:
         apply_override(raw, item)
-    return validate(raw, source=str(path))
+    return validate(raw, source=str(path)).resolve_paths()
 
 
 def read_yaml(path: Path) -> dict:
@@ -395,6 +475,16 @@ def config_reference() -> str:
         "the command line as `section.key=value` (values parse as YAML; list items by index,",
         "e.g. `data.tasks.0.size=500`). Unknown keys, wrong types and out-of-range values are errors",
         "naming the key.",
+        "",
+        "**Paths.** Every relative local path (`storage.path`, `model.cache_dir`, a local `model.name`,",
+        "`data.tasks[].path`, `hf_dataset.data_files`, a local `hf_dataset.path`, and `--config` itself)",
+        "means the directory the command was run from (under `ray job submit`: the job's working",
+        "directory, see docs/cluster.md); it is made absolute once, on the driver, when the config is",
+        "loaded, and `ama-ray config`, manifests and the console show the absolute path. URIs",
+        "(`s3://`, `gs://`, ...) and hub ids are left as written. A unit's config hash covers what a",
+        "local data file or model directory holds (a SHA-256 of its bytes; of every file for a",
+        "directory), not where it is, so a copied run directory or the same files on another mount",
+        "reuse committed units.",
         "",
     ]
     _describe(Config, "", lines)

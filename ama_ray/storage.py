@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ama_ray.errors import StageInputError, StorageError
+from ama_ray.paths import require_absolute
 
 MANIFEST = "_manifest.json"
 log = logging.getLogger(__name__)
@@ -54,7 +55,10 @@ class RunDir:
         if "://" in uri:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+            # Relative paths were resolved on the driver when the config was loaded; a relative
+            # one here would mean this process's working directory (a Ray worker's is its own).
+            require_absolute(uri, "storage.path", "the run directory")
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.normpath(uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def unit(self, *parts: str) -> "Unit":

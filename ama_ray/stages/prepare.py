@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from ama_ray.config import Config, TaskConfig
 from ama_ray.errors import ConfigError, DataError
-from ama_ray.stages import base_model_path, open_run
+from ama_ray.stages import base_model_path, model_identity, open_run
 
 log = logging.getLogger(__name__)
 STAGE = "prepare"
@@ -135,7 +135,9 @@ class Tokenize:
 
     def __init__(self, model_path: str, trust_remote_code: bool, max_prompt: int, max_completion: int):
         from ama_ray.models.loading import load_tokenizer
+        from ama_ray.stages.inference import check_model_path
 
+        check_model_path(model_path, "a tokenizing actor")
         self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         self.max_prompt, self.max_completion = max_prompt, max_completion
 
@@ -207,6 +209,7 @@ def _write_task(cfg: Config, run_dir, task: TaskConfig, rows: list[dict], drops:
         stage=STAGE,
         task=task.model_dump(mode="json"),
         model=model_path,
+        model_identity=model_identity(cfg),
         rows={s: len(p) for s, p in splits.items()},
         dropped=dict(drops),
         prompt_truncated=int(sum(bool(r["prompt_truncated"]) for r in rows)),

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from ama_ray.config import Config
 from ama_ray.errors import StageInputError
-from ama_ray.stages import base_model_path, open_run
+from ama_ray.stages import base_model_path, model_identity, open_run
 from ama_ray.stages.inference import PADDING_SIDE, infer
 from ama_ray.stages.prepare import prepare_hash
 
@@ -27,11 +27,15 @@ def reference_hash(cfg: Config) -> str:
     return prepare_hash(cfg) + "-" + cfg.section_hash("model.dtype")
 
 
-def check_same_model(run_dir, tasks: list[str], model_path: str) -> None:
-    """Refuse to pair token ids from one tokenizer with another model (e.g. a rebuilt tiny base)."""
+def check_same_model(run_dir, tasks: list[str], model_path: str, identity: str) -> None:
+    """Refuse to pair token ids from one tokenizer with another model (e.g. a rebuilt tiny base).
+
+    Compares the model's identity (`stages.model_identity`), so the same model reached by another
+    path passes; manifests written before identities were recorded compare paths."""
     for task in tasks:
         prepared = run_dir.unit("prepared", task).manifest() or {}
-        if prepared.get("model") != model_path:
+        same = prepared.get("model_identity") == identity if "model_identity" in prepared else prepared.get("model") == model_path
+        if not same:
             raise StageInputError(
                 f"task '{task}' was tokenized for model {prepared.get('model')} but the base model is now {model_path}",
                 where=run_dir.unit("prepared", task).path,
@@ -52,7 +56,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
                 t = run_dir.unit("prepared", task).read_parquet(f"{split}.parquet", columns=PREPARED_COLUMNS)
                 tables.append(t.append_column("split", pa.array([f"{task}/{split}"] * t.num_rows)))
         model_path = base_model_path(cfg)
-        check_same_model(run_dir, pending, model_path)
+        check_same_model(run_dir, pending, model_path, model_identity(cfg))
         log.info("reference: %d tasks with %s", len(pending), model_path)
         result = infer(cfg, pa.concat_tables(tables), model_path, loss_cfg=None)
         for task in pending:

@@ -234,12 +234,9 @@ def trial_config(base: dict, params: dict[str, Any]) -> Config:
 
 
 def _trial_base(cfg: Config) -> dict:
-    """The config dump trials start from, with local paths made absolute (trials run elsewhere)."""
-    base = cfg.model_dump(mode="json")
-    if "://" not in base["storage"]["path"]:
-        base["storage"]["path"] = str(Path(base["storage"]["path"]).expanduser().resolve())
-    base["model"]["cache_dir"] = str(Path(base["model"]["cache_dir"]).expanduser().resolve())
-    return base
+    """The config dump trials start from (its local paths are absolute: trials run elsewhere)."""
+    cfg.require_resolved("the Tune study")
+    return cfg.model_dump(mode="json")
 
 
 # --- the study --------------------------------------------------------------------------
@@ -250,6 +247,7 @@ def train_trial(params: dict, *, base: dict, model_path: str, sizes: list[int], 
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params)
+    cfg.require_resolved("a Tune trial")
     _write_text(_study_unit(cfg).run.unit(STAGE, trial_id), "config.yaml", dump_yaml(cfg))
     algorithm, seed, steps = cfg.generalist.algorithms[0], cfg.generalist.seeds[0], cfg.generalist.optim.steps
     train_generalist(cfg, algorithm, seed, model_path, sizes, force=True, trial=trial_id,

@@ -78,6 +78,16 @@ class WorkerState:
     resumed_at: int = 0  # the checkpoint step this attempt started from (0: a fresh start)
 
 
+def check_handed_paths(cfg: Config, model_path: str | None, who: str) -> None:
+    """Refuse a config or model path with a relative local path: `who` runs in a working directory
+    of its own, so only the driver may resolve paths (ama_ray.paths). Raises ConfigError."""
+    from ama_ray.paths import looks_local, require_absolute
+
+    cfg.require_resolved(who)
+    if model_path and looks_local(model_path):
+        require_absolute(model_path, "model.name", who)
+
+
 def _seed(*parts: object) -> int:
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
 
@@ -88,6 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     spec = UnitSpec(**config)
     cfg = Config.model_validate(spec.cfg)
+    check_handed_paths(cfg, spec.model_path, "a Ray Train worker")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker))

