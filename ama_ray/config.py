@@ -75,7 +75,7 @@ class ModelConfig(Section):
 class TaskConfig(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Task name (letters, digits, _ . -).")
     benchmark: Optional[str] = Field(None, description="Generate this offline benchmark task (arithmetic, refusal, brackets).")
-    size: int = Field(1000, ge=1, description="Benchmark examples to generate (train + eval).")
+    size: int = Field(1000, ge=1, description="Benchmark examples to generate (train + validation + test).")
     path: Optional[str] = Field(None, description="Local JSONL/Parquet/CSV file with the task's rows.")
     hf_dataset: Optional[dict[str, Any]] = Field(
         None, description="Keyword arguments of `datasets.load_dataset` (e.g. {path: json, data_files: x.jsonl, split: train})."
@@ -96,14 +96,45 @@ class TaskConfig(Section):
         return self
 
 
+RENAMED_DATA_KEYS = {
+    "eval_fraction": "data.validation_fraction and data.test_fraction",
+    "max_eval_examples": "data.max_heldout_examples",
+}
+
+
 class DataConfig(Section):
     tasks: list[TaskConfig] = Field(..., min_length=1, description="The preference tasks, one specialist each.")
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each task held out for evaluation.")
-    max_eval_examples: int = Field(400, ge=1, description="Cap on held-out examples per task.")
-    seed: int = Field(0, description="Seed of benchmark generation and the train/eval split.")
+    validation_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0,
+        description="Share of each task held out for selection: the specialists' best checkpoint, `eval/...` during training, ASHA and Tune.",
+    )
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each task held out for reporting: evaluate, the report and `ama-ray compare`.")
+    min_heldout_examples: int = Field(
+        50, ge=1,
+        description="Fewest validation and test examples per task: a small task gets this many; one too small to keep training rows too is an error naming it.",
+    )
+    max_heldout_examples: int = Field(400, ge=1, description="Cap on validation and on test examples per task.")
+    seed: int = Field(0, description="Seed of benchmark generation and the train/validation/test split.")
     max_prompt_length: int = Field(64, ge=1, description="Prompt tokens kept (left-truncated: the end of the prompt is kept).")
     max_completion_length: int = Field(64, ge=1, description="Completion tokens allowed; longer pairs are dropped and counted.")
     arithmetic_flagged_share: float = Field(0.3, ge=0.0, le=1.0, description="Benchmark: share of arithmetic prompts with flagged-looking words.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for old, new in RENAMED_DATA_KEYS.items():
+                if old in raw:
+                    raise ValueError(f"data.{old} was replaced by {new} (tasks have train, validation and test splits)")
+        return raw
+
+    @model_validator(mode="after")
+    def _heldout_sizes(self) -> "DataConfig":
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"validation_fraction + test_fraction = {self.validation_fraction + self.test_fraction:g} leaves no training data; keep the sum below 1")
+        if self.min_heldout_examples > self.max_heldout_examples:
+            raise ValueError(f"min_heldout_examples {self.min_heldout_examples} is above max_heldout_examples {self.max_heldout_examples}")
+        return self
 
     @field_validator("tasks")
     @classmethod

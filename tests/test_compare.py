@@ -24,7 +24,7 @@ def _doc(generalists: dict[str, dict[str, float]]) -> dict:
     models = {"base": _model("base", {"a": 0.5, "b": 0.7})}
     models.update({k: _model("generalist", v, algorithm=k.split("/")[1], seed=int(k.rsplit("seed", 1)[1]))
                    for k, v in generalists.items()})
-    return {"schema_version": 1, "tasks": [{"name": t} for t in TASKS], "models": models, "lower_is_better": ["excess_loss"],
+    return {"schema_version": 2, "run": {"split": "test"}, "tasks": [{"name": t} for t in TASKS], "models": models, "lower_is_better": ["excess_loss"],
             "aggregates": {"specialists_own_task": {"a": {"excess_loss": 0.0}, "b": {"excess_loss": 0.0}}}}
 
 
@@ -64,5 +64,6 @@ def test_cli_reads_committed_evaluations(tmp_path, capsys):
                  "--paired", "one ama_s", "one balanced"]) == 0
     out = capsys.readouterr().out
     assert "| tuned fixed | 0.300 | 0.200 | 0.250 | 0.300 | 1 |" in out and "one ama_s − one balanced" in out
+    assert "`excess_loss` (test split; mean ± std over seeds)" in out  # every table names its split
     # an uncommitted run directory is a one-line user error
     assert main(["compare", str(tmp_path / "missing")]) == 2

@@ -35,7 +35,7 @@ def test_run_end_to_end_then_rerun_skips(tiny_run, tmp_path, model_cache, caplog
         unit = run_dir / "generalist" / algo / "seed0"
         assert (unit / "_manifest.json").is_file() and (unit / "mixing_history.parquet").is_file()
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert metrics["schema_version"] == 1
+    assert metrics["schema_version"] == 2 and metrics["run"]["split"] == "test"
     assert {"base", *(f"specialist/{t}" for t in cfg.task_names), "generalist/ama_s/seed0"} <= set(metrics["models"])
     assert (run_dir / "eval" / "metrics.csv").is_file()
     html = (run_dir / "report" / "report.html").read_text()

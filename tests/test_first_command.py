@@ -25,8 +25,10 @@ data:
   tasks:
     - {name: sums, path: data/sums.jsonl}
     - {name: brackets, benchmark: brackets, size: 240}
-  eval_fraction: 0.2
-  max_eval_examples: 40
+  validation_fraction: 0.2
+  test_fraction: 0.2
+  min_heldout_examples: 20
+  max_heldout_examples: 40
 specialists:
   optim: {steps: 12, lr: 2.0e-3, batch_size: 16, warmup_steps: 2, checkpoint_every: 12}
 generalist:

@@ -83,11 +83,20 @@ def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
     return f"{a} − {b}, worst-task {metric}: {shown} ({wins} of {len(diffs)} seeds lower)"
 
 
+def split_of(runs: list[tuple[str, dict]]) -> str:
+    """The split every run's metrics.json was computed on; ConfigError if they differ."""
+    splits = {doc["run"]["split"] for _, doc in runs}
+    if len(splits) != 1:
+        raise ConfigError(f"the runs were evaluated on different splits ({', '.join(sorted(splits))})", where="ama-ray compare",
+                          fix="compare runs evaluated by the same ama_ray version (rerun `ama-ray evaluate --force evaluate`)")
+    return splits.pop()
+
+
 def render(runs: list[tuple[str, dict]], metrics: list[str], pairs: list[tuple[str, str]]) -> str:
     blocks: list[tuple] = []
     for metric in metrics:
         header, body = table(runs, metric)
-        blocks += [("h3", f"`{metric}` (held-out; mean ± std over seeds)"), ("table", header, body)]
+        blocks += [("h3", f"`{metric}` ({split_of(runs)} split; mean ± std over seeds)"), ("table", header, body)]
     if pairs:
         blocks += [("h3", "Paired differences"), ("list", [paired(runs, m, a, b) for a, b in pairs for m in metrics[:1]])]
     return to_markdown(blocks)

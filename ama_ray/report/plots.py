@@ -45,7 +45,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.divide(sums, counts, out=np.full(len(values), np.nan), where=counts > 0)
 
 
-def metric_bars(groups: list[str], series: list[dict], metric: str, ylabel: str, note: str = "") -> bytes:
+def metric_bars(groups: list[str], series: list[dict], metric: str, ylabel: str, note: str = "", split: str = "test") -> bytes:
     """Grouped bars: one group per task (plus aggregates), one bar per model.
 
     `series` items: {"label", "color", "values": [per group or None], "errors": [.. or None]}.
@@ -62,7 +62,7 @@ def metric_bars(groups: list[str], series: list[dict], metric: str, ylabel: str,
         ax.axhline(0.5, color="0.4", lw=0.8, ls=":", label="chance (0.5)")
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"Held-out {metric} per task" + (f"\n{note}" if note else ""), fontsize=10)
+    ax.set_title(f"{metric} per task ({split} split)" + (f"\n{note}" if note else ""), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.legend(fontsize=8, ncol=min(len(series), 4), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)

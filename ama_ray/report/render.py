@@ -67,7 +67,7 @@ def verdict(doc: dict) -> tuple[str, list[str]]:
         only = next(iter(algos))
         return f"Only one algorithm was trained (**{only}**): no comparison; see the tables against the base and specialists.", lines
     key = "excess_loss/worst"
-    headline = f"**{winners[key]}** keeps the worst task closest to its specialist (lowest worst-task held-out excess loss"
+    headline = f"**{winners[key]}** keeps the worst task closest to its specialist (lowest worst-task {doc['run']['split']}-split excess loss"
     headline += f"; {caveats[key]})" if key in caveats else ")"
     mean_best = winners.get("excess_loss/mean")
     if mean_best and mean_best != winners[key]:

@@ -1,7 +1,8 @@
 """evaluate: per-task held-out metrics for the base, every specialist and every generalist.
 
 Each model is one Ray task (`num_cpus=1`, torch on one thread), so on a cluster the models are
-evaluated in parallel. Every model runs on every task's `eval` split: the same
+evaluated in parallel. Every model runs on every task's `test` split (what reports; validation
+is what selected the checkpoints and settings, so it would flatter them): the same
 `ama_ray.train.metrics` code as training's held-out evaluation (loss, excess loss over the
 specialist's scores, reward and log-prob accuracies), plus greedy-generation accuracy with the
 benchmark verifiers. Specialists are evaluated on all tasks, so the report can show what training
@@ -24,11 +25,12 @@ from ama_ray.errors import StageInputError
 from ama_ray.report.schema import aggregate_algorithms, csv_text, model_aggregates, specialists_own_task
 from ama_ray.stages import base_model_path, model_identity, open_run
 from ama_ray.storage import RunDir
+from ama_ray.train.data import REPORT_SPLIT, SELECT_SPLIT, require_split_unit
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
 UNIT = "eval"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: metrics are on the test split, labelled `run.split`; 1 read the train/eval split
 LOG2 = math.log(2.0)
 GENERATION = "generation/accuracy"
 # Metrics whose smaller value is better: the worst task is the maximum for these.
@@ -90,7 +92,7 @@ def warn(flags: list[dict]) -> None:
 def find_models(cfg: Config, run_dir: RunDir) -> tuple[list[ModelRef], list[str]]:
     """The base, committed specialists and committed configured generalists; and the missing keys."""
     for task in cfg.task_names:
-        run_dir.unit("scores", task).require(f"specialist scores of task '{task}'", fix="run `ama-ray score` first")
+        require_split_unit(run_dir, "scores", task)
     models = [ModelRef("base", "base", None, base_model_path(cfg), None)]
     wanted = [("specialist/" + t, "specialist", ("specialists", t), dict(own_task=t)) for t in cfg.task_names]
     wanted += [
@@ -173,7 +175,7 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
     if torch.cuda.is_available():
         net = net.cuda()
     names = [name for name, _ in tasks]
-    rows = [rows_of(load_task_split(run, name, "eval", with_scores=True)) for name in names]
+    rows = [rows_of(load_task_split(run, name, REPORT_SPLIT, with_scores=True)) for name in names]
     sums = evaluate_rows(net, rows, dpo.DPOLossConfig(**settings["loss"]), tokenizer.pad_token_id, settings["batch_size"])
     flat = metrics_from_sums(sums, names, "eval")
     per_task = {name: {} for name in names}
@@ -183,7 +185,7 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
             per_task[scope][metric] = value
     for name, benchmark in tasks:
         if benchmark and settings["generation_examples"] > 0:
-            prompts = run.unit("prepared", name).read_parquet("eval.parquet", columns=["example_id", "prompt", "prompt_input_ids"])
+            prompts = run.unit("prepared", name).read_parquet(f"{REPORT_SPLIT}.parquet", columns=["example_id", "prompt", "prompt_input_ids"])
             prompts = prompts.sort_by("example_id").slice(0, settings["generation_examples"]).to_pylist()
             per_task[name][GENERATION] = generation_accuracy(net, tokenizer, benchmark, prompts, settings)
     return {"per_task": per_task, "seconds": time.perf_counter() - start}
@@ -242,7 +244,7 @@ def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results
     doc = {
         "schema_version": SCHEMA_VERSION,
         "run": {
-            "run_dir": run_dir.uri, "run_name": cfg.storage.run_name, "config_hash": digest,
+            "run_dir": run_dir.uri, "run_name": cfg.storage.run_name, "config_hash": digest, "split": REPORT_SPLIT,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(), "base_model": base_model_path(cfg),
             "dpo": cfg.dpo.model_dump(), "generation_examples": cfg.eval.generation_examples,
             "max_new_tokens": cfg.eval.max_new_tokens, "algorithms": cfg.generalist.algorithms, "seeds": cfg.generalist.seeds,
@@ -258,7 +260,10 @@ def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results
 
 def _task_entry(run_dir: RunDir, task) -> dict:
     rows = (run_dir.unit("prepared", task.name).manifest() or {}).get("rows", {})
-    return {"name": task.name, "benchmark": task.benchmark, "verifier": task.benchmark is not None, "eval_examples": rows.get("eval")}
+    return {
+        "name": task.name, "benchmark": task.benchmark, "verifier": task.benchmark is not None,
+        "test_examples": rows.get(REPORT_SPLIT), "validation_examples": rows.get(SELECT_SPLIT), "train_examples": rows.get("train"),
+    }
 
 
 def reference_check(per_task: dict) -> dict:
@@ -338,6 +343,12 @@ def load_metrics(run_dir: RunDir) -> dict:
     unit = run_dir.unit(UNIT)
     unit.require("the evaluation (eval/metrics.json)", fix="run `ama-ray evaluate` first")
     doc = unit.read_json("metrics.json")
+    if doc.get("schema_version") == 1:
+        raise StageInputError(
+            "metrics.json was computed on the train/eval split of an older ama_ray (schema_version 1), not the test split",
+            where=unit.file("metrics.json"),
+            fix="rerun `ama-ray run --force prepare` in this run directory (selection now reads validation and reports read test)",
+        )
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise StageInputError(
             f"metrics.json has schema_version {doc.get('schema_version')}, this ama_ray reads {SCHEMA_VERSION}",

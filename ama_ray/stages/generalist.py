@@ -21,6 +21,7 @@ from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.score import check_scores_match, score_hash
 from ama_ray.stages.specialists import fresh_checkpoints
 from ama_ray.storage import RunDir
+from ama_ray.train.data import require_prepared
 from ama_ray.train.launch import check_unit_resources, fit_unit, run_concurrently
 from ama_ray.train.loop import UnitSpec
 
@@ -64,7 +65,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
 
 
 def train_sizes(run_dir: RunDir, cfg: Config) -> list[int]:
-    return [int(run_dir.unit("prepared", t).require(f"prepared data of task '{t}'", fix="run `ama-ray prepare`")["rows"]["train"]) for t in cfg.task_names]
+    return [int(require_prepared(run_dir, t)["rows"]["train"]) for t in cfg.task_names]
 
 
 def actor_name(cfg: Config, algorithm: str, seed: int, trial: str | None = None) -> str:

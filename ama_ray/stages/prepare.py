@@ -1,7 +1,9 @@
 """prepare: read each task, normalise to prompt/chosen/rejected, split, tokenize once, write Parquet.
 
-Per task `prepared/<task>/` holds `train.parquet` and `eval.parquet` with a stable `example_id`
-(a hash of the task and the example's text), the texts, and `prompt_input_ids`,
+Per task `prepared/<task>/` holds `train.parquet`, `validation.parquet` (what selects: best
+checkpoints, `eval/...` during training, ASHA and Tune) and `test.parquet` (what reports:
+evaluate, the report, `ama-ray compare`), with a stable `example_id` (a hash of the task and
+the example's text), the texts, and `prompt_input_ids`,
 `chosen_input_ids`, `rejected_input_ids` (completions end with EOS). Unusable rows are dropped
 and counted per reason in the manifest; tokenization runs on Ray Data.
 """
@@ -17,9 +19,10 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ama_ray.config import Config, TaskConfig
+from ama_ray.config import Config, DataConfig, TaskConfig
 from ama_ray.errors import ConfigError, DataError
 from ama_ray.stages import base_model_path, model_identity, open_run
+from ama_ray.train.data import SPLITS
 
 log = logging.getLogger(__name__)
 STAGE = "prepare"
@@ -122,10 +125,35 @@ def _stable_int(text: str) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16)
 
 
-def split_of(example_id: str, seed: int, eval_fraction: float) -> str:
-    """'eval' or 'train', from a hash of (seed, example_id): stable under row order and additions."""
-    u = _stable_int(f"{seed}:{example_id}") / 2**32
-    return "eval" if u < eval_fraction else "train"
+def heldout_sizes(n: int, data: DataConfig, task: str, where: str) -> tuple[int, int]:
+    """(validation, test) sizes of a task with `n` usable rows: each its fraction of n, at least
+    `data.min_heldout_examples` and at most `data.max_heldout_examples`. Raises DataError naming
+    the task when that leaves no training rows."""
+    def size(fraction: float) -> int:
+        return min(data.max_heldout_examples, max(data.min_heldout_examples, round(fraction * n)))
+
+    n_val, n_test = size(data.validation_fraction), size(data.test_fraction)
+    if n - n_val - n_test < 1:
+        raise DataError(
+            f"task '{task}' has {n} usable rows: too few for {n_val} validation and {n_test} test examples "
+            f"(data.min_heldout_examples={data.min_heldout_examples}) and a training split",
+            where=where,
+            fix=f"add rows to the task, or lower data.min_heldout_examples (held-out sets under ~50 pairs make selection and reporting noisy)",
+        )
+    return n_val, n_test
+
+
+def assign_splits(example_ids: list[str], seed: int, n_val: int, n_test: int) -> dict[str, str]:
+    """example_id -> 'validation', 'test' or 'train'.
+
+    Examples are ranked by a hash of (seed, example_id), independent of row order and of every
+    other task: the first `n_val` are validation, the next `n_test` test, the rest train.
+    """
+    ranked = sorted(example_ids, key=lambda i: (_stable_int(f"{seed}:{i}"), i))
+    out = {i: "validation" for i in ranked[:n_val]}
+    out.update({i: "test" for i in ranked[n_val : n_val + n_test]})
+    out.update({i: "train" for i in ranked[n_val + n_test :]})
+    return out
 
 
 # --- tokenizing on Ray Data --------------------------------------------------------------
@@ -190,16 +218,12 @@ def _write_task(cfg: Config, run_dir, task: TaskConfig, rows: list[dict], drops:
             where=task.path or task.benchmark or str(task.hf_dataset),
             fix="raise data.max_completion_length",
         )
-    splits = {"train": [], "eval": []}
+    where = task.path or task.benchmark or str(task.hf_dataset)
+    n_val, n_test = heldout_sizes(len(rows), cfg.data, task.name, where)
+    assigned = assign_splits([r["example_id"] for r in rows], cfg.data.seed, n_val, n_test)
+    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for r in rows:
-        splits[split_of(r["example_id"], cfg.data.seed, cfg.data.eval_fraction)].append(r)
-    splits["eval"] = splits["eval"][: cfg.data.max_eval_examples]
-    if not splits["train"] or not splits["eval"]:
-        raise DataError(
-            f"task '{task.name}' has {len(splits['train'])} train and {len(splits['eval'])} eval rows after the split",
-            where=task.path or task.benchmark or str(task.hf_dataset),
-            fix="add rows or change data.eval_fraction",
-        )
+        splits[assigned[r["example_id"]]].append(r)
     unit = run_dir.unit("prepared", task.name)
     unit.begin()
     for split, part in splits.items():
@@ -216,7 +240,7 @@ def _write_task(cfg: Config, run_dir, task: TaskConfig, rows: list[dict], drops:
         max_prompt_length=cfg.data.max_prompt_length,
         max_completion_length=cfg.data.max_completion_length,
     )
-    log.info("prepare: %s train=%d eval=%d dropped=%s", task.name, len(splits["train"]), len(splits["eval"]), dict(drops))
+    log.info("prepare: %s %s dropped=%s", task.name, " ".join(f"{s}={len(p)}" for s, p in splits.items()), dict(drops))
 
 
 def _table(rows: list[dict]) -> pa.Table:

@@ -1,6 +1,6 @@
 """reference: log-probs of the base model on every prepared example (Ray Data actor pool).
 
-Writes `reference/<task>/{train,eval}.parquet` with `example_id`, `ref_chosen_logps`,
+Writes `reference/<task>/{train,validation,test}.parquet` with `example_id`, `ref_chosen_logps`,
 `ref_rejected_logps` (TRL's names). From here on no training step runs the reference model.
 """
 
@@ -16,10 +16,10 @@ from ama_ray.errors import StageInputError
 from ama_ray.stages import base_model_path, model_identity, open_run
 from ama_ray.stages.inference import PADDING_SIDE, infer
 from ama_ray.stages.prepare import prepare_hash
+from ama_ray.train.data import SPLITS, require_prepared
 
 log = logging.getLogger(__name__)
 STAGE = "reference"
-SPLITS = ("train", "eval")
 PREPARED_COLUMNS = ["example_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
 
 
@@ -51,7 +51,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     if pending:
         tables = []
         for task in pending:
-            run_dir.unit("prepared", task).require(f"prepared data of task '{task}'", fix="run `ama-ray prepare` first")
+            require_prepared(run_dir, task)
             for split in SPLITS:
                 t = run_dir.unit("prepared", task).read_parquet(f"{split}.parquet", columns=PREPARED_COLUMNS)
                 tables.append(t.append_column("split", pa.array([f"{task}/{split}"] * t.num_rows)))

@@ -83,13 +83,16 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
     images: dict[str, bytes] = {}
     headline, lines = render.verdict(doc)
     info = doc["run"]
+    split = info["split"]
     blocks: list[tuple] = [
         ("h1", f"AMA report: {info['run_name']}"),
         ("p", f"Run directory `{info['run_dir']}`; base model `{info['base_model']}`; evaluated {info['created_at'][:19]} UTC. "
-              "Tasks (held-out examples): " + ", ".join(f"{t['name']} ({t['eval_examples']})" for t in doc["tasks"]) + "."),
+              f"Tasks ({split} examples): " + ", ".join(f"{t['name']} ({t[f'{split}_examples']})" for t in doc["tasks"]) + ". "
+              f"Every number below is on the **{split}** split; checkpoints and settings were selected on the validation "
+              "split, which no table reports."),
         ("h2", "Verdict"), ("p", headline), ("list", lines),
         ("h2", "Flags"), flags_block(doc),
-        ("h2", "Held-out metrics per task"),
+        ("h2", f"Metrics per task ({split} split)"),
         ("p", "Bars: the base, each task's specialist on its own task, and each generalist (mean over seeds, error bar: "
               "std). Excess loss is the mean clipped excess of the training loss (DPO + `dpo.sft_weight` × NLL) over the "
               "specialist's on the same example (0 = as good as the specialist). In the tables a specialist is shown on every task; its own task is marked (own)."),
@@ -98,10 +101,10 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
         bars = metric_bars(doc, metric, label)
         if bars is not None:
             images[f"bars_{metric.replace('/', '_')}.png"] = bars
-            blocks.append(("img", f"bars_{metric.replace('/', '_')}.png", f"Held-out {metric} per task."))
+            blocks.append(("img", f"bars_{metric.replace('/', '_')}.png", f"{metric} per task ({split} split)."))
     for metric in TABLE_METRICS:
         header, rows = render.metric_table(doc, metric)
-        blocks += [("h3", f"`{metric}`"), ("table", header, rows)]
+        blocks += [("h3", f"`{metric}` ({split} split)"), ("table", header, rows)]
     blocks += dynamics(run, doc, tasks, images)
     blocks += tune_section(run, images)
     blocks += [("h2", "Files"), ("p", f"Every number above is in `{EVAL_UNIT}/metrics.json` and `{EVAL_UNIT}/metrics.csv` "
@@ -111,7 +114,7 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
 
 def flags_block(doc: dict) -> tuple:
     if not doc["flags"]:
-        return ("p", "None: every specialist clearly beat the base on its own task's held-out data.")
+        return ("p", f"None: every specialist clearly beat the base on its own task's {doc['run']['split']} split.")
     return ("list", [f"**WARNING ({f['kind']})**: {f['message']} {f['fix']}" for f in doc["flags"]])
 
 
@@ -142,7 +145,7 @@ def metric_bars(doc: dict, metric: str, label: str) -> bytes | None:
         note = "base omitted: its implicit rewards are 0 by definition"
     elif metric == "excess_loss":
         note = "specialists: 0 on their own task by construction"
-    return plots.metric_bars(groups, series, metric, label, note)
+    return plots.metric_bars(groups, series, metric, label, note, split=doc["run"]["split"])
 
 
 def _values(entry: dict, metric: str, tasks: list[str]) -> list:
@@ -161,7 +164,7 @@ def dynamics(run: RunDir, doc: dict, tasks: list[str], images: dict[str, bytes])
             ("img", "alpha.png", "Mixing weight α per task over optimizer steps (AMA-S: sampling distribution; AMA-R: loss "
                                  "weights; baselines: their fixed mix)."),
             ("img", "excess_over_steps.png", "Per-task clipped excess loss over steps: training batches (smoothed) and "
-                                             "held-out evaluations."),
+                                             "the periodic evaluations on the validation split."),
         ]
     else:
         blocks.append(("p", "No mixing history found (no generalist was trained)."))

@@ -1,6 +1,6 @@
 """score: each specialist's per-example loss on its own task (Ray Data batch inference).
 
-Writes `scores/<task>/{train,eval}.parquet` with `example_id`, `specialist_loss` (the full
+Writes `scores/<task>/{train,validation,test}.parquet` with `example_id`, `specialist_loss` (the full
 per-example training objective of `ama_ray.dpo`, the number the generalist's loss is compared
 with) and `specialist_dpo_loss`. The loss settings, dtype and padding are recorded in the
 manifest; the generalist refuses scores made with other settings.
@@ -17,9 +17,9 @@ from ama_ray.config import Config
 from ama_ray.errors import StageInputError
 from ama_ray.stages import open_run
 from ama_ray.stages.inference import PADDING_SIDE, infer
-from ama_ray.stages.reference import PREPARED_COLUMNS, SPLITS
+from ama_ray.stages.reference import PREPARED_COLUMNS
 from ama_ray.stages.specialists import specialist_hash
-from ama_ray.train.data import _join
+from ama_ray.train.data import SPLITS, _join, require_split_unit
 
 log = logging.getLogger(__name__)
 STAGE = "scores"
@@ -62,7 +62,7 @@ def _inputs(run_dir, task: str) -> pa.Table:
     for split in SPLITS:
         prepared = run_dir.unit("prepared", task).read_parquet(f"{split}.parquet", columns=PREPARED_COLUMNS)
         ref = run_dir.unit("reference", task)
-        ref.require(f"reference log-probs of task '{task}'", fix="run `ama-ray reference` first")
+        require_split_unit(run_dir, "reference", task)
         joined = _join(prepared, ref.read_parquet(f"{split}.parquet"), f"{ref.path}/{split}.parquet")
         tables.append(joined.append_column("split", pa.array([split] * joined.num_rows)))
     return pa.concat_tables(tables)
@@ -72,7 +72,7 @@ def check_scores_match(run_dir, cfg: Config) -> None:
     """Refuse scores made with another loss, dtype or padding than this generalist trains with."""
     for task in cfg.task_names:
         unit = run_dir.unit(STAGE, task)
-        man = unit.require(f"specialist scores of task '{task}'", fix="run `ama-ray score` first")
+        man = require_split_unit(run_dir, STAGE, task)
         wanted = {"loss": cfg.dpo.model_dump(), "dtype": cfg.model.dtype, "padding_side": PADDING_SIDE}
         found = {k: man.get(k) for k in wanted}
         if found != wanted:

@@ -16,6 +16,7 @@ from ama_ray.config import Config
 from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.reference import reference_hash
 from ama_ray.storage import RunDir
+from ama_ray.train.data import require_split_unit
 from ama_ray.train.launch import check_unit_resources, fit_unit, run_concurrently
 from ama_ray.train.loop import UnitSpec
 
@@ -39,7 +40,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
             log.info("specialists: %s already committed, skipping", t.name)
     if pending:
         for t in pending:
-            run_dir.unit("reference", t.name).require(f"reference log-probs of task '{t.name}'", fix="run `ama-ray reference` first")
+            require_split_unit(run_dir, "reference", t.name)
         ensure_ray()
         concurrent = cfg.specialists.max_concurrent or len(pending)
         check_unit_resources(cfg, 1, STAGE)

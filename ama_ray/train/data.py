@@ -20,6 +20,42 @@ from ama_ray.errors import StageInputError
 from ama_ray.storage import RunDir
 
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+# Every task's splits, written by prepare and covered by reference and score: validation selects
+# (best checkpoints, `eval/...` during training, ASHA, Tune), test reports (evaluate, report, compare).
+SPLITS = ("train", "validation", "test")
+SELECT_SPLIT, REPORT_SPLIT = "validation", "test"
+
+
+# folder -> (what it holds, the command that writes it)
+TASK_UNITS = {
+    "prepared": ("prepared data", "prepare"),
+    "reference": ("reference log-probs", "reference"),
+    "scores": ("specialist scores", "score"),
+}
+
+
+def require_split_unit(run: RunDir, folder: str, task: str) -> dict:
+    """The manifest of a task's committed `prepared`, `reference` or `scores` unit.
+
+    StageInputError if it is missing, or if it holds the two train/eval splits of older
+    versions (one line: rerun prepare with --force, which the later stages then follow).
+    """
+    what, command = TASK_UNITS[folder]
+    unit = run.unit(folder, task)
+    man = unit.require(f"{what} of task '{task}'", fix=f"run `ama-ray {command}` first")
+    rows = man.get("rows") or {}
+    if not all(split in rows for split in SPLITS):
+        raise StageInputError(
+            f"{what} of task '{task}' has splits {sorted(rows)} from an older ama_ray, not {', '.join(SPLITS)}",
+            where=unit.path,
+            fix="rerun `ama-ray run --force prepare` (it redoes prepare and every later stage)",
+        )
+    return man
+
+
+def require_prepared(run: RunDir, task: str) -> dict:
+    """`require_split_unit` of the task's prepared data."""
+    return require_split_unit(run, "prepared", task)
 
 
 def load_task_split(
@@ -31,14 +67,14 @@ def load_task_split(
     match the prepared data.
     """
     prepared = run.unit("prepared", task)
-    prepared.require(f"prepared data of task '{task}'", fix="run `ama-ray prepare` first")
+    require_prepared(run, task)
     table = prepared.read_parquet(f"{split}.parquet", columns=["example_id", *ID_COLUMNS])
     ref = run.unit("reference", task)
-    ref.require(f"reference log-probs of task '{task}'", fix="run `ama-ray reference` first")
+    require_split_unit(run, "reference", task)
     table = _join(table, ref.read_parquet(f"{split}.parquet"), f"reference/{task}/{split}.parquet")
     if with_scores:
         scores = run.unit("scores", task)
-        scores.require(f"specialist scores of task '{task}'", fix="run `ama-ray score` first")
+        require_split_unit(run, "scores", task)
         table = _join(table, scores.read_parquet(f"{split}.parquet", columns=["example_id", "specialist_loss"]), f"scores/{task}/{split}.parquet")
     table = table.sort_by("example_id")
     if world > 1:

@@ -35,7 +35,7 @@ from ama_ray.errors import ConfigError
 from ama_ray.mixing import batch_objective
 from ama_ray.storage import RunDir
 from ama_ray.train import checkpointing
-from ama_ray.train.data import TaskStream, draw_batch, load_task_split, rows_of
+from ama_ray.train.data import SELECT_SPLIT, TaskStream, draw_batch, load_task_split, rows_of
 from ama_ray.train.engine import Engine, build_engine, lr_lambda  # noqa: F401 - lr_lambda: re-exported
 from ama_ray.train.metrics import (
     ROW, evaluate_rows, metrics_from_sums, mixing_stats, per_example, specialist_losses, task_sums,
@@ -134,8 +134,9 @@ class Job:
             for t in spec.tasks
         ]
         per_worker_eval = math.ceil(cfg.eval.max_examples / world)
+        # The periodic `eval/...` metrics select (best checkpoint, ASHA, Tune): the validation split.
         eval_rows = engine.lockstep_rows([
-            rows_of(load_task_split(run, t, "eval", with_scores=with_scores, rank=rank, world=world, limit=per_worker_eval))
+            rows_of(load_task_split(run, t, SELECT_SPLIT, with_scores=with_scores, rank=rank, world=world, limit=per_worker_eval))
             for t in spec.tasks
         ])
         loss_cfg = dpo.DPOLossConfig(**cfg.dpo.model_dump())

@@ -264,7 +264,8 @@ def test_overlong_and_bad_rows_are_counted_and_secrets_stay_out(tiny_run, tmp_pa
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = cfg0.model_dump(mode="json")
     raw["storage"]["path"] = str(tmp_path / "runs")
-    raw["data"].update(tasks=[{"name": "t", "path": str(path)}], max_prompt_length=6, max_completion_length=4, eval_fraction=0.4)
+    raw["data"].update(tasks=[{"name": "t", "path": str(path)}], max_prompt_length=6, max_completion_length=4,
+                       validation_fraction=0.2, test_fraction=0.2, min_heldout_examples=1)
     cfg = validate(raw)
     prepare.run(cfg)
     unit = tmp_path / "runs" / "minimal" / "prepared" / "t"
@@ -275,7 +276,7 @@ def test_overlong_and_bad_rows_are_counted_and_secrets_stay_out(tiny_run, tmp_pa
     assert sum(man["rows"].values()) == len(good) + 1
     import pyarrow.parquet as pq
 
-    ids = pq.read_table(unit / "train.parquet")["prompt_input_ids"].to_pylist() + pq.read_table(unit / "eval.parquet")["prompt_input_ids"].to_pylist()
+    ids = [p for split in ("train", "validation", "test") for p in pq.read_table(unit / f"{split}.parquet")["prompt_input_ids"].to_pylist()]
     assert max(len(p) for p in ids) == 6
     assert "s3cr3t-value-do-not-log" not in text
 

@@ -49,8 +49,11 @@ def evaluated(tiny_run, tmp_path_factory):
 def test_metrics_schema_and_csv(evaluated):
     cfg, run, doc = evaluated
     tasks = cfg.task_names
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2 and doc["run"]["split"] == "test"
     assert set(doc) == {"schema_version", "run", "tasks", "lower_is_better", "models", "aggregates", "flags"}
+    for entry in doc["tasks"]:
+        rows = json.loads((run / "prepared" / entry["name"] / "_manifest.json").read_text())["rows"]
+        assert (entry["test_examples"], entry["validation_examples"], entry["train_examples"]) == (rows["test"], rows["validation"], rows["train"])
     assert [t["name"] for t in doc["tasks"]] == tasks and all(t["verifier"] for t in doc["tasks"])
     expected = {"base", *(f"specialist/{t}" for t in tasks)}
     expected |= {f"generalist/{a}/seed{s}" for a in cfg.generalist.algorithms for s in cfg.generalist.seeds}
@@ -85,7 +88,7 @@ def test_base_is_its_own_reference(evaluated):
         metrics = base["per_task"][task]
         assert metrics["dpo_loss"] == pytest.approx(LOG2, abs=1e-5)
         assert metrics["rewards/accuracies"] == 0.0 and metrics["rewards/margins"] == 0.0
-        ref = pq.read_table(run / "reference" / task / "eval.parquet").to_pydict()
+        ref = pq.read_table(run / "reference" / task / "test.parquet").to_pydict()
         agree = np.mean(np.array(ref["ref_chosen_logps"]) > np.array(ref["ref_rejected_logps"]))
         assert metrics["logps/accuracies"] == pytest.approx(agree, abs=0.02)  # batching round-off may flip near-ties
 
@@ -96,8 +99,12 @@ def test_specialists_against_their_scores_and_the_base(evaluated):
     base = doc["models"]["base"]["per_task"]
     for task in cfg.task_names:
         own = doc["models"][f"specialist/{task}"]["per_task"][task]
-        scores = pq.read_table(run / "scores" / task / "eval.parquet").column("specialist_loss").to_numpy()
-        assert own["loss"] == pytest.approx(float(scores.mean()), abs=1e-5)  # same model, same examples as the score stage
+        # Same model, same examples as the score stage's test split: evaluate reports on test, not on
+        # the validation split that selected the specialist's checkpoint.
+        scores = pq.read_table(run / "scores" / task / "test.parquet").column("specialist_loss").to_numpy()
+        assert own["loss"] == pytest.approx(float(scores.mean()), abs=1e-5)
+        validation = pq.read_table(run / "scores" / task / "validation.parquet").column("specialist_loss").to_numpy()
+        assert abs(own["loss"] - float(validation.mean())) > 1e-4
         assert own["excess_loss"] < 1e-4
         assert own["logps/accuracies"] > base[task]["logps/accuracies"] or own["rewards/accuracies"] > 0.5, task
     assert max(base[t]["generation/accuracy"] for t in cfg.task_names) >= 0.3  # the SFT base generates
@@ -127,7 +134,7 @@ def _greedy_correct(model, tok, run: Path, task: str, n: int, max_new_tokens: in
     """Verified completions among the first n held-out prompts, decoding one prompt at a time."""
     from ama_ray.data.benchmark import verify
 
-    rows = pq.read_table(run / "prepared" / task / "eval.parquet").sort_by("example_id").slice(0, n).to_pylist()
+    rows = pq.read_table(run / "prepared" / task / "test.parquet").sort_by("example_id").slice(0, n).to_pylist()
     correct = 0
     for row in rows:
         ids, new = list(row["prompt_input_ids"]), []

@@ -30,7 +30,7 @@ def test_prepare_writes_every_layout(ray_session, model_cache, tmp_path):
         path = write(tmp_path, name, [_vary(raw, i) for i in range(N_ROWS)])
         tasks.append({"name": f"t{n}_{name.split('.')[0]}", "path": str(path), "layout": layout, **options})
     cfg = validate({
-        "data": {"tasks": tasks, "eval_fraction": 0.3},
+        "data": {"tasks": tasks, "validation_fraction": 0.2, "test_fraction": 0.2, "min_heldout_examples": 2},
         "storage": {"path": str(tmp_path / "runs"), "run_name": "layouts"},
         "model": {"cache_dir": model_cache},
     })
@@ -39,7 +39,7 @@ def test_prepare_writes_every_layout(ray_session, model_cache, tmp_path):
     for task in cfg.data.tasks:
         man = run.unit("prepared", task.name).manifest()
         assert man is not None, task.name
-        assert man["rows"]["train"] + man["rows"]["eval"] == N_ROWS and man["rows"]["eval"] > 0, (task.name, man)
+        assert man["rows"] == {"train": N_ROWS - 8, "validation": 4, "test": 4}, (task.name, man)
         table = run.unit("prepared", task.name).read_parquet("train.parquet")
         eos = None
         for row in table.to_pylist():

@@ -12,7 +12,7 @@ import torch
 from ama_ray import dpo
 from ama_ray.models.loading import load_model, load_tokenizer
 from ama_ray.storage import RunDir
-from ama_ray.train.data import load_task_split, rows_of
+from ama_ray.train.data import SPLITS, load_task_split, rows_of
 from ama_ray.train.metrics import evaluate_rows
 
 pytestmark = pytest.mark.timeout(600)
@@ -26,8 +26,8 @@ def test_reference_equals_direct_computation(tiny_run):
     cfg, run_dir = tiny_run
     base = _manifest(run_dir, "reference", "arithmetic")["model"]
     model, tok = load_model(base), load_tokenizer(base)
-    for task in cfg.task_names:
-        rows = rows_of(load_task_split(RunDir(str(run_dir)), task, "eval", with_scores=False))
+    for task, split in zip(cfg.task_names, SPLITS):  # every split is covered
+        rows = rows_of(load_task_split(RunDir(str(run_dir)), task, split, with_scores=False, limit=96))
         chosen, rejected = dpo.reference_logps(model, rows, tok.pad_token_id, batch_size=7)
         np.testing.assert_allclose([r["ref_chosen_logps"] for r in rows], chosen, rtol=0, atol=2e-5)
         np.testing.assert_allclose([r["ref_rejected_logps"] for r in rows], rejected, rtol=0, atol=2e-5)
@@ -53,7 +53,7 @@ def test_specialist_loss_equals_direct_computation(tiny_run):
     for task in cfg.task_names:
         spec_dir = f"{run_dir}/specialists/{task}/model"
         model, tok = load_model(spec_dir), load_tokenizer(spec_dir)
-        rows = rows_of(load_task_split(RunDir(str(run_dir)), task, "eval", with_scores=True))
+        rows = rows_of(load_task_split(RunDir(str(run_dir)), task, "test", with_scores=True))
         with torch.no_grad():
             out = dpo.per_example_loss(model, dpo.collate(rows, tok.pad_token_id), [r["ref_chosen_logps"] for r in rows],
                                        [r["ref_rejected_logps"] for r in rows], dpo.DPOLossConfig(**cfg.dpo.model_dump()))
@@ -66,7 +66,7 @@ def test_each_specialist_beats_the_base_on_its_own_task(tiny_run):
     base = _manifest(run_dir, "reference", "arithmetic")["model"]
     loss_cfg = dpo.DPOLossConfig(**cfg.dpo.model_dump())
     for task in cfg.task_names:
-        rows = [rows_of(load_task_split(run, task, "eval", with_scores=False))]
+        rows = [rows_of(load_task_split(run, task, "test", with_scores=False))]
         before = evaluate_rows(load_model(base), rows, loss_cfg, load_tokenizer(base).pad_token_id, 64)
         spec_dir = f"{run_dir}/specialists/{task}/model"
         after = evaluate_rows(load_model(spec_dir), rows, loss_cfg, load_tokenizer(spec_dir).pad_token_id, 64)

@@ -64,9 +64,9 @@ def _scalars(cfg, unit: str, tag: str) -> dict[int, float]:
 
 
 def _eval_rows(cfg, lockstep: bool) -> list[dict]:
-    """The held-out rows the workers evaluated: rank r's share r::2, capped; ZeRO-3 cuts to equal counts."""
+    """The validation rows the workers evaluated: rank r's share r::2, capped; ZeRO-3 cuts to equal counts."""
     run, per = RunDir(cfg.run_dir), math.ceil(cfg.eval.max_examples / 2)
-    parts = [rows_of(load_task_split(run, TASK, "eval", with_scores=False, rank=r, world=2, limit=per)) for r in range(2)]
+    parts = [rows_of(load_task_split(run, TASK, "validation", with_scores=False, rank=r, world=2, limit=per)) for r in range(2)]
     if lockstep:
         parts = [p[: min(map(len, parts))] for p in parts]
     return [row for part in parts for row in part]
