@@ -10,15 +10,10 @@ import sys
 from typing import Callable
 
 from ama_ray.errors import AmaError
+from ama_ray.stages import STAGES
 
 STAGE_HELP = {
-    "prepare": "read, normalise, split and tokenize every task",
-    "reference": "reference log-probs of the base model (Ray Data)",
-    "specialists": "one DPO specialist per task, trained concurrently (Ray Train)",
-    "score": "per-example specialist losses (Ray Data)",
-    "generalist": "the mixed generalist for each algorithm and seed (Ray Train + mixing actor)",
-    "evaluate": "per-task held-out metrics for base, specialists and generalists",
-    "report": "report.md and report.html from the saved files",
+    **STAGES,
     "run": "every stage in order",
     "tune": "a Ray Tune study over the generalist's mixing settings",
 }
@@ -71,8 +66,6 @@ def _resolve(args: argparse.Namespace):
 def _stage_entry(name: str) -> Callable:
     if name == "run":
         return importlib.import_module("ama_ray.pipeline").run
-    if name == "tune":
-        return importlib.import_module("ama_ray.stages.tune").run
     return importlib.import_module(f"ama_ray.stages.{name}").run
 
 
@@ -105,8 +98,6 @@ def dispatch(args: argparse.Namespace) -> int:
 
         sys.stdout.write(dump_yaml(cfg))
         return 0
-    from ama_ray.config import STAGES
-
     bad = [s for s in args.force if s not in (*STAGES, "tune")]
     if bad:
         raise AmaError(f"--force {bad[0]}: unknown stage", fix=f"use one of {', '.join(STAGES)}, tune")

@@ -9,6 +9,7 @@ allowed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,10 +19,11 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ama_ray.dpo import DPOLossConfig
 from ama_ray.errors import ConfigError
+from ama_ray.mixing.settings import ALGORITHMS, MixingSettings
+from ama_ray.models.tiny_settings import TinySettings
 
-ALGORITHMS = ("proportional", "balanced", "fixed", "ama_r", "ama_s")
-STAGES = ("prepare", "reference", "specialists", "score", "generalist", "evaluate", "report")
 BUILTIN_MODELS = ("tiny", "smollm2-135m")  # names, never paths (ama_ray.models.loading)
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "laptop.yaml"
 
@@ -41,22 +43,6 @@ class LoraConfig(Section):
     )
 
 
-class TinyModelConfig(Section):
-    hidden_size: int = Field(64, ge=8, description="Hidden width of the embedded tiny model.")
-    num_layers: int = Field(2, ge=1, description="Transformer layers of the tiny model.")
-    num_heads: int = Field(4, ge=1, description="Attention heads of the tiny model.")
-    intermediate_size: int = Field(128, ge=8, description="MLP width of the tiny model.")
-    sft_steps: int = Field(800, ge=0, description="SFT steps on benchmark responses that make the base.")
-    sft_chosen_share: float = Field(
-        0.5, ge=0.0, le=1.0,
-        description="Share of SFT targets that are the chosen response (else the rejected): the base learns every task's format without its preferences.",
-    )
-    sft_examples_per_task: int = Field(2000, ge=10, description="Benchmark examples per task used for the base SFT.")
-    sft_lr: float = Field(3e-3, gt=0.0, description="Learning rate of the base SFT.")
-    max_position_embeddings: int = Field(256, ge=16, description="Longest sequence the tiny model takes.")
-    seed: int = Field(0, description="Seed of the tiny model's initialisation and SFT.")
-
-
 class ModelConfig(Section):
     name: str = Field(
         "tiny",
@@ -68,7 +54,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter and compute dtype.")
     gradient_checkpointing: bool = Field(False, description="Activation checkpointing in training.")
     cache_dir: str = Field("~/.cache/ama_ray", description="Where built and fetched models are cached.")
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="The embedded tiny model.")
+    tiny: TinySettings = Field(default_factory=TinySettings, description="The embedded tiny model.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
 
 
@@ -93,13 +79,34 @@ class TaskConfig(Section):
         given = [k for k in ("benchmark", "path", "hf_dataset") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"task '{self.name}' needs exactly one of benchmark, path, hf_dataset (got {given or 'none'})")
+        from ama_ray.data.benchmark import TASKS
+        from ama_ray.data.formats import FIELDS, LAYOUTS
+
+        where = f"data.tasks[{self.name}]"
+        if self.benchmark is not None and self.benchmark not in TASKS:
+            raise ConfigError(f"unknown benchmark task '{self.benchmark}'", where=f"{where}.benchmark", fix=f"use one of {', '.join(TASKS)}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout '{self.layout}'", where=f"{where}.layout", fix=f"use one of {', '.join(LAYOUTS)}")
+        unknown = sorted(set(self.column_map or {}) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"column_map names unknown field(s) {unknown}", where=f"{where}.column_map", fix=f"map any of {', '.join(FIELDS)}")
         return self
 
 
-RENAMED_DATA_KEYS = {
-    "eval_fraction": "data.validation_fraction and data.test_fraction",
-    "max_eval_examples": "data.max_heldout_examples",
+RENAMED = {  # keys of earlier versions -> what replaced them
+    "data.eval_fraction": "data.validation_fraction and data.test_fraction (tasks have train, validation and test splits)",
+    "data.max_eval_examples": "data.max_heldout_examples",
+    "generalist.baseline_excess": "mixing.baseline_objective (true is `excess`)",
 }
+
+
+def _refuse_renamed(section: str, raw: Any) -> Any:
+    """A pydantic before-validator body: a renamed key fails with what replaced it."""
+    if isinstance(raw, dict):
+        for key in raw:
+            if f"{section}.{key}" in RENAMED:
+                raise ValueError(f"{section}.{key} was replaced by {RENAMED[f'{section}.{key}']}")
+    return raw
 
 
 class DataConfig(Section):
@@ -122,11 +129,7 @@ class DataConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, raw: Any) -> Any:
-        if isinstance(raw, dict):
-            for old, new in RENAMED_DATA_KEYS.items():
-                if old in raw:
-                    raise ValueError(f"data.{old} was replaced by {new} (tasks have train, validation and test splits)")
-        return raw
+        return _refuse_renamed("data", raw)
 
     @model_validator(mode="after")
     def _heldout_sizes(self) -> "DataConfig":
@@ -144,13 +147,6 @@ class DataConfig(Section):
         if dupes:
             raise ValueError(f"duplicate task names {dupes}; give every task its own name")
         return tasks
-
-
-class DPOConfig(Section):
-    beta: float = Field(0.1, gt=0.0, description="DPO temperature β.")
-    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss variant (TRL names).")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative-DPO label smoothing.")
-    sft_weight: float = Field(0.0, ge=0.0, description="Weight of an NLL term on the chosen response (TRL's 'sft').")
 
 
 class OptimConfig(Section):
@@ -188,7 +184,11 @@ class GeneralistConfig(Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Seeds; one generalist per algorithm and seed.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Generalist training settings.")
     max_concurrent: int = Field(1, ge=1, description="Generalists trained at once.")
-    baseline_excess: bool = Field(False, description="Ablation: baselines minimise the clipped excess instead of the plain DPO loss.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        return _refuse_renamed("generalist", raw)
 
     @field_validator("algorithms")
     @classmethod
@@ -197,16 +197,6 @@ class GeneralistConfig(Section):
         if bad or not algos:
             raise ValueError(f"unknown algorithms {bad}; allowed: {', '.join(ALGORITHMS)}")
         return algos
-
-
-class MixingConfig(Section):
-    eta_alpha: float = Field(0.1, gt=0.0, description="Step size of the mixing weights' ascent.")
-    smoothing: float = Field(0.1, ge=0.0, le=1.0, description="c: α = (1-c)·softmax(w) + c/k.")
-    clip: Literal["per_example", "per_task_mean", "none"] = Field("per_example", description="Where the excess is clipped at 0.")
-    excess_target: Literal["specialist", "none"] = Field("specialist", description="Excess over the specialist, or the raw loss (plain Group-DRO/EXP3).")
-    g_bound: float = Field(100.0, gt=0.0, description="AMA-S: bound on the importance-weighted gradient estimate.")
-    initial_weights: Optional[dict[str, float]] = Field(None, description="Initial α per task (default uniform).")
-    fixed_weights: Optional[dict[str, float]] = Field(None, description="Weights of the 'fixed' algorithm, per task.")
 
 
 class DeepSpeedConfig(Section):
@@ -250,11 +240,11 @@ class TuneConfig(Section):
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(..., description="Tasks and preprocessing.")
-    dpo: DPOConfig = Field(default_factory=DPOConfig, description="The one DPO loss.")
+    dpo: DPOLossConfig = Field(default_factory=DPOLossConfig, description="The one DPO loss (`ama_ray.dpo.DPOLossConfig`).")
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference and score inference.")
     specialists: SpecialistsConfig = Field(default_factory=SpecialistsConfig, description="Per-task specialists.")
     generalist: GeneralistConfig = Field(default_factory=GeneralistConfig, description="The mixed generalist.")
-    mixing: MixingConfig = Field(default_factory=MixingConfig, description="Mixing-policy settings.")
+    mixing: MixingSettings = Field(default_factory=MixingSettings, description="Mixing-policy settings (`ama_ray.mixing.MixingSettings`).")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and resources.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Where the run directory lives.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
@@ -269,26 +259,21 @@ class Config(Section):
     def run_dir(self) -> str:
         return f"{self.storage.path.rstrip('/')}/{self.storage.run_name}"
 
-    def mixing_settings(self):
-        """The pure `MixingSettings` the mixing policies are built from."""
-        from ama_ray.mixing import MixingSettings
-
-        mix = self.mixing
-        return MixingSettings(
-            eta_alpha=mix.eta_alpha, smoothing=mix.smoothing, clip=mix.clip, excess_target=mix.excess_target,
-            g_bound=mix.g_bound, initial_weights=mix.initial_weights, fixed_weights=mix.fixed_weights,
-            baseline_objective="excess" if self.generalist.baseline_excess else "loss",
-        )
-
     def check_mixing(self) -> None:
         """Build every listed algorithm's policy once, so a missing `fixed_weights`, a weight for an
-        unknown task or AMA-S with c = 0 fails when the config is read, not after the specialists
-        trained. Raises ConfigError naming the setting."""
+        unknown task, AMA-S with c = 0 or an AMA-R batch smaller than the task count fails when
+        the config is read, not after the specialists trained. Raises ConfigError naming the key."""
         from ama_ray.mixing import make_policy
 
-        settings = self.mixing_settings()
+        k = len(self.task_names)
         for algorithm in self.generalist.algorithms:
-            make_policy(algorithm, self.task_names, [1] * len(self.task_names), settings)
+            policy = make_policy(algorithm, self.task_names, [1] * k, self.mixing)
+            if self.generalist.optim.batch_size < policy.min_batch_size:
+                raise ConfigError(
+                    f"{algorithm} needs a per-worker batch of at least {policy.min_batch_size} (every task in every step), "
+                    f"got {self.generalist.optim.batch_size}",
+                    where="generalist.optim.batch_size", fix=f"set generalist.optim.batch_size >= {policy.min_batch_size}",
+                )
 
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections, for manifests and skip decisions.
@@ -451,9 +436,15 @@ def validate(raw: dict, source: str = "config") -> Config:
     """Build a Config from a raw tree; the first problem becomes a one-line ConfigError."""
     try:
         cfg = Config.model_validate(raw)
+        cfg.check_mixing()
+        from ama_ray.search_space import check_search_space
+
+        check_search_space(cfg)
     except ValidationError as err:
         raise _config_error(err, raw, source) from None
-    cfg.check_mixing()
+    except ConfigError as err:  # raised by a config class's own checks: name the file and the key
+        what = f"{err.what} (invalid value for '{err.where}' in {source})" if err.where else f"{err.what} ({source})"
+        raise ConfigError(what, where=err.where, fix=err.fix) from None
     return cfg
 
 
@@ -461,11 +452,11 @@ def _config_error(err: ValidationError, raw: dict, source: str) -> ConfigError:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     kind = first["type"]
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         parent = Config
         for part in first["loc"][:-1]:
             parent = _submodel(parent, part)
-        allowed = ", ".join(parent.model_fields) if parent else "see docs/configuration.md"
+        allowed = ", ".join(_field_names(parent)) if parent else "see docs/configuration.md"
         return ConfigError(f"unknown key '{key}'", where=source, fix=f"allowed keys here: {allowed}")
     value = first.get("input")
     shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
@@ -473,18 +464,29 @@ def _config_error(err: ValidationError, raw: dict, source: str) -> ConfigError:
     return ConfigError(f"invalid value {shown} for '{key}': {msg}", where=source, fix="see docs/configuration.md for allowed values")
 
 
+def _is_section(cand: Any) -> bool:
+    """A config section: a pydantic model, or a dataclass that owns a concept (DPO loss, mixing, tiny model)."""
+    return isinstance(cand, type) and (issubclass(cand, BaseModel) or dataclasses.is_dataclass(cand))
+
+
+def _field_names(section: Any) -> list[str]:
+    if dataclasses.is_dataclass(section):
+        return [f.name for f in dataclasses.fields(section)]
+    return list(section.model_fields)
+
+
 def _submodel(model: Any, part: Any) -> Any:
-    if model is None or isinstance(part, int):
-        return model
+    if model is None or isinstance(part, int) or dataclasses.is_dataclass(model):
+        return model if isinstance(part, int) else None
     field = model.model_fields.get(part)
     if field is None:
         return None
     ann = field.annotation
     for cand in (ann, *getattr(ann, "__args__", ())):
-        if isinstance(cand, type) and issubclass(cand, BaseModel):
+        if _is_section(cand):
             return cand
         for inner in getattr(cand, "__args__", ()):
-            if isinstance(inner, type) and issubclass(inner, BaseModel):
+            if _is_section(inner):
                 return inner
     return None
 
@@ -522,7 +524,10 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _describe(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
+def _describe(model: Any, prefix: str, lines: list[str]) -> None:
+    if dataclasses.is_dataclass(model):
+        _describe_dataclass(model, prefix, lines)
+        return
     rows, subs = [], []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
@@ -540,6 +545,35 @@ def _describe(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
         lines += [f"## `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
     for key, sub, desc in subs:
         _describe(sub, f"{key}.", lines)
+
+
+def _describe_dataclass(owner: Any, prefix: str, lines: list[str]) -> None:
+    """Rows for a dataclass that owns a config concept: its field types, defaults and the
+    attribute docstrings under each field (its help text), and where its checks live."""
+    docs = attribute_docs(owner)
+    rows = []
+    for f in dataclasses.fields(owner):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"| `{prefix}{f.name}` | {str(f.type).replace('|', chr(92) + '|')} | `{json.dumps(default, default=str)}` | {docs.get(f.name, '').replace('|', chr(92) + '|')} |")
+    title = prefix.rstrip(".")
+    lines += [f"## `{title}`", "", f"Owned by `{owner.__module__}.{owner.__qualname__}` (defaults, help and range checks).", "",
+              "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """{field: the docstring written under it} of a class, read from its source (one line each)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    out = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            out[node.target.id] = " ".join(after.value.value.split())
+    return out
 
 
 def _type_name(ann: Any) -> str:

@@ -12,7 +12,7 @@ Batch layout (TRL's): rows `[prompt+chosen for all B; prompt+rejected for all B]
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -152,14 +152,15 @@ def dpo_loss(
 
 @dataclass
 class DPOLossConfig:
-    """The settings of the one DPO loss (field names follow TRL's `DPOConfig`)."""
+    """The settings of the one DPO loss (`dpo.*` in the config; field names follow TRL's
+    `DPOConfig`): the one class that owns their defaults, help and checks."""
 
     beta: float = 0.1
     """DPO temperature; for `ipo` the regularisation parameter tau."""
     loss_type: str = "sigmoid"
     """`sigmoid` (DPO) or `ipo`."""
     label_smoothing: float = 0.0
-    """Conservative-DPO label noise in [0, 0.5); sigmoid only."""
+    """Conservative-DPO label noise in [0, 0.5); `sigmoid` only (with `ipo` it is refused when the config loads)."""
     sft_weight: float = 0.0
     """Weight of the NLL of the chosen response (per token) added to each example's loss."""
 
@@ -182,6 +183,10 @@ class DPOLossConfig:
             )
         if not self.sft_weight >= 0:
             raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}", where="dpo.sft_weight")
+
+    def to_dict(self) -> dict:
+        """A plain, JSON-serialisable copy (for Ray Data actors and manifests)."""
+        return asdict(self)
 
 
 def per_example_loss(

@@ -1,9 +1,10 @@
-"""`ama-ray run`: every stage in order, reading like the stage diagram.
+"""`ama-ray run`: every stage in order, as in the stage diagram.
 
     prepare -> reference -> specialists -> score -> generalist -> evaluate -> report
 
-Each stage skips the units it already committed with the same settings, so rerunning after a
-crash or a change redoes only what is missing or stale.
+(`ama_ray.stages.STAGES` lists them in this order.) Each stage skips the units it already
+committed with the same settings, so rerunning after a crash or a change redoes only what is
+missing or stale.
 """
 
 from __future__ import annotations
@@ -12,20 +13,18 @@ import logging
 import time
 
 from ama_ray.config import Config
-from ama_ray.stages import evaluate, generalist, prepare, reference, report, score, specialists
+from ama_ray.stages import STAGES, stage
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
-    """Run the whole pipeline for `cfg`; returns the report files."""
+def run(cfg: Config, force: set[str] = frozenset(), through: str = "report") -> list[str]:
+    """Run the stages in order up to and including `through`; returns what the last one wrote."""
     start = time.perf_counter()
-    prepare.run(cfg, force)
-    reference.run(cfg, force)
-    specialists.run(cfg, force)
-    score.run(cfg, force)
-    generalist.run(cfg, force)
-    evaluate.run(cfg, force)
-    written = report.run(cfg, force)
-    log.info("pipeline finished in %.0f s; report: %s", time.perf_counter() - start, ", ".join(written))
+    written: list[str] = []
+    for name in STAGES:
+        written = stage(name).run(cfg, force)
+        if name == through:
+            break
+    log.info("pipeline finished in %.0f s; %s", time.perf_counter() - start, ", ".join(written))
     return written

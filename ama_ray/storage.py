@@ -1,9 +1,21 @@
-"""The run directory: committed units, manifests, and Parquet/JSON I/O over `pyarrow.fs`.
+"""The run directory: its layout, committed units, manifests, and Parquet/JSON I/O over `pyarrow.fs`.
 
 A *unit* (one prepared task, one specialist, one generalist seed, ...) is committed when its
 `_manifest.json` is written, last. Readers ignore units without one; a rerun skips committed
 units whose manifest matches and redoes the rest. Because committing needs no rename, this
 works on object stores too.
+
+The layout (every folder and file name; `RunDir`'s unit methods are the only way to reach them):
+
+    prepared/<task>/{train,validation,test}.parquet     prepare
+    reference/<task>/{train,validation,test}.parquet    reference
+    specialists/<task>/model/                           specialists
+    scores/<task>/{train,validation,test}.parquet       score
+    generalist/<algorithm>/seed<k>/model/, mixing_history.parquet    generalist
+    tune/results.csv, best.yaml, <trial>/config.yaml, <trial>/<algorithm>/seed<k>/   tune
+    eval/metrics.json, metrics.csv                      evaluate
+    report/report.md, report.html, *.png                report
+    tensorboard/<unit>/    _checkpoints/<stage>/<unit>/    _checkpoints/best/<unit>/    _faults/
 """
 
 from __future__ import annotations
@@ -27,6 +39,16 @@ from ama_ray.errors import StageInputError, StorageError
 from ama_ray.paths import require_absolute
 
 MANIFEST = "_manifest.json"
+# Where each stage writes (stage name -> top-level folder): the names differ for history's sake.
+FOLDERS = {
+    "prepare": "prepared", "reference": "reference", "specialists": "specialists", "score": "scores",
+    "generalist": "generalist", "tune": "tune", "evaluate": "eval", "report": "report",
+}
+MODEL_DIR = "model"
+MIXING_HISTORY = "mixing_history.parquet"
+METRICS_JSON, METRICS_CSV = "metrics.json", "metrics.csv"
+RESULTS_CSV, BEST_YAML, TRIAL_CONFIG = "results.csv", "best.yaml", "config.yaml"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
 log = logging.getLogger(__name__)
 _SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 
@@ -62,7 +84,65 @@ class RunDir:
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def unit(self, *parts: str) -> "Unit":
-        return Unit(self, "/".join([self.root, *parts]))
+        """The unit at `parts` under the root (prefer the named methods below)."""
+        return Unit(self, "/".join([self.root, *parts]), tuple(parts))
+
+    # -- the layout ------------------------------------------------------------------------
+    def stage_unit(self, stage: str, task: str) -> "Unit":
+        """A per-task unit of `prepare`, `reference`, `specialists` or `score`."""
+        return self.unit(FOLDERS[stage], task)
+
+    def prepared(self, task: str) -> "Unit":
+        return self.stage_unit("prepare", task)
+
+    def reference(self, task: str) -> "Unit":
+        return self.stage_unit("reference", task)
+
+    def specialist(self, task: str) -> "Unit":
+        return self.stage_unit("specialists", task)
+
+    def scores(self, task: str) -> "Unit":
+        return self.stage_unit("score", task)
+
+    def generalist(self, algorithm: str, seed: int, trial: str | None = None) -> "Unit":
+        """`generalist/<algorithm>/seed<k>`, or a Tune trial's `tune/<trial>/<algorithm>/seed<k>`."""
+        if trial is None:
+            return self.unit(FOLDERS["generalist"], algorithm, f"seed{seed}")
+        return self.unit(FOLDERS["tune"], trial, algorithm, f"seed{seed}")
+
+    def tune(self, trial: str | None = None) -> "Unit":
+        """The study (`tune/`) or one trial's folder (`tune/<trial>/`)."""
+        return self.unit(FOLDERS["tune"], *([trial] if trial else []))
+
+    def evaluation(self) -> "Unit":
+        return self.unit(FOLDERS["evaluate"])
+
+    def report(self) -> "Unit":
+        return self.unit(FOLDERS["report"])
+
+    def checkpoint_root(self, stage: str) -> str:
+        """The folder (a path on `self.fs`) of a stage's resumable checkpoints: one Ray Train run
+        per unit below it, named `Unit.run_name`."""
+        return f"{self.root}/_checkpoints/{stage}"
+
+    def checkpoint_storage(self, stage: str) -> str:
+        """`checkpoint_root` as Ray Train and Tune take it (a URI on remote storage)."""
+        return f"{self.uri.rstrip('/')}/_checkpoints/{stage}" if not self.is_local else self.checkpoint_root(stage)
+
+    def checkpoint_dirs(self, stage: str, unit: "Unit") -> list[str]:
+        """The folders holding `unit`'s checkpoints: Ray Train's run and its best-step weights."""
+        return [f"{self.checkpoint_root(stage)}/{unit.run_name}", f"{self.checkpoint_root('best')}/{unit.label}"]
+
+    def best_dir(self, unit: "Unit") -> Path:
+        """A local folder for the best-so-far weights of `unit` (under the run when local)."""
+        root = Path(self.root) if self.is_local else Path(tempfile.gettempdir()) / "ama_ray"
+        return root / "_checkpoints" / "best" / unit.label
+
+    def tensorboard(self, unit: "Unit") -> Path:
+        return Path(self.root, "tensorboard", *unit.parts)
+
+    def faults(self) -> Path:
+        return Path(self.root) / "_faults"
 
     def check_writable(self) -> None:
         """Raise StorageError early when the run directory cannot be created or written."""
@@ -83,8 +163,8 @@ class RunDir:
 class Unit:
     """One committable output folder."""
 
-    def __init__(self, run: RunDir, path: str):
-        self.run, self.fs, self.path = run, run.fs, path
+    def __init__(self, run: RunDir, path: str, parts: tuple[str, ...] = ()):
+        self.run, self.fs, self.path, self.parts = run, run.fs, path, parts
 
     def __repr__(self) -> str:
         return f"Unit({self.path})"
@@ -92,6 +172,23 @@ class Unit:
     @property
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def run_name(self) -> str:
+        """The unit's name below its stage folder, flat: Ray Train's run name for its checkpoints."""
+        return "_".join(self.parts[1:])
+
+    @property
+    def label(self) -> str:
+        """`specialists/arithmetic`, `generalist/ama_s/seed0`, ...: for logs and progress bars."""
+        return "/".join(self.parts)
+
+    def split_file(self, split: str) -> str:
+        """The Parquet file of one split (train, validation, test) in a per-task unit."""
+        return f"{split}.parquet"
+
+    def model_dir(self) -> str:
+        return self.file(MODEL_DIR)
 
     def file(self, name: str) -> str:
         return f"{self.path}/{name}"

@@ -39,7 +39,7 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 def fetch_client(name: str, calls: int) -> list[float]:
     """Fetch alpha of the current step `calls` times; return each latency (s)."""
     import ray
-    from ama_ray.mixing_actor import get_mixing_actor
+    from ama_ray.mixing.actor import get_mixing_actor
 
     actor = get_mixing_actor(name)
     step = ray.get(actor.get_alpha.remote(0))["step"]
@@ -54,7 +54,7 @@ def fetch_client(name: str, calls: int) -> list[float]:
 def training_worker(name: str, rank: int, k: int, steps: int, first: int) -> list[float]:
     """A worker's loop from step `first`; returns the per-step wait for the next alpha (s)."""
     import ray
-    from ama_ray.mixing_actor import get_mixing_actor
+    from ama_ray.mixing.actor import get_mixing_actor
 
     actor = get_mixing_actor(name)
     ray.get(actor.get_alpha.remote(first))
@@ -74,7 +74,7 @@ def training_worker(name: str, rank: int, k: int, steps: int, first: int) -> lis
 def bench(k: int, steps: int) -> dict[str, float]:
     import ray
     from ama_ray.mixing import MixingSettings
-    from ama_ray.mixing_actor import create_mixing_actor
+    from ama_ray.mixing.actor import create_mixing_actor
 
     name = f"bench-mixing-k{k}"
     tasks = [f"task{i}" for i in range(k)]

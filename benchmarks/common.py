@@ -112,30 +112,6 @@ def with_scores(rows: list[dict], model, pad_id: int, seed: int = 0) -> list[dic
 
 
 # -- the generalist step without Ray -----------------------------------------------------------
-class LocalMixer:
-    """`MixerClient`'s interface over an in-process policy: `report` applies the update at once.
-
-    A real worker sends the report with `.remote()` and fetches alpha from the actor; here the
-    policy update (numpy, 4k numbers) runs inside the step, so its cost is counted, the
-    actor's round trip is not (mixing_overhead.py measures that separately).
-    """
-
-    def __init__(self, policy):
-        self.policy = policy
-
-    def prefetch(self, step: int) -> None:
-        pass
-
-    def alpha(self, step: int) -> np.ndarray:
-        return self.policy.weights()
-
-    def report(self, step: int, stats: dict) -> None:
-        self.policy.update(stats)
-
-    def progress(self, step: int, total: int, metrics: dict) -> None:
-        pass
-
-
 def load_cfg(batch_size: int, lr: float = 1e-4):
     from ama_ray.config import load_config
 
@@ -147,36 +123,33 @@ def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str,
              *, client=None, lr: float = 1e-4, seed: int = 0, tensorboard_dir: str | None = None):
     """A `ama_ray.train.loop.Job` for one worker (rank 0 of 1) built from in-memory rows.
 
-    Its `train_step(step, alpha)` is the library's own step: label draw, `draw_batch`, collate,
-    `per_example_loss`, clipped excess, `batch_objective`, backward, per-task sums, mixer
-    report, gradient clipping, AdamW and the metric dict. The mixer is a `LocalMixer` over
-    `make_policy(algorithm, ...)` (no Ray), or, when `client` is given (e.g.
-    `ama_ray.train.loop.MixerClient`), a fresh mixing actor on the running Ray and
-    `client(spec, 0)`. The model is used as is (no DDP wrapper: world = 1). With
+    Its `train_step(step, alpha)` is the library's own step: the policy's labels, `draw_batch`,
+    collate, `per_example_loss`, the policy's objective, `batch_objective`, backward, per-task
+    sums, mixer report, gradient clipping, AdamW and the metric dict. The mixer is the
+    library's in-process `LocalMixer` (no Ray: the policy update runs inside the step, so its
+    cost is counted and the actor's round trip is not), or, when `client` is given (e.g.
+    `ama_ray.mixing.actor.RayMixer`), a fresh mixing actor on the running Ray and
+    `client(actor_name, 0)`. The model is used as is (no DDP wrapper: world = 1). With
     `tensorboard_dir`, `Job._log` writes TensorBoard scalars there, as rank 0 of a local run does.
     """
-    from ama_ray import dpo
-    from ama_ray.mixing import MixingSettings, make_policy
+    from ama_ray.mixing import LocalMixer
     from ama_ray.train.data import TaskStream
     from ama_ray.train.loop import Job, UnitSpec, WorkerState, lr_lambda
+    from ama_ray.train.progress import ProgressClient
 
     cfg = load_cfg(batch_size, lr)
     tasks = [f"task{i}" for i in range(len(rows_by_task))]
     spec = UnitSpec(cfg={}, kind="generalist", tasks=tasks, algorithm=algorithm, seed=seed, steps=10**9,
-                    model_path="", out_unit=["bench", algorithm], use_excess=algorithm in ("ama_r", "ama_s"),
-                    mode="reweight" if algorithm == "ama_r" else "sample")
-    mix = cfg.mixing
-    settings = MixingSettings(eta_alpha=mix.eta_alpha, smoothing=mix.smoothing, clip=mix.clip,
-                              excess_target=mix.excess_target, g_bound=mix.g_bound)
-    sizes = [len(r) for r in rows_by_task]
+                    model_path="", out_unit=["bench", algorithm], sizes=[len(r) for r in rows_by_task],
+                    settings=cfg.mixing.to_dict())
     if client is None:
-        mixer = LocalMixer(make_policy(algorithm, tasks, sizes, settings))
+        mixer = LocalMixer(spec.policy())
     else:
-        from ama_ray.mixing_actor import create_mixing_actor
+        from ama_ray.mixing.actor import create_mixing_actor
 
         spec.actor_name = f"bench-{algorithm}-{time.time_ns()}"
-        owner = create_mixing_actor(spec.actor_name, algorithm, tasks, sizes, settings)
-        mixer = client(spec, 0)
+        owner = create_mixing_actor(spec.actor_name, algorithm, tasks, spec.sizes, cfg.mixing)
+        mixer = client(spec.actor_name, 0)
         mixer.owner = owner  # a named actor dies with its creator's last handle
     optim = cfg.generalist.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
@@ -184,7 +157,8 @@ def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str,
         spec=spec, cfg=cfg, optim=optim, run=None, rank=0, world=1, model=model,
         streams=[TaskStream(t, rows, seed, 0) for t, rows in zip(tasks, rows_by_task)], eval_rows=[],
         optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, spec.steps)),
-        loss_cfg=dpo.DPOLossConfig(**cfg.dpo.model_dump()), mixer=mixer, pad_id=pad_id, state=WorkerState(),
+        loss_cfg=cfg.dpo, policy=spec.policy(), mixer=mixer, progress=ProgressClient(None, "bench", 0),
+        pad_id=pad_id, state=WorkerState(),
         writer=_writer(tensorboard_dir), tasks=tasks, k=len(tasks), best_dir=None,
     )
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from multiprocessing import Pool
 
-from ama_ray.data.competition import (
+from competition_measure import (
     METRICS,
     CompetitionSettings,
     competition_verdict,

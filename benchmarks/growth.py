@@ -70,18 +70,18 @@ def write_run(root: Path, tasks: list[str], rows_per_task: int, vocab: int, seed
     for task in tasks:
         ids = pa.array([f"{task}-{i:09d}" for i in range(rows_per_task)])
         units = {
-            "prepared": {"example_id": ids, "prompt_input_ids": ragged(rng, rows_per_task, 6, 16, vocab),
+            "prepare": {"example_id": ids, "prompt_input_ids": ragged(rng, rows_per_task, 6, 16, vocab),
                          "chosen_input_ids": ragged(rng, rows_per_task, 4, 9, vocab),
                          "rejected_input_ids": ragged(rng, rows_per_task, 4, 9, vocab)},
             "reference": {"example_id": ids, "ref_chosen_logps": pa.array(-rng.uniform(10, 40, rows_per_task)),
                           "ref_rejected_logps": pa.array(-rng.uniform(10, 40, rows_per_task))},
-            "scores": {"example_id": ids, "specialist_loss": pa.array(rng.uniform(0.55, 0.85, rows_per_task))},
+            "score": {"example_id": ids, "specialist_loss": pa.array(rng.uniform(0.55, 0.85, rows_per_task))},
         }
         for stage, columns in units.items():
-            unit = run.unit(stage, task)
+            unit = run.stage_unit(stage, task)
             unit.begin()
-            unit.write_parquet("train.parquet", pa.table(columns))
-            unit.commit("benchmark")
+            unit.write_parquet(unit.split_file("train"), pa.table(columns))
+            unit.commit("benchmark", rows={"train": rows_per_task, "validation": 0, "test": 0})
 
 
 def rss_mb() -> float:

@@ -3,13 +3,11 @@
 Arms (the library's `Job.train_step`, same model copy, rows, batch size, one torch thread):
   fixed              `balanced` (a fixed uniform mix), in-process policy;
   ama_s              AMA-S, in-process policy (sampling from alpha, clipped excess, EXP3 update);
-  fixed+actor        `balanced` through a real mixing actor (`MixerClient`, local Ray, loopback);
-  ama_s+actor        AMA-S through a real mixing actor: what a generalist worker runs;
-  ama_s+actor/early  the same with a patched client that asks for alpha_{t+1} right after
-                     sending step t's report, so the round trip overlaps the optimizer step
-                     (the change proposed in docs/performance.md; not in the library).
-Every actor arm fetches alpha_t before step t (`MixerClient.alpha`) as `Job.train` does. The
-round trip of one `get_alpha` call to the idle actor is measured as well.
+  fixed+actor        `balanced` through a real mixing actor (`RayMixer`, local Ray, loopback);
+  ama_s+actor        AMA-S through a real mixing actor: what a generalist worker runs.
+Every actor arm fetches alpha_t before step t (`RayMixer.alpha`) and asks for alpha_{t+1} right
+after sending step t's report, as `Job.train_step` does. The round trip of one `get_alpha` call
+to the idle actor is measured as well.
 
     python benchmarks/mixing_overhead.py [--reps 7] [--block 20] [--batch 8]
     python benchmarks/mixing_overhead.py --quick
@@ -30,22 +28,6 @@ import torch
 import common
 
 TARGET = 1.03
-
-
-def early_prefetch_client():
-    """`MixerClient` with the proposed change: prefetch alpha_{t+1} as soon as step t is reported."""
-    from ama_ray.train.loop import MixerClient
-
-    class EarlyPrefetch(MixerClient):
-        def report(self, step: int, stats: dict) -> None:
-            super().report(step, stats)
-            super().prefetch(step + 1)
-
-        def prefetch(self, step: int) -> None:
-            if self._pending is None or self._pending[0] != step:
-                super().prefetch(step)
-
-    return EarlyPrefetch
 
 
 def actor_rtt_ms(job, calls: int) -> float:
@@ -92,11 +74,10 @@ def main(argv: list[str] | None = None) -> str:
         jobs = {"fixed": job("balanced"), "ama_s": job("ama_s")}
         if not args.no_ray:
             from ama_ray.cluster import ensure_ray
-            from ama_ray.train.loop import MixerClient
+            from ama_ray.mixing.actor import RayMixer
 
             ensure_ray(num_cpus=1)
-            jobs.update({"fixed+actor": job("balanced", MixerClient), "ama_s+actor": job("ama_s", MixerClient),
-                         "ama_s+actor/early": job("ama_s", early_prefetch_client())})
+            jobs.update({"fixed+actor": job("balanced", RayMixer), "ama_s+actor": job("ama_s", RayMixer)})
         times = common.alternate({name: common.job_block(j) for name, j in jobs.items()}, args.reps, args.block)
         rtt = None if args.no_ray else actor_rtt_ms(jobs["ama_s+actor"], 20 if args.quick else 200)
     out = common.header("Mixing overhead: AMA-S vs a fixed mix", reps=args.reps, block=args.block,
@@ -111,7 +92,7 @@ def report(times: dict, rtt: float | None) -> str:
     checks = [("ama_s", "fixed", f"<= {TARGET}")]
     if "ama_s+actor" in times:
         checks += [("ama_s+actor", "fixed+actor", f"<= {TARGET}"), ("ama_s+actor", "ama_s", "(actor cost)"),
-                   ("ama_s+actor/early", "ama_s+actor", "(proposed change)"), ("ama_s+actor/early", "fixed", "(all-in)")]
+                   ("ama_s+actor", "fixed", "(all-in)")]
     ratio_rows = []
     for num, den, target in checks:
         row = [f"{num} / {den}"]

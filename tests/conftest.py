@@ -68,8 +68,7 @@ def tiny_run(ray_session, minimal_cfg):
 
     Returns (cfg, run_dir path). Tests must not modify it; copy it first (shutil.copytree).
     """
-    from ama_ray.stages import generalist, prepare, reference, score, specialists
+    from ama_ray import pipeline
 
-    for stage in (prepare, reference, specialists, score, generalist):
-        stage.run(minimal_cfg)
+    pipeline.run(minimal_cfg, through="generalist")
     return minimal_cfg, Path(minimal_cfg.run_dir)

@@ -27,9 +27,11 @@ def test_overrides_parse_as_yaml_and_index_lists():
     "override, key, hint",
     [
         ("mixing.bogus=1", "mixing.bogus", "allowed keys here: eta_alpha"),
-        ("mixing.smoothing=2", "mixing.smoothing", "less than or equal to 1"),
+        ("mixing.smoothing=2", "mixing.smoothing", "in [0, 1]"),
         ("dpo.beta=abc", "dpo.beta", "valid number"),
-        ("dpo.beta=-1", "dpo.beta", "greater than 0"),
+        ("dpo.beta=-1", "dpo.beta", "beta must be > 0"),
+        ("dpo.loss_type=ipo dpo.label_smoothing=0.1", "dpo.label_smoothing", "sigmoid' only"),
+        ("generalist.algorithms=[ama_r] generalist.optim.batch_size=2", "generalist.optim.batch_size", "at least 3"),
         ("generalist.algorithms=[foo]", "generalist.algorithms", "allowed: proportional"),
         ("data.tasks.0.name=refusal", "data.tasks", "duplicate task names"),
         ("specialists.optim.batch_size=5", "specialists.optim", "multiple of grad_accum"),
@@ -41,7 +43,7 @@ def test_bad_values_name_the_key(override, key, hint):
     if override.startswith("specialists"):
         override = [override, "specialists.optim.grad_accum=2"]
     else:
-        override = [override]
+        override = override.split(" ")
     with pytest.raises(ConfigError) as err:
         load_config(None, override)
     msg = str(err.value)

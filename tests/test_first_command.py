@@ -43,11 +43,11 @@ storage: {path: ./runs, run_name: first}
 @pytest.fixture
 def user_dir(tmp_path, model_cache):
     """A fresh working directory: the job file, a JSONL task and the (already built) tiny model."""
-    from ama_ray.config import TinyModelConfig
+    from ama_ray.models.tiny_settings import TinySettings
     from ama_ray.data.benchmark import generate
     from ama_ray.models.loading import resolve_model_path
 
-    resolve_model_path("tiny", model_cache, TinyModelConfig())  # built once per session
+    resolve_model_path("tiny", model_cache, TinySettings())  # built once per session
     shutil.copytree(model_cache, tmp_path / "cache")
     (tmp_path / "data").mkdir()
     rows = generate("arithmetic", 240, seed=3)

@@ -142,7 +142,7 @@ def test_fixed_weights_are_searched_per_task(minimal_cfg):
     assert all(isinstance(space[k], Float) for k in cfg.tune.search_space) and "algorithm" not in space
     params = dict(zip(cfg.tune.search_space, [0.6, 0.3, 0.1]))
     trial = trial_config(cfg.model_dump(mode="json"), params)
-    policy = make_policy("fixed", trial.task_names, [1] * len(trial.task_names), trial.mixing_settings())
+    policy = make_policy("fixed", trial.task_names, [1] * len(trial.task_names), trial.mixing)
     assert policy.weights().tolist() == pytest.approx([0.6, 0.3, 0.1])
 
     cfg.tune.search_space = {"mixing.fixed_weights.brackts": {"uniform": [0.02, 1.0]}}

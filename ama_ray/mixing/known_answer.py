@@ -127,7 +127,7 @@ def simulate(policy: MixingPolicy, tasks: QuadraticTasks, steps: int, lr: float,
         loss = 0.5 * ((theta - mu[labels] - eps) ** 2).sum(dim=1)
         specialist = 0.5 * (eps**2).sum(dim=1)
         objective = batch_objective(policy.objective(loss, specialist), labels,
-                                    policy.loss_weights())
+                                    policy.loss_weights(policy.weights()))
         (grad,) = torch.autograd.grad(objective, theta)
         theta = (theta - lr * grad).detach()
         policy.update(_step_stats(labels.numpy(), loss.detach().numpy(), specialist.numpy(), k))

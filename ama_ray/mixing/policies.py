@@ -1,9 +1,13 @@
 """Mixing policies: the baselines, AMA-R (Group-DRO mirror ascent) and AMA-S (EXP3).
 
-One policy holds alpha_t, the mixture used by optimizer step t (steps count from 0). The
-training loop calls `sample` (or uses `loss_weights`) with alpha_t, trains step t, then passes
-the step's per-task sums to `update`, which returns the history record of step t and moves
-to alpha_{t+1}. All state is float64 and round-trips exactly through `state_dict`.
+One policy holds alpha_t, the mixture used by optimizer step t (steps count from 0), and
+answers every question the training step asks about its algorithm: `labels(alpha_t, n, rng)`
+(which task each example comes from), `objective(loss, specialist_loss)` (the per-example e
+theta minimises) and `loss_weights(alpha_t)` (AMA-R's per-task multipliers). These three take
+alpha_t as an argument, so a worker that gets alpha_t from a shared service (`service.py`)
+asks its own copy of the policy. After step t, `update` takes the step's per-task sums,
+returns the step's history record and moves to alpha_{t+1}. All state is float64 and
+round-trips exactly through `state_dict`. No other module knows an algorithm's name.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def draw_tasks(mode: str, alpha: np.ndarray, n: int, rng: np.random.Generator) -
 
     mode "sample": i.i.d. draws from alpha. mode "reweight" (AMA-R): stratified, equal shares
     by largest remainder (ties broken by `rng`), shuffled; alpha enters the loss instead, and a
-    per-worker batch n < k raises ConfigError naming `training.batch_size`.
+    per-worker batch n < k raises ConfigError naming `generalist.optim.batch_size` (the config
+    refuses it when loaded; this guards direct callers).
     Workers that get alpha from the mixing actor call this with the actor's reply.
     """
     k = len(alpha)
@@ -56,7 +61,7 @@ def draw_tasks(mode: str, alpha: np.ndarray, n: int, rng: np.random.Generator) -
         return rng.choice(k, size=n, p=alpha)
     if n < k:
         raise ConfigError(f"ama_r needs every task in every per-worker batch: batch {n} < "
-                          f"{k} tasks", where="training.batch_size",
+                          f"{k} tasks", where="generalist.optim.batch_size",
                           fix=f"use a per-worker batch of at least {k}")
     counts = largest_remainder(np.ones(k), n, rng)
     return rng.permutation(np.repeat(np.arange(k), counts))
@@ -92,11 +97,20 @@ class MixingPolicy:
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Task index of each of n examples, shape (n,), for step `self.step` (see `draw_tasks`)."""
-        return draw_tasks(self.mode, self.weights(), n, rng)
+        return self.labels(self.weights(), n, rng)
 
-    def loss_weights(self) -> np.ndarray | None:
-        """Multipliers on per-task means in theta's objective; None: plain mean over the batch."""
+    def labels(self, alpha: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Task index of each of n examples of a step that uses mixture `alpha` (`draw_tasks`)."""
+        return draw_tasks(self.mode, alpha, n, rng)
+
+    def loss_weights(self, alpha: np.ndarray) -> np.ndarray | None:
+        """Multipliers on per-task means in theta's objective at mixture `alpha`; None: plain mean."""
         return None
+
+    @property
+    def min_batch_size(self) -> int:
+        """The smallest per-worker batch the algorithm accepts (AMA-R: one example per task)."""
+        return self.k if self.mode == "reweight" else 1
 
     def objective(self, loss: "torch.Tensor", specialist_loss: "torch.Tensor") -> "torch.Tensor":
         """Per-example e that theta minimises (AMA: the excess per `clip`/`excess_target`)."""
@@ -210,6 +224,21 @@ class Fixed(_StaticPolicy):
         super().__init__(tasks, settings, alpha)
 
 
+class Specialist(_StaticPolicy):
+    """One task, alpha = [1], theta on the plain loss: a specialist is the loop with k = 1."""
+
+    algorithm = "specialist"
+
+    def __init__(self, tasks: Sequence[str], settings: MixingSettings):
+        if len(tasks) != 1:
+            raise ConfigError(f"a specialist trains one task, got {list(tasks)}", where="data.tasks",
+                              fix="train one specialist per task")
+        super().__init__(tasks, settings, [1.0])
+
+    def objective(self, loss: "torch.Tensor", specialist_loss: "torch.Tensor | None") -> "torch.Tensor":
+        return loss
+
+
 class _LogWeightPolicy(MixingPolicy):
     """alpha = (1 - c) softmax(w) + c / k with log-weights w (no underflow); w += eta_alpha g."""
 
@@ -240,8 +269,8 @@ class AmaR(_LogWeightPolicy):
     algorithm = "ama_r"
     mode = "reweight"
 
-    def loss_weights(self) -> np.ndarray:
-        return self.weights()
+    def loss_weights(self, alpha: np.ndarray) -> np.ndarray:
+        return np.asarray(alpha, dtype=np.float64)
 
 
 class AmaS(_LogWeightPolicy):
@@ -272,7 +301,7 @@ def make_policy(algorithm: str, tasks: Sequence[str], sizes: Sequence[int],
     Raises ConfigError naming the setting: unknown algorithm, empty or repeated task names,
     sizes that are not positive integers, smoothing 0 for ama_s, bad fixed/initial weights.
     """
-    if algorithm not in ALGORITHMS:
+    if algorithm not in POLICIES:
         raise ConfigError(f"unknown algorithm {algorithm!r}", where="generalist.algorithms",
                           fix=f"use some of {', '.join(ALGORITHMS)}")
     tasks = tuple(tasks)
@@ -287,6 +316,11 @@ def make_policy(algorithm: str, tasks: Sequence[str], sizes: Sequence[int],
                           "weights)", where="mixing.smoothing", fix="use e.g. 0.1")
     if algorithm == "proportional":
         return Proportional(tasks, settings, sizes)
-    if algorithm == "fixed":
-        return Fixed(tasks, settings)
-    return {"balanced": Balanced, "ama_r": AmaR, "ama_s": AmaS}[algorithm](tasks, settings)
+    return POLICIES[algorithm](tasks, settings)
+
+
+POLICIES: dict[str, type[MixingPolicy]] = {
+    cls.algorithm: cls for cls in (Proportional, Balanced, Fixed, AmaR, AmaS, Specialist)
+}
+"""Every policy by name: the generalist's ALGORITHMS, plus `specialist` (one task, plain loss)."""
+assert set(ALGORITHMS) < set(POLICIES)

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from ama_ray.checks import check_choice, check_number
 from ama_ray.errors import ConfigError
 
 ALGORITHMS = ("proportional", "balanced", "fixed", "ama_r", "ama_s")
@@ -35,7 +36,8 @@ BASELINE_OBJECTIVES = ("loss", "excess")
 
 @dataclass
 class MixingSettings:
-    """Hyperparameters of the mixing policies (`mixing.*` in the config); validated on creation.
+    """Hyperparameters of the mixing policies (`mixing.*` in the config): the one class that owns
+    their defaults, help and range checks; validated on creation.
 
     Raises `ConfigError` naming the key (e.g. `mixing.smoothing`) for a value out of range.
     Algorithm-specific rules (c > 0 for AMA-S, `fixed_weights` for `fixed`) are checked by
@@ -66,12 +68,12 @@ class MixingSettings:
     """What the baselines' theta minimises: loss (plain DPO, the default) | excess (ablation)."""
 
     def __post_init__(self) -> None:
-        _check_real("mixing.eta_alpha", self.eta_alpha, low=0.0)
-        _check_real("mixing.smoothing", self.smoothing, low=0.0, high=1.0)
-        _check_real("mixing.g_bound", self.g_bound, low=0.0, low_open=True)
-        _check_choice("mixing.clip", self.clip, CLIP_MODES)
-        _check_choice("mixing.excess_target", self.excess_target, EXCESS_TARGETS)
-        _check_choice("mixing.baseline_objective", self.baseline_objective, BASELINE_OBJECTIVES)
+        check_number("mixing.eta_alpha", self.eta_alpha, low=0.0)
+        check_number("mixing.smoothing", self.smoothing, low=0.0, high=1.0)
+        check_number("mixing.g_bound", self.g_bound, low=0.0, low_open=True)
+        check_choice("mixing.clip", self.clip, CLIP_MODES)
+        check_choice("mixing.excess_target", self.excess_target, EXCESS_TARGETS)
+        check_choice("mixing.baseline_objective", self.baseline_objective, BASELINE_OBJECTIVES)
         for key in ("initial_weights", "fixed_weights"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, dict):
@@ -85,23 +87,6 @@ class MixingSettings:
     def used_by(self, algorithm: str) -> dict:
         """The fields `algorithm` reads (USED_SETTINGS), as a plain dict."""
         return {k: v for k, v in self.to_dict().items() if k in USED_SETTINGS[algorithm]}
-
-
-def _check_real(key: str, value, *, low: float, high: float = math.inf,
-                low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        upper = f"{high:g}]" if math.isfinite(high) else "inf)"
-        raise ConfigError(f"{value!r} is not a finite number in {bracket}{low:g}, {upper}",
-                          where=key, fix="set it inside that range")
-
-
-def _check_choice(key: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown value {value!r}", where=key,
-                          fix=f"use one of {', '.join(choices)}")
 
 
 def weights_vector(key: str, weights: dict[str, float], tasks: Sequence[str], *,

@@ -16,7 +16,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ama_ray.dpo import pad_sequences, sequence_logps
 from ama_ray.models import cache
+from ama_ray.models.tiny_settings import TinySettings
 
 logger = logging.getLogger(__name__)
 
@@ -39,32 +40,6 @@ CHAT_TEMPLATE = (
 )
 # Bump when the build recipe changes, so cached bases from an older recipe are not reused.
 RECIPE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TinySettings:
-    """Everything that determines the tiny base; its hash keys the cache directory."""
-
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 128
-    max_position_embeddings: int = 256
-    num_merges: int = 300
-    seed: int = 0
-    sft_steps: int = 800
-    sft_examples_per_task: int = 2000
-    sft_batch_size: int = 32
-    sft_lr: float = 3e-3  # 1e-3 left 2-digit addition at ~4% exact match after 1,200 steps; 3e-3: ~89%
-    sft_chosen_share: float = 0.5  # see tokenize_sft_examples: 1.0 saturated the preferences (refusal at 100%)
-
-    @classmethod
-    def from_any(cls, settings: Any = None) -> "TinySettings":
-        """Take the matching fields of a config section, a mapping or None (defaults)."""
-        if settings is None or isinstance(settings, cls):
-            return settings or cls()
-        get = settings.get if isinstance(settings, dict) else lambda k, d: getattr(settings, k, d)
-        return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
 
 
 def train_tokenizer(texts: Iterable[str], num_merges: int = 300) -> PreTrainedTokenizerFast:

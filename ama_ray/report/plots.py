@@ -14,11 +14,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ama_ray.mixing.settings import ALGORITHMS  # noqa: E402
 from ama_ray.report.sources import History  # noqa: E402
 
-ALGORITHM_COLORS = {
-    "proportional": "tab:blue", "balanced": "tab:orange", "fixed": "tab:purple", "ama_r": "tab:green", "ama_s": "tab:red",
-}
+# One color per algorithm, in `ALGORITHMS` order (the same color in every plot and report).
+ALGORITHM_COLORS = dict(zip(ALGORITHMS, ("tab:blue", "tab:orange", "tab:purple", "tab:green", "tab:red", "tab:cyan", "tab:olive")))
 BASE_COLOR, SPECIALIST_COLOR = "0.65", "0.2"
 TASK_COLORS = plt.get_cmap("Dark2").colors
 DPI = 110

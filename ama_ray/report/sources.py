@@ -15,11 +15,10 @@ import io
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ama_ray.storage import RunDir
+from ama_ray.storage import MIXING_HISTORY, RESULTS_CSV, RunDir, Unit
 
 log = logging.getLogger(__name__)
 TUNE_OBJECTIVE = "eval/excess_loss/worst"
@@ -47,11 +46,11 @@ def load_histories(run: RunDir, doc: dict) -> list[History]:
     tasks = [t["name"] for t in doc["tasks"]]
     out = []
     for algorithm, seed in generalists(doc):
-        unit = run.unit("generalist", algorithm, f"seed{seed}")
-        if not unit.exists("mixing_history.parquet"):
+        unit = run.generalist(algorithm, seed)
+        if not unit.exists(MIXING_HISTORY):
             log.warning("report: no mixing history in %s", unit.path)
             continue
-        table = unit.read_parquet("mixing_history.parquet").to_pydict()
+        table = unit.read_parquet(MIXING_HISTORY).to_pydict()
         hist = History(algorithm, seed, np.asarray(table["step"]) + 1)  # stored step t is the t-th update, 0-based
         for task in tasks:
             hist.alpha[task] = np.asarray(table[f"alpha/{task}"], dtype=float)
@@ -68,12 +67,12 @@ def _per_example(table: dict, name: str, task: str) -> np.ndarray:
     return np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0)
 
 
-def load_scalars(run: RunDir, *unit: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_scalars(run: RunDir, unit: Unit) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """TensorBoard scalars of one training unit as {tag: (steps, values)}; {} when none were written.
 
     A resumed run repeats steps: the last value written for a step wins.
     """
-    folder = Path(run.root, "tensorboard", *unit)
+    folder = run.tensorboard(unit)
     if not run.is_local or not folder.is_dir() or not any(folder.glob("events.out.tfevents.*")):
         return {}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -92,7 +91,7 @@ def load_scalars(run: RunDir, *unit: str) -> dict[str, tuple[np.ndarray, np.ndar
 
 def load_tune(run: RunDir) -> list[dict] | None:
     """Rows of `tune/results.csv` ({column: value}, numbers as floats), or None when there is no study."""
-    path = f"{run.root}/tune/results.csv"
+    path = run.tune().file(RESULTS_CSV)
     from pyarrow import fs as pafs
 
     if run.fs.get_file_info(path).type == pafs.FileType.NotFound:

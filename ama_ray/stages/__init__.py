@@ -1,13 +1,39 @@
-"""One module per pipeline stage; each exposes `run(cfg, force=...) -> list[str]` (paths written)."""
+"""One module per pipeline stage; each exposes `run(cfg, force=...) -> list[str]` (paths written).
+
+`STAGES` is the one list of them, in pipeline order: `ama_ray.pipeline.run` runs them in this
+order, the CLI makes a subcommand of each, and `--force` accepts their names (and `tune`).
+"""
 
 from __future__ import annotations
 
-from ama_ray.config import Config
-from ama_ray.storage import RunDir
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI reads STAGES before anything heavy is imported
+    from ama_ray.config import Config
+    from ama_ray.storage import RunDir
+
+STAGES = {
+    "prepare": "read, normalise, split and tokenize every task",
+    "reference": "reference log-probs of the base model (Ray Data)",
+    "specialists": "one DPO specialist per task, trained concurrently (Ray Train)",
+    "score": "per-example specialist losses (Ray Data)",
+    "generalist": "the mixed generalist for each algorithm and seed (Ray Train + mixing actor)",
+    "evaluate": "per-task test-split metrics for base, specialists and generalists",
+    "report": "report.md and report.html from the saved files",
+}
+
+
+def stage(name: str) -> ModuleType:
+    """The module of stage `name` (`ama_ray.stages.<name>`)."""
+    return importlib.import_module(f"ama_ray.stages.{name}")
 
 
 def open_run(cfg: Config) -> RunDir:
     """The run directory of `cfg`, checked writable (StorageError otherwise)."""
+    from ama_ray.storage import RunDir
+
     cfg.require_resolved("the driver")
     run = RunDir(cfg.run_dir)
     run.check_writable()

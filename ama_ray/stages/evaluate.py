@@ -24,12 +24,11 @@ from ama_ray.config import Config, short_hash
 from ama_ray.errors import StageInputError
 from ama_ray.report.schema import aggregate_algorithms, csv_text, model_aggregates, specialists_own_task
 from ama_ray.stages import base_model_path, model_identity, open_run
-from ama_ray.storage import RunDir
+from ama_ray.storage import METRICS_CSV, METRICS_JSON, MODEL_DIR, RunDir
 from ama_ray.train.data import REPORT_SPLIT, SELECT_SPLIT, require_split_unit
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
-UNIT = "eval"
 SCHEMA_VERSION = 2  # 2: metrics are on the test split, labelled `run.split`; 1 read the train/eval split
 LOG2 = math.log(2.0)
 GENERATION = "generation/accuracy"
@@ -63,20 +62,20 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     Raises StageInputError when scores (needed for the excess loss) are missing.
     """
     run_dir = open_run(cfg)
-    unit = run_dir.unit(UNIT)
+    unit = run_dir.evaluation()
     models, missing = find_models(cfg, run_dir)
     digest = evaluate_hash(cfg, run_dir, models)
-    files = [unit.file("metrics.json"), unit.file("metrics.csv")]
+    files = [unit.file(METRICS_JSON), unit.file(METRICS_CSV)]
     if STAGE not in force and unit.is_committed(digest):
         log.info("evaluate: already committed for these models, skipping")
-        warn(unit.read_json("metrics.json")["flags"])
+        warn(unit.read_json(METRICS_JSON)["flags"])
         return files
     results = evaluate_all(cfg, run_dir, models)
     doc = build_document(cfg, run_dir, models, results, missing, digest)
     warn(doc["flags"])
     unit.begin()
-    unit.write_json("metrics.json", doc)
-    with unit.fs.open_output_stream(unit.file("metrics.csv")) as out:
+    unit.write_json(METRICS_JSON, doc)
+    with unit.fs.open_output_stream(unit.file(METRICS_CSV)) as out:
         out.write(csv_text(doc).encode())
     unit.commit(digest, stage=STAGE, schema_version=SCHEMA_VERSION, models=[m.key for m in models], flags=len(doc["flags"]))
     log.info("evaluate: %d models x %d tasks -> %s", len(models), len(cfg.task_names), unit.path)
@@ -92,29 +91,30 @@ def warn(flags: list[dict]) -> None:
 def find_models(cfg: Config, run_dir: RunDir) -> tuple[list[ModelRef], list[str]]:
     """The base, committed specialists and committed configured generalists; and the missing keys."""
     for task in cfg.task_names:
-        require_split_unit(run_dir, "scores", task)
+        require_split_unit(run_dir, "score", task)
     models = [ModelRef("base", "base", None, base_model_path(cfg), None)]
-    wanted = [("specialist/" + t, "specialist", ("specialists", t), dict(own_task=t)) for t in cfg.task_names]
+    wanted = [("specialist/" + t, "specialist", run_dir.specialist(t), dict(own_task=t)) for t in cfg.task_names]
     wanted += [
-        (f"generalist/{a}/seed{s}", "generalist", ("generalist", a, f"seed{s}"), dict(algorithm=a, seed=s))
+        (f"generalist/{a}/seed{s}", "generalist", run_dir.generalist(a, s), dict(algorithm=a, seed=s))
         for a in cfg.generalist.algorithms for s in cfg.generalist.seeds
     ]
     missing = []
-    for key, kind, parts, extra in wanted:
-        man = run_dir.unit(*parts).manifest()
+    for key, kind, unit, extra in wanted:
+        man = unit.manifest()
         if man is None:
             missing.append(key)
             continue
-        models.append(ModelRef(key, kind, parts, run_dir.unit(*parts).path, man.get("committed_at"), **extra))
+        models.append(ModelRef(key, kind, unit.parts, unit.path, man.get("committed_at"), **extra))
     return models, missing
 
 
 def evaluate_hash(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> str:
     """Settings + the commit times of every evaluated model and its inputs: a retrained model re-evaluates."""
     inputs = {m.key: m.committed_at or model_identity(cfg) for m in models}
-    for stage in ("prepared", "reference", "scores"):
+    for stage in ("prepare", "reference", "score"):
         for task in cfg.task_names:
-            inputs[f"{stage}/{task}"] = (run_dir.unit(stage, task).manifest() or {}).get("committed_at")
+            unit = run_dir.stage_unit(stage, task)
+            inputs[unit.label] = (unit.manifest() or {}).get("committed_at")
     settings = cfg.section_hash("model.name", "model.dtype", "data", "dpo", "eval.generation_examples", "eval.max_new_tokens")
     return settings + "-" + short_hash({"schema": SCHEMA_VERSION, "inputs": inputs})
 
@@ -131,7 +131,7 @@ def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> dict[s
     remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(evaluate_model)
     tasks = [(t.name, t.benchmark) for t in cfg.data.tasks]
     settings = {
-        "loss": cfg.dpo.model_dump(), "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
+        "loss": cfg.dpo.to_dict(), "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
         "batch_size": cfg.reference.batch_size, "generation_examples": cfg.eval.generation_examples,
         "max_new_tokens": cfg.eval.max_new_tokens,
     }
@@ -167,7 +167,7 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
     torch.set_num_threads(1)  # one Ray CPU per task; more threads only contend on small hosts
     run = RunDir(run_uri)
     copy = None if model["unit"] is None else run.unit(*model["unit"]).local_copy()
-    path = model["path"] if copy is None else str(copy / "model")
+    path = model["path"] if copy is None else str(copy / MODEL_DIR)
     net = load_model(path, dtype=settings["dtype"], trust_remote_code=settings["trust_remote_code"])
     tokenizer = load_tokenizer(path, trust_remote_code=settings["trust_remote_code"])
     if copy is not None and not run.is_local:
@@ -185,7 +185,8 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
             per_task[scope][metric] = value
     for name, benchmark in tasks:
         if benchmark and settings["generation_examples"] > 0:
-            prompts = run.unit("prepared", name).read_parquet(f"{REPORT_SPLIT}.parquet", columns=["example_id", "prompt", "prompt_input_ids"])
+            prepared = run.prepared(name)
+            prompts = prepared.read_parquet(prepared.split_file(REPORT_SPLIT), columns=["example_id", "prompt", "prompt_input_ids"])
             prompts = prompts.sort_by("example_id").slice(0, settings["generation_examples"]).to_pylist()
             per_task[name][GENERATION] = generation_accuracy(net, tokenizer, benchmark, prompts, settings)
     return {"per_task": per_task, "seconds": time.perf_counter() - start}
@@ -246,7 +247,7 @@ def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results
         "run": {
             "run_dir": run_dir.uri, "run_name": cfg.storage.run_name, "config_hash": digest, "split": REPORT_SPLIT,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(), "base_model": base_model_path(cfg),
-            "dpo": cfg.dpo.model_dump(), "generation_examples": cfg.eval.generation_examples,
+            "dpo": cfg.dpo.to_dict(), "generation_examples": cfg.eval.generation_examples,
             "max_new_tokens": cfg.eval.max_new_tokens, "algorithms": cfg.generalist.algorithms, "seeds": cfg.generalist.seeds,
         },
         "tasks": [_task_entry(run_dir, t) for t in cfg.data.tasks],
@@ -259,7 +260,7 @@ def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results
 
 
 def _task_entry(run_dir: RunDir, task) -> dict:
-    rows = (run_dir.unit("prepared", task.name).manifest() or {}).get("rows", {})
+    rows = (run_dir.prepared(task.name).manifest() or {}).get("rows", {})
     return {
         "name": task.name, "benchmark": task.benchmark, "verifier": task.benchmark is not None,
         "test_examples": rows.get(REPORT_SPLIT), "validation_examples": rows.get(SELECT_SPLIT), "train_examples": rows.get("train"),
@@ -340,19 +341,19 @@ def _finite(obj):
 
 def load_metrics(run_dir: RunDir) -> dict:
     """The committed metrics.json of a run directory; StageInputError if absent or of another schema."""
-    unit = run_dir.unit(UNIT)
-    unit.require("the evaluation (eval/metrics.json)", fix="run `ama-ray evaluate` first")
-    doc = unit.read_json("metrics.json")
+    unit = run_dir.evaluation()
+    unit.require(f"the evaluation ({unit.file(METRICS_JSON)})", fix="run `ama-ray evaluate` first")
+    doc = unit.read_json(METRICS_JSON)
     if doc.get("schema_version") == 1:
         raise StageInputError(
             "metrics.json was computed on the train/eval split of an older ama_ray (schema_version 1), not the test split",
-            where=unit.file("metrics.json"),
+            where=unit.file(METRICS_JSON),
             fix="rerun `ama-ray run --force prepare` in this run directory (selection now reads validation and reports read test)",
         )
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise StageInputError(
             f"metrics.json has schema_version {doc.get('schema_version')}, this ama_ray reads {SCHEMA_VERSION}",
-            where=unit.file("metrics.json"),
+            where=unit.file(METRICS_JSON),
             fix="rerun `ama-ray evaluate --force evaluate`",
         )
     return doc

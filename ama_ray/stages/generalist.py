@@ -19,8 +19,8 @@ from ama_ray.config import Config, short_hash
 from ama_ray.errors import AmaError
 from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.score import check_scores_match, score_hash
-from ama_ray.stages.specialists import fresh_checkpoints
-from ama_ray.storage import RunDir
+from ama_ray.storage import MIXING_HISTORY, RunDir
+from ama_ray.train.checkpointing import fresh_checkpoints
 from ama_ray.train.data import require_prepared
 from ama_ray.train.launch import check_unit_resources, fit_unit, run_concurrently
 from ama_ray.train.loop import UnitSpec
@@ -32,8 +32,8 @@ STAGE = "generalist"
 def generalist_hash(cfg: Config, algorithm: str, seed: int) -> str:
     """What a generalist unit was trained with; only the mixing settings its algorithm reads
     count, so e.g. adding a tuned `fixed` arm leaves the committed AMA units valid."""
-    mixing = short_hash(cfg.mixing_settings().used_by(algorithm))
-    training = cfg.section_hash("generalist.optim", "generalist.baseline_excess", "scaling.num_workers", "model.lora", "scaling.deepspeed")
+    mixing = short_hash(cfg.mixing.used_by(algorithm))
+    training = cfg.section_hash("generalist.optim", "scaling.num_workers", "model.lora", "scaling.deepspeed")
     return f"{score_hash(cfg)}-{training}-{mixing}-{algorithm}-{seed}"
 
 
@@ -48,7 +48,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     run_dir = open_run(cfg)
     pending = [
         (a, s) for a, s in units(cfg)
-        if STAGE in force or not run_dir.unit(STAGE, a, f"seed{s}").is_committed(generalist_hash(cfg, a, s))
+        if STAGE in force or not run_dir.generalist(a, s).is_committed(generalist_hash(cfg, a, s))
     ]
     if pending:
         check_scores_match(run_dir, cfg)
@@ -61,7 +61,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
             for a, s in pending
         ]
         run_concurrently(jobs, cfg.generalist.max_concurrent, progress_name=f"progress:{cfg.storage.run_name}:{STAGE}")
-    return [run_dir.unit(STAGE, a, f"seed{s}").path for a, s in units(cfg)]
+    return [run_dir.generalist(a, s).path for a, s in units(cfg)]
 
 
 def train_sizes(run_dir: RunDir, cfg: Config) -> list[int]:
@@ -83,39 +83,38 @@ def train_generalist(
     """
     import ray
 
-    from ama_ray.mixing_actor import create_mixing_actor
+    from ama_ray.mixing.actor import create_mixing_actor
 
     run_dir = RunDir(cfg.run_dir)
-    out = [STAGE, algorithm, f"seed{seed}"] if trial is None else ["tune", trial, algorithm, f"seed{seed}"]
-    unit = run_dir.unit(*out)
+    unit = run_dir.generalist(algorithm, seed, trial)
+    stage = STAGE if trial is None else "tune"
     digest = generalist_hash(cfg, algorithm, seed)
-    fresh_checkpoints(run_dir, STAGE if trial is None else "tune", "_".join(out[1:]), digest, force)
+    fresh_checkpoints(run_dir, stage, unit, digest, force)
     unit.begin()
     name = actor_name(cfg, algorithm, seed, trial)
     _kill_actor(name)
-    actor = create_mixing_actor(name, algorithm, cfg.task_names, sizes, cfg.mixing_settings())
+    settings = cfg.mixing
+    actor = create_mixing_actor(name, algorithm, cfg.task_names, sizes, settings)
     spec = UnitSpec(
         cfg=cfg.model_dump(mode="json"), kind="generalist", tasks=cfg.task_names, algorithm=algorithm, seed=seed,
-        steps=cfg.generalist.optim.steps, model_path=model_path, out_unit=out, actor_name=name,
-        progress_name=f"progress:{cfg.storage.run_name}:{STAGE}",
-        use_excess=algorithm in ("ama_r", "ama_s") or cfg.generalist.baseline_excess,
-        mode="reweight" if algorithm == "ama_r" else "sample",
+        steps=cfg.generalist.optim.steps, model_path=model_path, out_unit=list(unit.parts), sizes=list(sizes),
+        settings=settings.to_dict(), actor_name=name, progress_name=f"progress:{cfg.storage.run_name}:{STAGE}",
     )
     try:
-        result = fit_unit(cfg, spec, STAGE if trial is None else "tune", callbacks=callbacks)
+        result = fit_unit(cfg, spec, stage, callbacks=callbacks)
         history = ray.get(actor.history.remote())
     except Exception as err:
         if _alive(actor):
             raise
         # A fresh actor would restart from uniform weights: stop instead; a rerun restores it.
         raise AmaError(
-            f"the mixing actor of {'/'.join(out)} died during training; stopped rather than train on with reset mixing weights",
+            f"the mixing actor of {unit.label} died during training; stopped rather than train on with reset mixing weights",
             where=f"actor {NAMESPACE}/{name}",
             fix="rerun the same command: training resumes from the last checkpoint, which restores the actor's state",
         ) from err
     finally:
         ray.kill(actor)
-    unit.write_parquet("mixing_history.parquet", history_table(history, cfg.task_names))
+    unit.write_parquet(MIXING_HISTORY, history_table(history, cfg.task_names))
     final = dict(result.metrics or {})
     alphas = np.array([np.asarray(r["alpha"], dtype=float) for r in history]) if history else np.zeros((0, len(sizes)))
     unit.commit(

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from ama_ray.config import Config, DataConfig, TaskConfig
-from ama_ray.errors import ConfigError, DataError
+from ama_ray.errors import DataError
 from ama_ray.stages import base_model_path, model_identity, open_run
 from ama_ray.train.data import SPLITS
 
@@ -33,12 +33,12 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     """Prepare every task not already committed with the same settings; returns unit paths."""
     run_dir = open_run(cfg)
     digest = prepare_hash(cfg)
-    pending = [t for t in cfg.data.tasks if STAGE in force or not run_dir.unit("prepared", t.name).is_committed(digest)]
+    pending = [t for t in cfg.data.tasks if STAGE in force or not run_dir.prepared(t.name).is_committed(digest)]
     for t in cfg.data.tasks:
         if t not in pending:
             log.info("prepare: %s already committed, skipping", t.name)
     if not pending:
-        return [run_dir.unit("prepared", t.name).path for t in cfg.data.tasks]
+        return [run_dir.prepared(t.name).path for t in cfg.data.tasks]
     model_path = base_model_path(cfg)
     from ama_ray.models.loading import load_tokenizer
 
@@ -49,7 +49,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     tokenized = tokenize_all(cfg, model_path, examples)
     for task in pending:
         _write_task(cfg, run_dir, task, tokenized[task.name], drops[task.name], digest, model_path)
-    return [run_dir.unit("prepared", t.name).path for t in cfg.data.tasks]
+    return [run_dir.prepared(t.name).path for t in cfg.data.tasks]
 
 
 def prepare_hash(cfg: Config) -> str:
@@ -61,14 +61,8 @@ def prepare_hash(cfg: Config) -> str:
 def raw_rows(cfg: Config, task: TaskConfig) -> Iterator[tuple[str, dict]]:
     """(where, row) pairs of a task's source; `where` names the file and line/row for errors."""
     if task.benchmark is not None:
-        from ama_ray.data import benchmark
+        from ama_ray.data import benchmark  # the task name was checked when the config loaded
 
-        if task.benchmark not in benchmark.TASKS:
-            raise ConfigError(
-                f"unknown benchmark task '{task.benchmark}'",
-                where=f"data.tasks[{task.name}].benchmark",
-                fix=f"use one of {', '.join(benchmark.TASKS)}",
-            )
         opts = {"flagged_share": cfg.data.arithmetic_flagged_share} if task.benchmark == "arithmetic" else {}
         seed = cfg.data.seed * 1000 + _stable_int(task.name) % 1000
         for i, row in enumerate(benchmark.generate(task.benchmark, task.size, seed=seed, **opts)):
@@ -138,7 +132,7 @@ def heldout_sizes(n: int, data: DataConfig, task: str, where: str) -> tuple[int,
             f"task '{task}' has {n} usable rows: too few for {n_val} validation and {n_test} test examples "
             f"(data.min_heldout_examples={data.min_heldout_examples}) and a training split",
             where=where,
-            fix=f"add rows to the task, or lower data.min_heldout_examples (held-out sets under ~50 pairs make selection and reporting noisy)",
+            fix="add rows to the task, or lower data.min_heldout_examples (held-out sets under ~50 pairs make selection and reporting noisy)",
         )
     return n_val, n_test
 
@@ -224,10 +218,10 @@ def _write_task(cfg: Config, run_dir, task: TaskConfig, rows: list[dict], drops:
     splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for r in rows:
         splits[assigned[r["example_id"]]].append(r)
-    unit = run_dir.unit("prepared", task.name)
+    unit = run_dir.prepared(task.name)
     unit.begin()
     for split, part in splits.items():
-        unit.write_parquet(f"{split}.parquet", _table(part))
+        unit.write_parquet(unit.split_file(split), _table(part))
     unit.commit(
         digest,
         stage=STAGE,

@@ -33,12 +33,12 @@ def check_same_model(run_dir, tasks: list[str], model_path: str, identity: str) 
     Compares the model's identity (`stages.model_identity`), so the same model reached by another
     path passes; manifests written before identities were recorded compare paths."""
     for task in tasks:
-        prepared = run_dir.unit("prepared", task).manifest() or {}
+        prepared = run_dir.prepared(task).manifest() or {}
         same = prepared.get("model_identity") == identity if "model_identity" in prepared else prepared.get("model") == model_path
         if not same:
             raise StageInputError(
                 f"task '{task}' was tokenized for model {prepared.get('model')} but the base model is now {model_path}",
-                where=run_dir.unit("prepared", task).path,
+                where=run_dir.prepared(task).path,
                 fix="rerun with --force prepare (the tokenizer may differ)",
             )
 
@@ -47,25 +47,26 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     """Compute reference log-probs for every task not yet committed; returns unit paths."""
     run_dir = open_run(cfg)
     digest = reference_hash(cfg)
-    pending = [t for t in cfg.task_names if STAGE in force or not run_dir.unit(STAGE, t).is_committed(digest)]
+    pending = [t for t in cfg.task_names if STAGE in force or not run_dir.reference(t).is_committed(digest)]
     if pending:
         tables = []
         for task in pending:
             require_prepared(run_dir, task)
             for split in SPLITS:
-                t = run_dir.unit("prepared", task).read_parquet(f"{split}.parquet", columns=PREPARED_COLUMNS)
+                prepared = run_dir.prepared(task)
+                t = prepared.read_parquet(prepared.split_file(split), columns=PREPARED_COLUMNS)
                 tables.append(t.append_column("split", pa.array([f"{task}/{split}"] * t.num_rows)))
         model_path = base_model_path(cfg)
         check_same_model(run_dir, pending, model_path, model_identity(cfg))
         log.info("reference: %d tasks with %s", len(pending), model_path)
         result = infer(cfg, pa.concat_tables(tables), model_path, loss_cfg=None)
         for task in pending:
-            unit = run_dir.unit(STAGE, task)
+            unit = run_dir.reference(task)
             unit.begin()
             rows = {}
             for split in SPLITS:
                 part = result.filter(pc.equal(result["split"], f"{task}/{split}")).drop_columns(["split"]).sort_by("example_id")
-                unit.write_parquet(f"{split}.parquet", part)
+                unit.write_parquet(unit.split_file(split), part)
                 rows[split] = part.num_rows
             unit.commit(digest, stage=STAGE, model=model_path, dtype=cfg.model.dtype, padding_side=PADDING_SIDE, rows=rows)
-    return [run_dir.unit(STAGE, t).path for t in cfg.task_names]
+    return [run_dir.reference(t).path for t in cfg.task_names]

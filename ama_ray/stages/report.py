@@ -12,9 +12,8 @@ import logging
 from ama_ray.config import Config, short_hash
 from ama_ray.report import plots, render, sources
 from ama_ray.report.schema import model_aggregates
-from ama_ray.stages.evaluate import UNIT as EVAL_UNIT
 from ama_ray.stages.evaluate import load_metrics
-from ama_ray.storage import RunDir
+from ama_ray.storage import METRICS_CSV, METRICS_JSON, REPORT_HTML, REPORT_MD, RunDir
 
 log = logging.getLogger(__name__)
 STAGE = "report"
@@ -38,8 +37,8 @@ def run(cfg: Config, force: set[str] = frozenset(), run_dir: str | None = None) 
     run = RunDir(run_dir) if run_dir else RunDir(cfg.run_dir)
     doc = load_metrics(run)
     run.check_writable()
-    unit = run.unit(STAGE)
-    files = [unit.file("report.md"), unit.file("report.html")]
+    unit = run.report()
+    files = [unit.file(REPORT_MD), unit.file(REPORT_HTML)]
     digest = report_hash(run)
     if STAGE not in force and unit.is_committed(digest):
         log.info("report: up to date, skipping (%s)", files[1])
@@ -71,7 +70,7 @@ def log_verdict(doc: dict) -> None:
 
 def report_hash(run: RunDir) -> str:
     """The evaluation it shows, the Tune results and the report version."""
-    man = run.unit(EVAL_UNIT).manifest() or {}
+    man = run.evaluation().manifest() or {}
     tune = sources.load_tune(run)
     inputs = {"eval": [man.get("config_hash"), man.get("committed_at")], "tune": tune, "version": REPORT_VERSION}
     return short_hash(inputs)
@@ -107,7 +106,8 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
         blocks += [("h3", f"`{metric}` ({split} split)"), ("table", header, rows)]
     blocks += dynamics(run, doc, tasks, images)
     blocks += tune_section(run, images)
-    blocks += [("h2", "Files"), ("p", f"Every number above is in `{EVAL_UNIT}/metrics.json` and `{EVAL_UNIT}/metrics.csv` "
+    evaluation = run.evaluation()
+    blocks += [("h2", "Files"), ("p", f"Every number above is in `{evaluation.file(METRICS_JSON)}` and `{evaluation.file(METRICS_CSV)}` "
                                        "(schema: docs/metrics.md).")]
     return blocks, images
 
@@ -156,7 +156,7 @@ def dynamics(run: RunDir, doc: dict, tasks: list[str], images: dict[str, bytes])
     """α and excess over steps (mixing histories) and training curves (TensorBoard)."""
     blocks: list[tuple] = [("h2", "Training dynamics")]
     histories = sources.load_histories(run, doc)
-    gen_scalars = {(a, s): sources.load_scalars(run, "generalist", a, f"seed{s}") for a, s in sources.generalists(doc)}
+    gen_scalars = {(a, s): sources.load_scalars(run, run.generalist(a, s)) for a, s in sources.generalists(doc)}
     if histories:
         images["alpha.png"] = plots.alpha_over_steps(histories, tasks)
         images["excess_over_steps.png"] = plots.excess_over_steps(histories, tasks, gen_scalars)
@@ -168,7 +168,7 @@ def dynamics(run: RunDir, doc: dict, tasks: list[str], images: dict[str, bytes])
         ]
     else:
         blocks.append(("p", "No mixing history found (no generalist was trained)."))
-    spec_scalars = {t: sources.load_scalars(run, "specialists", t) for t in tasks}
+    spec_scalars = {t: sources.load_scalars(run, run.specialist(t)) for t in tasks}
     if any(spec_scalars.values()) or any(gen_scalars.values()):
         images["training.png"] = plots.training_curves(spec_scalars, gen_scalars, tasks)
         blocks.append(("img", "training.png", "Training curves from the TensorBoard event files."))

@@ -1,7 +1,7 @@
 """specialists: one DPO run per task, all launched at once, each its own `TorchTrainer`.
 
 A specialist is the training loop with k=1 and the plain DPO loss, started from the base model.
-Its best held-out checkpoint (lowest eval DPO loss) is saved with `save_pretrained` to
+Its best checkpoint on the validation split (lowest DPO loss) is saved with `save_pretrained` to
 `specialists/<task>/model/` and committed on its own, so a crash in one keeps the others.
 """
 
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
-from pathlib import Path
 
 from ama_ray.config import Config
 from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.reference import reference_hash
 from ama_ray.storage import RunDir
+from ama_ray.train.checkpointing import fresh_checkpoints
 from ama_ray.train.data import require_split_unit
 from ama_ray.train.launch import check_unit_resources, fit_unit, run_concurrently
 from ama_ray.train.loop import UnitSpec
@@ -34,7 +33,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
 
     run_dir = open_run(cfg)
     digest = specialist_hash(cfg)
-    pending = [t for t in cfg.data.tasks if STAGE in force or not run_dir.unit(STAGE, t.name).is_committed(digest)]
+    pending = [t for t in cfg.data.tasks if STAGE in force or not run_dir.specialist(t.name).is_committed(digest)]
     for t in cfg.data.tasks:
         if t not in pending:
             log.info("specialists: %s already committed, skipping", t.name)
@@ -50,17 +49,18 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
             for t in pending
         ]
         run_concurrently(jobs, concurrent, progress_name=f"progress:{cfg.storage.run_name}:{STAGE}")
-    return [run_dir.unit(STAGE, t).path for t in cfg.task_names]
+    return [run_dir.specialist(t).path for t in cfg.task_names]
 
 
 def train_specialist(cfg: Config, task: str, steps: int, model_path: str, digest: str, force: bool) -> str:
     run_dir = RunDir(cfg.run_dir)
-    unit = run_dir.unit(STAGE, task)
-    fresh_checkpoints(run_dir, STAGE, task, digest, force)
+    unit = run_dir.specialist(task)
+    fresh_checkpoints(run_dir, STAGE, unit, digest, force)
     unit.begin()
     spec = UnitSpec(
         cfg=cfg.model_dump(mode="json"), kind="specialist", tasks=[task], algorithm="specialist", seed=cfg.seed,
-        steps=steps, model_path=model_path, out_unit=[STAGE, task], progress_name=f"progress:{cfg.storage.run_name}:{STAGE}",
+        sizes=[int(require_split_unit(run_dir, "prepare", task)["rows"]["train"])],
+        steps=steps, model_path=model_path, out_unit=list(unit.parts), progress_name=f"progress:{cfg.storage.run_name}:{STAGE}",
     )
     result = fit_unit(cfg, spec, STAGE)
     final = dict(result.metrics or {})
@@ -70,15 +70,3 @@ def train_specialist(cfg: Config, task: str, steps: int, model_path: str, digest
     )
     log.info("specialists: %s committed (best held-out step %s)", task, final.get("eval/best_step"))
     return unit.path
-
-
-def fresh_checkpoints(run_dir: RunDir, stage: str, name: str, digest: str, force: bool) -> None:
-    """Drop a unit's resumable checkpoints when forced or written under other settings."""
-    if not run_dir.is_local:
-        return
-    for root in (Path(run_dir.root) / "_checkpoints" / stage / name, Path(run_dir.root) / "_checkpoints" / "best" / stage / name):
-        marker = root / ".config_hash"
-        if root.exists() and (force or not marker.exists() or marker.read_text() != digest):
-            shutil.rmtree(root)
-        root.mkdir(parents=True, exist_ok=True)
-        marker.write_text(digest)

@@ -15,30 +15,25 @@ See docs/tune.md.
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
-import json
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from ama_ray.config import Config, apply_override, dump_yaml, validate
-from ama_ray.errors import AmaError, ConfigError
+from ama_ray.config import Config, dump_yaml
+from ama_ray.errors import AmaError
+from ama_ray.search_space import check_search_space, max_evaluations, trial_config
 from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.generalist import train_generalist, train_sizes
 from ama_ray.stages.score import check_scores_match, score_hash
-from ama_ray.storage import Unit
+from ama_ray.stages.tune_groups import OrphanedGroupCleanup
+from ama_ray.storage import BEST_YAML, RESULTS_CSV, TRIAL_CONFIG, RunDir, Unit
 
 log = logging.getLogger(__name__)
 STAGE = "tune"
-SEARCHABLE = ("generalist.", "mixing.", "eval.", "scaling.")  # what trials may vary; the rest is shared
-DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 MODES = {"eval/excess_loss/worst": "min", "eval/rewards/accuracies/mean": "max"}
 REPORTED = ("eval/excess_loss/worst", "eval/rewards/accuracies/mean")
 TRIAL_CPU = 0.01  # the trainable only waits on its TorchTrainer; {"cpu": 0} is rejected by Tune
@@ -62,91 +57,25 @@ class EvaluationReport(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-class OrphanedGroupCleanup(Callback):
-    """Driver-side Tune callback: frees the worker placement groups of stopped trials.
-
-    When ASHA stops a trial, Tune kills its actor and with it the trial's Train controller;
-    the controller's placement group outlives it (Ray keeps a placement group until its
-    creator actor *and* job are gone) and Train V2's own cleaner needs the dashboard's state
-    API, which a local Ray without dashboard lacks. Left alone, the next trial waits forever
-    for the CPUs. Every couple of seconds this removes this job's placement groups whose
-    creating actor is dead.
-    """
-
-    def __init__(self, every_s: float = 2.0):
-        self.every_s, self.last, self.removed = every_s, 0.0, 0
-
-    def on_step_end(self, iteration, trials, **info):
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.removed += remove_orphaned_groups()
-
-    def on_experiment_end(self, trials, **info):
-        # The last stopped trial's controller may still be dying: wait for it, then free its group.
-        deadline = time.monotonic() + 30.0
-        while True:
-            self.removed += remove_orphaned_groups()
-            if not _actor_created_groups() or time.monotonic() > deadline:
-                return
-            time.sleep(0.5)
-
-
-def _live_groups(job: str):
-    """This job's pending or created placement groups made by (non-detached) actors."""
-    import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-
-    live = (gcs_pb2.PlacementGroupTableData.PENDING, gcs_pb2.PlacementGroupTableData.CREATED)
-    for blob in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
-        if pg.state in live and pg.creator_actor_id != ray.ActorID.nil().binary() and not pg.is_detached \
-                and pg.creator_job_id.hex() == job:
-            yield pg
-
-
-def _actor_created_groups() -> list:
-    import ray
-
-    return list(_live_groups(ray.get_runtime_context().get_job_id()))
-
-
-def remove_orphaned_groups() -> int:
-    """Remove this job's live placement groups whose creator actor died; returns how many."""
-    import ray
-    from ray.util.placement_group import PlacementGroup
-
-    removed = 0
-    for pg in _live_groups(ray.get_runtime_context().get_job_id()):
-        if pg.creator_actor_dead:
-            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed += 1
-    if removed:
-        log.info("tune: removed %d placement group(s) left by stopped trials", removed)
-    return removed
-
-
 def study_hash(cfg: Config) -> str:
     return score_hash(cfg) + "-" + cfg.section_hash("generalist", "mixing", "eval", "scaling", "tune", "seed")
 
 
 def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     """Run the study (earlier stages first where not committed); returns results.csv and best.yaml."""
+    from ama_ray import pipeline
     from ama_ray.cluster import ensure_ray
-    from ama_ray.stages import prepare, reference, score, specialists
     from ama_ray.train.launch import check_unit_resources
 
     run_dir = open_run(cfg)
-    study = run_dir.unit(STAGE)
-    outputs = [study.file("results.csv"), study.file("best.yaml")]
+    study = run_dir.tune()
+    outputs = [study.file(RESULTS_CSV), study.file(BEST_YAML)]
     digest = study_hash(cfg)
     if STAGE not in force and study.is_committed(digest):
         log.info("tune: study already committed, skipping (use --force tune to redo it)")
         return outputs
     space = search_space(cfg)
-    for stage in (prepare, reference, specialists, score):
-        stage.run(cfg, force)
+    pipeline.run(cfg, force, through="score")
     check_scores_match(run_dir, cfg)
     ensure_ray()
     check_unit_resources(cfg, 1, STAGE)
@@ -155,8 +84,8 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     results = _fit_study(cfg, space, _trial_base(cfg), base_model_path(cfg), train_sizes(run_dir, cfg))
     rows = result_rows(results, cfg)
     best = best_row(rows, cfg.tune.metric)
-    _write_text(study, "results.csv", results_csv(rows, list(space)))
-    _write_text(study, "best.yaml", dump_yaml(trial_config(cfg.model_dump(mode="json"), best["params"])))
+    _write_text(study, RESULTS_CSV, results_csv(rows, list(space)))
+    _write_text(study, BEST_YAML, dump_yaml(trial_config(cfg.model_dump(mode="json"), best["params"])))
     study.commit(
         digest, stage=STAGE, metric=cfg.tune.metric, mode=MODES[cfg.tune.metric], trials=len(rows),
         best_trial=best["trial_id"], best_value=best[cfg.tune.metric], best_params=best["params"],
@@ -169,68 +98,16 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
 # --- the search space -------------------------------------------------------------------
 
 def search_space(cfg: Config) -> dict[str, Any]:
-    """`tune.search_space` as Tune domains, every candidate value checked against the config.
-
-    Keys are dotted config keys under SEARCHABLE, plus `algorithm` (shorthand for
-    `generalist.algorithms=[X]`).
-    Without an `algorithm` key, several `generalist.algorithms` become a grid. Raises
-    ConfigError naming `tune.search_space.<key>`.
-    """
+    """`tune.search_space` as Ray Tune domains (checked when the config loaded:
+    `ama_ray.search_space`). Without an `algorithm` key, several `generalist.algorithms` become a grid."""
     from ray import tune
 
-    base = cfg.model_dump(mode="json")
-    space: dict[str, Any] = {}
-    for key, spec in cfg.tune.search_space.items():
-        if key != "algorithm" and not key.startswith(SEARCHABLE):
-            raise ConfigError(f"'{key}' is not a generalist setting: trials share the run's data, specialists and scores",
-                              where=f"tune.search_space.{key}",
-                              fix=f"search keys under {', '.join(SEARCHABLE)} or `algorithm`; compare other settings with separate runs")
-        kind, args = _domain_spec(key, spec)
-        for value in _candidates(kind, args):
-            try:
-                trial_config(base, {key: value})
-            except ConfigError as err:
-                raise ConfigError(f"value {value!r} does not fit the config: {err.what}", where=f"tune.search_space.{key}",
-                                  fix="use a dotted key from docs/configuration.md and values in its range") from None
-        space[key] = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
-                      "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}[kind](args)
+    make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    space: dict[str, Any] = {key: make[kind](args) for key, (kind, args) in check_search_space(cfg).items()}
     if "algorithm" not in space and len(cfg.generalist.algorithms) > 1:
         space["algorithm"] = tune.grid_search(list(cfg.generalist.algorithms))
     return space
-
-
-def _domain_spec(key: str, spec: Any) -> tuple[str, list]:
-    where = f"tune.search_space.{key}"
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
-        raise ConfigError(f"domain {spec!r} is not one of {', '.join(DOMAINS)}", where=where,
-                          fix="write e.g. {loguniform: [0.01, 1.0]} or {choice: [0.0, 0.1]}")
-    kind, args = next(iter(spec.items()))
-    if not isinstance(args, list) or not args:
-        raise ConfigError(f"{kind} needs a list of values", where=where, fix=f"write {{{kind}: [..]}}")
-    if kind in ("uniform", "loguniform", "randint") and (len(args) != 2 or not args[0] < args[1]):
-        raise ConfigError(f"{kind} needs [low, high] with low < high, got {args}", where=where, fix=f"write {{{kind}: [low, high]}}")
-    if kind == "loguniform" and args[0] <= 0:
-        raise ConfigError(f"loguniform needs a positive low bound, got {args[0]}", where=where, fix="use uniform, or a low bound > 0")
-    return kind, args
-
-
-def _candidates(kind: str, args: list) -> list:
-    if kind in ("choice", "grid"):
-        return list(args)
-    if kind == "randint":  # high is exclusive
-        return [args[0], args[1] - 1]
-    return list(args)
-
-
-def trial_config(base: dict, params: dict[str, Any]) -> Config:
-    """`base` (a config dump) with the sampled dotted keys applied, validated (ConfigError)."""
-    raw = copy.deepcopy(base)
-    for key, value in params.items():
-        if key == "algorithm":
-            key, value = "generalist.algorithms", [value]
-        # JSON is YAML, so apply_override parses the value back exactly.
-        apply_override(raw, f"{key}={json.dumps(value)}")
-    return validate(raw, source="tune.search_space")
 
 
 def _trial_base(cfg: Config) -> dict:
@@ -248,18 +125,13 @@ def train_trial(params: dict, *, base: dict, model_path: str, sizes: list[int], 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params)
     cfg.require_resolved("a Tune trial")
-    _write_text(_study_unit(cfg).run.unit(STAGE, trial_id), "config.yaml", dump_yaml(cfg))
+    run = RunDir(cfg.run_dir)
+    _write_text(run.tune(trial_id), TRIAL_CONFIG, dump_yaml(cfg))
     algorithm, seed, steps = cfg.generalist.algorithms[0], cfg.generalist.seeds[0], cfg.generalist.optim.steps
     train_generalist(cfg, algorithm, seed, model_path, sizes, force=True, trial=trial_id,
                      callbacks=[EvaluationReport(metric, steps)])
-    final = _study_unit(cfg).run.unit(STAGE, trial_id, algorithm, f"seed{seed}").manifest()["final_metrics"]
+    final = run.generalist(algorithm, seed, trial_id).manifest()["final_metrics"]
     tune.report({k: v for k, v in final.items() if isinstance(v, (int, float))})
-
-
-def _study_unit(cfg: Config) -> Unit:
-    from ama_ray.storage import RunDir
-
-    return RunDir(cfg.run_dir).unit(STAGE)
 
 
 def _fit_study(cfg: Config, space: dict, base: dict, model_path: str, sizes: list[int]):
@@ -270,7 +142,7 @@ def _fit_study(cfg: Config, space: dict, base: dict, model_path: str, sizes: lis
     tc = cfg.tune
     max_t = max_evaluations(cfg)
     trainable = tune.with_parameters(train_trial, base=base, model_path=model_path, sizes=sizes, metric=tc.metric)
-    storage = _study_unit(cfg)
+    run = RunDir(cfg.run_dir)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": TRIAL_CPU}),
         param_space=space,
@@ -281,37 +153,20 @@ def _fit_study(cfg: Config, space: dict, base: dict, model_path: str, sizes: lis
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                     grace_period=min(tc.grace_period, max_t), reduction_factor=tc.reduction_factor),
         ),
-        run_config=tune.RunConfig(name="study", storage_path=_checkpoint_root(storage), verbose=1, callbacks=[OrphanedGroupCleanup()]),
+        run_config=tune.RunConfig(name="study", storage_path=run.checkpoint_storage(STAGE), verbose=1, callbacks=[OrphanedGroupCleanup()]),
     )
     log.info("tune: %d sample(s) over %s, ASHA on %s (%s), up to %d evaluations per trial",
              tc.num_samples, ", ".join(space) or "nothing", tc.metric, MODES[tc.metric], max_t)
     return tuner.fit()
 
 
-def _checkpoint_root(study: Unit) -> str:
-    root = study.run.uri if not study.run.is_local else study.run.root
-    return f"{root}/_checkpoints/{STAGE}"
-
-
 def _drop_stale_study(study: Unit) -> None:
     """Remove an earlier study's Tune state and trial checkpoints (trial ids never repeat)."""
     import pyarrow.fs as pafs
 
-    root = f"{study.run.root}/_checkpoints/{STAGE}"
+    root = study.run.checkpoint_root(STAGE)
     if study.fs.get_file_info(root).type != pafs.FileType.NotFound:
         study.fs.delete_dir(root)
-
-
-def max_evaluations(cfg: Config) -> int:
-    """Held-out evaluations of the longest trial (ASHA's max_t, in training iterations)."""
-    steps, every = [cfg.generalist.optim.steps], [cfg.eval.every_n_steps]
-    for key, spec in cfg.tune.search_space.items():
-        kind, args = _domain_spec(key, spec)
-        if key == "generalist.optim.steps":
-            steps += [int(v) for v in _candidates(kind, args)]
-        elif key == "eval.every_n_steps":
-            every += [int(v) for v in _candidates(kind, args)]
-    return math.ceil(max(steps) / min(every))
 
 
 def concurrent_trials(cfg: Config) -> int:

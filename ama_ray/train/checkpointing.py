@@ -12,11 +12,14 @@ which DeepSpeed loads with full unpickling: resume only from checkpoint director
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ama_ray.storage import RunDir, Unit
 
 MODEL = "model.safetensors"
 OPTIM = "optim.pt"
@@ -51,6 +54,19 @@ def save_state(directory: Path, state: dict[str, Any]) -> None:
 
 def load_state(directory: Path) -> dict[str, Any]:
     return json.loads((directory / STATE).read_text())
+
+
+def fresh_checkpoints(run: RunDir, stage: str, unit: Unit, digest: str, force: bool) -> None:
+    """Drop `unit`'s resumable checkpoints when forced or written under other settings (a
+    `.config_hash` marker in each checkpoint folder records the settings they belong to)."""
+    if not run.is_local:
+        return
+    for folder in map(Path, run.checkpoint_dirs(stage, unit)):
+        marker = folder / ".config_hash"
+        if folder.exists() and (force or not marker.exists() or marker.read_text() != digest):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(digest)
 
 
 def _plain(obj: Any) -> Any:

@@ -26,23 +26,19 @@ SPLITS = ("train", "validation", "test")
 SELECT_SPLIT, REPORT_SPLIT = "validation", "test"
 
 
-# folder -> (what it holds, the command that writes it)
-TASK_UNITS = {
-    "prepared": ("prepared data", "prepare"),
-    "reference": ("reference log-probs", "reference"),
-    "scores": ("specialist scores", "score"),
-}
+# stage -> what its per-task unit holds
+TASK_UNITS = {"prepare": "prepared data", "reference": "reference log-probs", "score": "specialist scores"}
 
 
-def require_split_unit(run: RunDir, folder: str, task: str) -> dict:
-    """The manifest of a task's committed `prepared`, `reference` or `scores` unit.
+def require_split_unit(run: RunDir, stage: str, task: str) -> dict:
+    """The manifest of a task's committed `prepare`, `reference` or `score` unit.
 
     StageInputError if it is missing, or if it holds the two train/eval splits of older
     versions (one line: rerun prepare with --force, which the later stages then follow).
     """
-    what, command = TASK_UNITS[folder]
-    unit = run.unit(folder, task)
-    man = unit.require(f"{what} of task '{task}'", fix=f"run `ama-ray {command}` first")
+    what = TASK_UNITS[stage]
+    unit = run.stage_unit(stage, task)
+    man = unit.require(f"{what} of task '{task}'", fix=f"run `ama-ray {stage}` first")
     rows = man.get("rows") or {}
     if not all(split in rows for split in SPLITS):
         raise StageInputError(
@@ -55,7 +51,7 @@ def require_split_unit(run: RunDir, folder: str, task: str) -> dict:
 
 def require_prepared(run: RunDir, task: str) -> dict:
     """`require_split_unit` of the task's prepared data."""
-    return require_split_unit(run, "prepared", task)
+    return require_split_unit(run, "prepare", task)
 
 
 def load_task_split(
@@ -66,16 +62,17 @@ def load_task_split(
     Raises StageInputError when an earlier stage's unit is missing or its example ids do not
     match the prepared data.
     """
-    prepared = run.unit("prepared", task)
+    prepared = run.prepared(task)
     require_prepared(run, task)
-    table = prepared.read_parquet(f"{split}.parquet", columns=["example_id", *ID_COLUMNS])
-    ref = run.unit("reference", task)
+    table = prepared.read_parquet(prepared.split_file(split), columns=["example_id", *ID_COLUMNS])
+    ref = run.reference(task)
     require_split_unit(run, "reference", task)
-    table = _join(table, ref.read_parquet(f"{split}.parquet"), f"reference/{task}/{split}.parquet")
+    table = join_by_id(table, ref.read_parquet(ref.split_file(split)), ref.file(ref.split_file(split)))
     if with_scores:
-        scores = run.unit("scores", task)
-        require_split_unit(run, "scores", task)
-        table = _join(table, scores.read_parquet(f"{split}.parquet", columns=["example_id", "specialist_loss"]), f"scores/{task}/{split}.parquet")
+        scores = run.scores(task)
+        require_split_unit(run, "score", task)
+        table = join_by_id(table, scores.read_parquet(scores.split_file(split), columns=["example_id", "specialist_loss"]),
+                           scores.file(scores.split_file(split)))
     table = table.sort_by("example_id")
     if world > 1:
         table = table.take(pa.array(np.arange(rank, table.num_rows, world)))
@@ -84,7 +81,9 @@ def load_task_split(
     return table
 
 
-def _join(left: pa.Table, right: pa.Table, where: str) -> pa.Table:
+def join_by_id(left: pa.Table, right: pa.Table, where: str) -> pa.Table:
+    """`left` with `right`'s other columns, matched by `example_id`; StageInputError when the
+    two hold different ids (`where` names `right`'s file)."""
     ids_left, ids_right = set(left["example_id"].to_pylist()), set(right["example_id"].to_pylist())
     if ids_left != ids_right:
         missing = len(ids_left - ids_right)

@@ -13,6 +13,7 @@ from ama_ray.config import Config
 from ama_ray.errors import AmaError
 from ama_ray.storage import RunDir
 from ama_ray.train.loop import UnitSpec, train_loop_per_worker
+from ama_ray.train.progress import Progress, draw
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +23,14 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
 
     `callbacks` are Ray Train `UserCallback`s (e.g. the Tune study's report callback).
 
-    Checkpoints live in `<run_dir>/_checkpoints/<stage>/<unit>`. Errors a user can fix that a
+    Checkpoints live in `RunDir.checkpoint_root(stage)`, one Ray Train run per unit. Errors a user can fix that a
     worker raised are re-raised here as the original AmaError.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run = RunDir(cfg.run_dir)
+    unit = run.unit(*spec.out_unit)
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -39,8 +41,8 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
             resources_per_worker={"CPU": worker_cpus(cfg, stage)},
         ),
         run_config=RunConfig(
-            name="_".join(spec.out_unit[1:]),
-            storage_path=f"{run.uri if not run.is_local else run.root}/_checkpoints/{stage}",
+            name=unit.run_name,
+            storage_path=run.checkpoint_storage(stage),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _forwarded_env(cpu_only=not scaling.use_gpu)},
@@ -105,19 +107,6 @@ def find_user_error(err: BaseException) -> AmaError | None:
     return None
 
 
-class Progress:
-    """A tiny actor every run's rank 0 tells its step; the driver draws one bar per unit."""
-
-    def __init__(self):
-        self.units: dict[str, tuple[int, int, dict]] = {}
-
-    def update(self, unit: str, step: int, total: int, metrics: dict) -> None:
-        self.units[unit] = (step, total, metrics)
-
-    def snapshot(self) -> dict:
-        return dict(self.units)
-
-
 def run_concurrently(jobs: list[tuple[str, Callable[[], object]]], max_workers: int, progress_name: str) -> dict[str, object]:
     """Run `jobs` (name, fn) in threads, `max_workers` at once, drawing progress until all end.
 
@@ -148,8 +137,8 @@ def run_concurrently(jobs: list[tuple[str, Callable[[], object]]], max_workers: 
         futures = [pool.submit(wrap, name, fn) for name, fn in jobs]
         while not all(f.done() for f in futures):
             time.sleep(1.0)
-            _draw(ray.get(actor.snapshot.remote()), bars)
-        _draw(ray.get(actor.snapshot.remote()), bars)
+            draw(ray.get(actor.snapshot.remote()), bars)
+        draw(ray.get(actor.snapshot.remote()), bars)
     except BaseException:
         # Ctrl-C, or the driver loop itself failed: queued runs never start, and the running ones
         # stop when this driver leaves Ray (a local Ray it started goes down with it). Their
@@ -166,40 +155,3 @@ def run_concurrently(jobs: list[tuple[str, Callable[[], object]]], max_workers: 
     if errors:
         raise errors[0]
     return results
-
-
-def _draw(snapshot: dict, bars: dict) -> None:
-    import sys
-
-    from tqdm.auto import tqdm
-
-    if not sys.stderr.isatty():
-        _log_progress(snapshot, bars)
-        return
-    for unit, (step, total, metrics) in sorted(snapshot.items()):
-        bar = bars.get(unit)
-        if bar is None:
-            bar = bars[unit] = tqdm(total=total, desc=unit, position=len(bars), leave=True, dynamic_ncols=True)
-        bar.n = step
-        bar.set_postfix({k.split("/")[-2] if k.count("/") > 1 else k: f"{v:.3f}" for k, v in metrics.items()}, refresh=True)
-
-
-
-def _log_progress(snapshot: dict, last: dict) -> None:
-    """Without a terminal: one log line per unit whenever it advanced by >= 10% of its steps."""
-    for unit, (step, total, metrics) in sorted(snapshot.items()):
-        shown = last.get(unit, _Shown()).step
-        if step == total and shown != total or step - shown >= max(1, total // 10):
-            values = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            log.info("%s: step %d/%d %s", unit, step, total, values)
-            last[unit] = _Shown(step)
-
-
-class _Shown:
-    """What `_log_progress` printed last for a unit (closes like a bar)."""
-
-    def __init__(self, step: int = -1):
-        self.step = step
-
-    def close(self) -> None:
-        pass

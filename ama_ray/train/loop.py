@@ -1,14 +1,14 @@
 """The one training loop, run by every Ray Train worker, for specialists (k=1) and generalists.
 
 Per optimizer step t (DESIGN.md "Protocol"):
-1. every worker holds alpha_t (fetched from the mixing actor by step number, so all agree);
-2. it draws its task labels (AMA-S and the baselines: i.i.d. from alpha_t with an RNG seeded by
-   (seed, t, rank); AMA-R: stratified by largest remainder) and the examples from its streams;
-3. forward/backward over the micro-batches: the objective is the plain batch mean of the loss
-   (baselines, specialists), of the clipped excess e (AMA-S), or sum_i alpha_t,i * mean_{B_i} e
-   (AMA-R); clipping masks, so every worker runs backward every step;
-4. per-task sums are all-reduced (one small tensor) and rank 0 sends the four mixing statistics
-   to the actor with `.remote()` while the optimizer steps; every worker then fetches alpha_{t+1}.
+1. every worker holds alpha_t (from the mixing service by step number, so all agree);
+2. it asks its policy (`ama_ray.mixing.policies`, which owns every rule of its algorithm) for
+   the task labels (seeded by (seed, t, rank)) and draws the examples from its streams;
+3. forward/backward over the micro-batches on the policy's per-example objective, reduced with
+   its loss weights (`batch_objective`); clipping masks, so every worker runs backward every step;
+4. per-task sums are all-reduced (one small tensor) and reported to the mixing service (rank 0
+   sends them to the actor with `.remote()` while the optimizer steps); every worker then
+   fetches alpha_{t+1}.
 Sampling is stateless (seeded per step) and streams save their positions, so a resumed run
 replays exactly what an uninterrupted one would.
 """
@@ -18,64 +18,28 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ama_ray import dpo
 from ama_ray.config import Config, OptimConfig
-from ama_ray.errors import ConfigError
-from ama_ray.mixing import batch_objective
-from ama_ray.storage import RunDir
+from ama_ray.mixing import LocalMixer, batch_objective
+from ama_ray.storage import MODEL_DIR, RunDir, Unit
 from ama_ray.train import checkpointing
 from ama_ray.train.data import SELECT_SPLIT, TaskStream, draw_batch, load_task_split, rows_of
 from ama_ray.train.engine import Engine, build_engine, lr_lambda  # noqa: F401 - lr_lambda: re-exported
+from ama_ray.train.faults import maybe_inject_fault
 from ama_ray.train.metrics import (
     ROW, evaluate_rows, metrics_from_sums, mixing_stats, per_example, specialist_losses, task_sums,
 )
-from ama_ray.train.mixer_client import MixerClient  # noqa: F401 - also imported from here by benchmarks
+from ama_ray.train.progress import ProgressClient
+from ama_ray.train.spec import UnitSpec, WorkerState  # noqa: F401 - re-exported: the stages build specs from here
 
 log = logging.getLogger(__name__)
-FAULT_ENV = "AMA_RAY_FAULT"
-FAULT_DELAY_S = 2.0
-
-
-@dataclass
-class UnitSpec:
-    """What one training run trains: passed to every worker as `train_loop_config`."""
-
-    cfg: dict
-    kind: str  # "specialist" | "generalist"
-    tasks: list[str]
-    algorithm: str  # "specialist" for specialists
-    seed: int
-    steps: int
-    model_path: str
-    out_unit: list[str]  # path parts of the output unit under the run directory
-    actor_name: str | None = None
-    progress_name: str | None = None
-    use_excess: bool = False
-    mode: str = "sample"  # "sample" | "reweight"
-    fault: str | None = None  # fault-injection spec, see maybe_inject_fault
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class WorkerState:
-    step: int = 0
-    best_eval: float = math.inf
-    best_step: int = -1
-    positions: dict[str, list[int]] = field(default_factory=dict)
-    resumed_at: int = 0  # the checkpoint step this attempt started from (0: a fresh start)
 
 
 def check_handed_paths(cfg: Config, model_path: str | None, who: str) -> None:
@@ -139,19 +103,19 @@ class Job:
             rows_of(load_task_split(run, t, SELECT_SPLIT, with_scores=with_scores, rank=rank, world=world, limit=per_worker_eval))
             for t in spec.tasks
         ])
-        loss_cfg = dpo.DPOLossConfig(**cfg.dpo.model_dump())
-        mixer = MixerClient(spec, rank)
-        if spec.mode == "reweight" and optim_cfg.batch_size < len(spec.tasks):
-            raise ConfigError(
-                f"AMA-R stratifies every step over all {len(spec.tasks)} tasks but the per-worker batch is {optim_cfg.batch_size}",
-                where="generalist.optim.batch_size",
-                fix=f"set generalist.optim.batch_size >= {len(spec.tasks)}",
-            )
+        policy = spec.policy()
+        if spec.actor_name:
+            from ama_ray.mixing.actor import RayMixer
+
+            mixer = RayMixer(spec.actor_name, rank)
+        else:
+            mixer = LocalMixer(spec.policy())
+        unit = run.unit(*spec.out_unit)
         return cls(
             spec=spec, cfg=cfg, optim=optim_cfg, run=run, rank=rank, world=world, engine=engine, streams=streams,
-            eval_rows=eval_rows, loss_cfg=loss_cfg, mixer=mixer,
-            pad_id=tokenizer.pad_token_id, state=WorkerState(), writer=_tensorboard(run, spec, rank),
-            tasks=list(spec.tasks), k=len(spec.tasks), best_dir=_best_dir(run, spec),
+            eval_rows=eval_rows, loss_cfg=cfg.dpo, policy=policy, mixer=mixer, progress=ProgressClient(spec.progress_name, unit.label, rank),
+            pad_id=tokenizer.pad_token_id, state=WorkerState(), writer=_tensorboard(run, unit, rank),
+            tasks=list(spec.tasks), k=len(spec.tasks), best_dir=run.best_dir(unit),
         )
 
     # -- resume and checkpoints ----------------------------------------------------------------
@@ -226,7 +190,7 @@ class Job:
         examples, labels = draw_batch(self.streams, labels)
         task_ids = torch.as_tensor(labels)
         step_counts = torch.bincount(task_ids, minlength=self.k)
-        loss_weights = alpha if self.spec.mode == "reweight" else None
+        loss_weights = self.policy.loss_weights(alpha)
         sums = torch.zeros(len(ROW), self.k, dtype=torch.float64)
         chunks = np.array_split(np.arange(len(examples)), self.optim.grad_accum)
         engine = self.engine
@@ -237,7 +201,7 @@ class Job:
                 with engine.autocast():
                     out = per_example(engine.module, rows, self.loss_cfg, self.pad_id)
                 spec_loss = specialist_losses(rows, out["loss"])
-                e = self.per_example_objective(out["loss"], spec_loss)
+                e = self.policy.objective(out["loss"], spec_loss)
                 engine.backward(batch_objective(e, task_ids[idx], loss_weights, step_counts, len(labels)), last)
             sums += task_sums(out, task_ids[idx], spec_loss, self.k)
         if self.world > 1:
@@ -255,18 +219,8 @@ class Job:
 
     def sample_labels(self, step: int, alpha: np.ndarray) -> np.ndarray:
         """Task index per example of this worker's batch for step `step` (stateless, replayable)."""
-        from ama_ray.mixing import draw_tasks
-
         rng = np.random.default_rng(_seed(self.spec.seed, "labels", step, self.rank))
-        return draw_tasks(self.spec.mode, alpha, self.optim.batch_size, rng)
-
-    def per_example_objective(self, loss: torch.Tensor, spec_loss: torch.Tensor | None) -> torch.Tensor:
-        if not self.spec.use_excess:
-            return loss
-        from ama_ray.mixing import clipped_excess
-
-        mix = self.cfg.mixing
-        return clipped_excess(loss, spec_loss, mix.clip, mix.excess_target)
+        return self.policy.labels(alpha, self.optim.batch_size, rng)
 
     def evaluate(self) -> dict[str, float]:
         with self.engine.autocast():
@@ -320,8 +274,7 @@ class Job:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
-        if self.rank == 0:
-            self.mixer.progress(step, self.spec.steps, metrics)
+        self.progress.update(step, self.spec.steps, metrics)
 
     # -- the end -------------------------------------------------------------------------------
     def finish(self) -> None:
@@ -341,10 +294,10 @@ class Job:
         best = load_file(str(best_file)) if self.spec.kind == "specialist" and best_file.exists() else None
         unit = self.run.unit(*self.spec.out_unit)
         with unit.local_dir() as out:
-            self.engine.export(out / "model", whole, best)
+            self.engine.export(out / MODEL_DIR, whole, best)
             from ama_ray.models.loading import load_tokenizer
 
-            load_tokenizer(self.spec.model_path, trust_remote_code=self.cfg.model.trust_remote_code).save_pretrained(out / "model")
+            load_tokenizer(self.spec.model_path, trust_remote_code=self.cfg.model.trust_remote_code).save_pretrained(out / MODEL_DIR)
 
 
 def _barrier(world: int) -> None:
@@ -360,39 +313,9 @@ def _all_gather_obj(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def _best_dir(run: RunDir, spec: UnitSpec) -> Path:
-    root = Path(run.root) if run.is_local else Path(tempfile.gettempdir()) / "ama_ray"
-    return root / "_checkpoints" / "best" / "/".join(spec.out_unit)
-
-
-def _tensorboard(run: RunDir, spec: UnitSpec, rank: int):
+def _tensorboard(run: RunDir, unit: Unit, rank: int):
     if rank != 0 or not run.is_local:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(Path(run.root) / "tensorboard" / "/".join(spec.out_unit)))
-
-
-def maybe_inject_fault(fault: str | None, step: int, rank: int, run: RunDir, unit: str) -> None:
-    """Fault injection for reliability tests: `kill:rank=R:step=S` SIGKILLs worker R at step S, once.
-
-    Off unless the unit spec or the AMA_RAY_FAULT environment variable sets it. A marker file in
-    the run directory makes it fire only on the first attempt, so the resumed run completes.
-    """
-    fault = fault or os.environ.get(FAULT_ENV)
-    if not fault:
-        return
-    parts = dict(p.split("=", 1) for p in fault.split(":")[1:])
-    if int(parts.get("rank", 0)) != rank or int(parts.get("step", -1)) != step:
-        return
-    marker = Path(run.root) / "_faults" / (unit.replace("/", "_") + f"_step{step}")
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
-    log.warning("fault injection: killing worker rank %d (pid %d) at step %d", rank, os.getpid(), step)
-    # Ray Train's controller registers a reported checkpoint when it next polls the workers; a
-    # crash a few milliseconds after a checkpoint would race that poll. Wait, as a real failure
-    # some time after the checkpoint would, so the test of resuming from it is deterministic.
-    time.sleep(FAULT_DELAY_S)
-    os.kill(os.getpid(), signal.SIGKILL)
+    return SummaryWriter(log_dir=str(run.tensorboard(unit)))

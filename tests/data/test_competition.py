@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from ama_ray.data import benchmark
-from ama_ray.data.competition import (
+from benchmarks.competition_measure import (
     BASE,
     CompetitionSettings,
     competition_verdict,

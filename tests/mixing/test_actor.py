@@ -9,7 +9,7 @@ import pytest
 
 from ama_ray.errors import ConfigError
 from ama_ray.mixing import MixingSettings, make_policy
-from ama_ray.mixing_actor import create_mixing_actor, get_mixing_actor
+from ama_ray.mixing.actor import create_mixing_actor, get_mixing_actor
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,3 +139,42 @@ def test_restore_discards_later_history_and_replays_the_trajectory(ray_local):
     fresh = create_mixing_actor(next(names), "ama_s", TASKS, SIZES, SETTINGS, state, history)
     assert ray.get(fresh.get_alpha.remote(1))["alpha"].tolist() == first_run[1]
     assert ray.get(fresh.get_alpha.remote(3))["alpha"].tolist() == first_run[3]
+
+
+def _drive(service, steps: int) -> tuple[list[list[float]], dict]:
+    """The training loop's calls on a `MixingService`: alpha_t, report, prefetch; a checkpoint at steps // 2."""
+    alphas, saved = [], None
+    for step in range(steps):
+        service.prefetch(step)
+        alphas.append(service.alpha(step).tolist())
+        service.report(step, step_stats(step))
+        service.prefetch(step + 1)
+        if step + 1 == steps // 2:
+            saved = service.state()
+    return alphas, saved
+
+
+def test_local_and_ray_mixers_answer_the_protocol_alike(ray_local):
+    """`LocalMixer` (in process) is the actor's twin: same alphas, same checkpoint state, and a
+    restore from that state replays the same second half."""
+    from ama_ray.mixing import LocalMixer
+    from ama_ray.mixing.actor import RayMixer
+
+    name, steps = next(names), 12
+    actor = create_mixing_actor(name, "ama_s", TASKS, SIZES, SETTINGS)
+    ray_mixer, local = RayMixer(name, rank=0), LocalMixer(make_policy("ama_s", TASKS, SIZES, SETTINGS))
+    ray_alphas, ray_state = _drive(ray_mixer, steps)
+    local_alphas_, local_state = _drive(local, steps)
+    assert ray_alphas == local_alphas_ == local_alphas("ama_s", steps)[:steps]
+    assert ray_state["policy"] == local_state["policy"]
+    assert [r["step"] for r in ray_state["history"]] == [r["step"] for r in local_state["history"]] == list(range(steps // 2))
+    fresh = LocalMixer(make_policy("ama_s", TASKS, SIZES, SETTINGS))
+    fresh.restore(local_state, steps // 2)
+    replay = []
+    for step in range(steps // 2, steps):
+        replay.append(fresh.alpha(step).tolist())
+        fresh.report(step, step_stats(step))
+    assert replay == ray_alphas[steps // 2:]
+    with pytest.raises(ValueError, match="in order"):
+        fresh.report(3, step_stats(3))
+    ray_local.kill(actor)

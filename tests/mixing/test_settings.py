@@ -85,7 +85,7 @@ def test_ama_r_batch_smaller_than_k_names_the_batch_size():
     p = make_policy("ama_r", TASKS, (1, 1, 1), MixingSettings())
     with pytest.raises(ConfigError) as err:
         p.sample(2, np.random.default_rng(0))
-    assert err.value.where == "training.batch_size"
+    assert err.value.where == "generalist.optim.batch_size"  # the key a user sets (the config refuses it first)
 
 
 def test_mixing_package_imports_without_ray_or_torch():

@@ -19,12 +19,13 @@ import yaml
 
 from ama_ray import cli, errors
 from ama_ray.config import dump_yaml
+from ama_ray.storage import FOLDERS
 
 # 300 s, not less: the first case may build the session's shared tiny run (~100 s on a quiet machine).
 pytestmark = pytest.mark.timeout(300)
 
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
-UNIT_STAGES = ("prepared", "reference", "specialists", "scores")
+UNIT_STAGES = [FOLDERS[s] for s in ("prepare", "reference", "specialists", "score")]
 
 
 @dataclass
@@ -111,7 +112,7 @@ CASES = {
     "config-wrong-type": Case(lambda c: ["prepare", "--config", str(c.config), "mixing.eta_alpha=fast"],
                               errors.ConfigError, ["'mixing.eta_alpha'", '"fast"', "docs/configuration.md"]),
     "config-out-of-range": Case(lambda c: ["prepare", "--config", str(c.config), "mixing.smoothing=1.5"],
-                                errors.ConfigError, ["'mixing.smoothing'", "1.5", "less than or equal to 1"]),
+                                errors.ConfigError, ["'mixing.smoothing'", "1.5", "in [0, 1]"]),
     "config-unknown-algorithm": Case(lambda c: ["generalist", "--config", str(c.config), "--algorithm", "ama_x"],
                                      errors.ConfigError, ["generalist.algorithms", "ama_x", "allowed: proportional"]),
     "config-fixed-without-weights": Case(lambda c: ["run", "--config", str(c.config), "--algorithm", "fixed"],

@@ -104,7 +104,7 @@ def _replays(history, tasks: list[str], sizes: list[int], cfg: Config) -> None:
     from ama_ray.mixing import STAT_KEYS, make_policy
 
     hist = history.to_pandas()
-    policy = make_policy("ama_s", tasks, sizes, cfg.mixing_settings())
+    policy = make_policy("ama_s", tasks, sizes, cfg.mixing)
     for _, row in hist.iterrows():
         np.testing.assert_array_equal(policy.weights(), [row[f"alpha/{t}"] for t in tasks])
         policy.update({k: np.array([row[f"{k}/{t}"] for t in tasks]) for k in STAT_KEYS})

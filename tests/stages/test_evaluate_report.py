@@ -101,10 +101,11 @@ def test_specialists_against_their_scores_and_the_base(evaluated):
         own = doc["models"][f"specialist/{task}"]["per_task"][task]
         # Same model, same examples as the score stage's test split: evaluate reports on test, not on
         # the validation split that selected the specialist's checkpoint.
-        scores = pq.read_table(run / "scores" / task / "test.parquet").column("specialist_loss").to_numpy()
-        assert own["loss"] == pytest.approx(float(scores.mean()), abs=1e-5)
-        validation = pq.read_table(run / "scores" / task / "validation.parquet").column("specialist_loss").to_numpy()
-        assert abs(own["loss"] - float(validation.mean())) > 1e-4
+        # (A specialist's loss on its own task can be ~1e-5: compare relative to it.)
+        test = float(pq.read_table(run / "scores" / task / "test.parquet").column("specialist_loss").to_numpy().mean())
+        validation = float(pq.read_table(run / "scores" / task / "validation.parquet").column("specialist_loss").to_numpy().mean())
+        assert own["loss"] == pytest.approx(test, rel=1e-3, abs=1e-8)
+        assert abs(own["loss"] - validation) > 10 * abs(own["loss"] - test), (task, own["loss"], test, validation)
         assert own["excess_loss"] < 1e-4
         assert own["logps/accuracies"] > base[task]["logps/accuracies"] or own["rewards/accuracies"] > 0.5, task
     assert max(base[t]["generation/accuracy"] for t in cfg.task_names) >= 0.3  # the SFT base generates
@@ -223,13 +224,14 @@ def test_aggregates_and_verdict_by_hand():
     assert algos["ama_s"]["mean"]["excess_loss/worst"] == pytest.approx(0.22)
     assert algos["ama_s"]["std"]["excess_loss/worst"] == pytest.approx(math.sqrt(2) * 0.02)  # sample std of 0.20, 0.24
     assert algos["proportional"]["mean"]["excess_loss/mean"] == pytest.approx((0.255 + 0.215) / 2)
-    headline, lines = render.verdict({"aggregates": {"algorithms": algos}})
+    headline, lines = render.verdict({"run": {"split": "test"}, "aggregates": {"algorithms": algos}})
     assert headline.startswith("**ama_s** keeps the worst task") and "not separated" not in headline
+    assert "test-split excess loss" in headline
     assert lines[0].startswith("Best worst-task excess loss: **ama_s** (0.220 ± 0.028)")
     # ama_s wins the mean too (0.165 vs 0.235)
     assert "lowest average" not in headline
     close = {"ama_s": algos["ama_s"], "balanced": {"seeds": [0, 1], "mean": {"excess_loss/worst": 0.23}, "std": {"excess_loss/worst": 0.05}}}
-    headline, _ = render.verdict({"aggregates": {"algorithms": close}})
+    headline, _ = render.verdict({"run": {"split": "test"}, "aggregates": {"algorithms": close}})
     assert "not separated from balanced" in headline
 
 

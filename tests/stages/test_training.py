@@ -44,7 +44,7 @@ def test_base_policy_loss_is_log2_on_every_example(tiny_run):
         rows = rows_of(load_task_split(RunDir(str(run_dir)), task, "train", with_scores=True, limit=64))
         with torch.no_grad():
             out = dpo.per_example_loss(model, dpo.collate(rows, tok.pad_token_id), [r["ref_chosen_logps"] for r in rows],
-                                       [r["ref_rejected_logps"] for r in rows], dpo.DPOLossConfig(**cfg.dpo.model_dump()))
+                                       [r["ref_rejected_logps"] for r in rows], cfg.dpo)
         assert torch.allclose(out["dpo_loss"], torch.full_like(out["dpo_loss"], math.log(2)), atol=1e-4)
 
 
@@ -56,7 +56,7 @@ def test_specialist_loss_equals_direct_computation(tiny_run):
         rows = rows_of(load_task_split(RunDir(str(run_dir)), task, "test", with_scores=True))
         with torch.no_grad():
             out = dpo.per_example_loss(model, dpo.collate(rows, tok.pad_token_id), [r["ref_chosen_logps"] for r in rows],
-                                       [r["ref_rejected_logps"] for r in rows], dpo.DPOLossConfig(**cfg.dpo.model_dump()))
+                                       [r["ref_rejected_logps"] for r in rows], cfg.dpo)
         np.testing.assert_allclose([r["specialist_loss"] for r in rows], out["loss"].numpy(), atol=2e-5)
 
 
@@ -64,7 +64,7 @@ def test_each_specialist_beats_the_base_on_its_own_task(tiny_run):
     cfg, run_dir = tiny_run
     run = RunDir(str(run_dir))
     base = _manifest(run_dir, "reference", "arithmetic")["model"]
-    loss_cfg = dpo.DPOLossConfig(**cfg.dpo.model_dump())
+    loss_cfg = cfg.dpo
     for task in cfg.task_names:
         rows = [rows_of(load_task_split(run, task, "test", with_scores=False))]
         before = evaluate_rows(load_model(base), rows, loss_cfg, load_tokenizer(base).pad_token_id, 64)
@@ -92,12 +92,11 @@ def test_specialists_ran_at_the_same_time(tiny_run):
 
 
 def test_rerun_skips_committed_units(tiny_run):
-    from ama_ray.stages import generalist, prepare, reference, score, specialists
+    from ama_ray import pipeline
 
     cfg, run_dir = tiny_run
     before = {p: p.read_text() for p in run_dir.rglob("_manifest.json")}
-    for stage in (prepare, reference, specialists, score, generalist):
-        stage.run(cfg)
+    pipeline.run(cfg, through="generalist")
     after = {p: p.read_text() for p in run_dir.rglob("_manifest.json")}
     assert before == after
 
@@ -110,7 +109,7 @@ def test_mixing_history_replays_through_the_pure_policy(tiny_run):
     hist = pq.read_table(run_dir / "generalist" / "ama_s" / "seed0" / "mixing_history.parquet").to_pandas()
     tasks = cfg.task_names
     assert list(hist["step"]) == list(range(cfg.generalist.optim.steps))
-    policy = make_policy("ama_s", tasks, train_sizes(RunDir(str(run_dir)), cfg), cfg.mixing_settings())
+    policy = make_policy("ama_s", tasks, train_sizes(RunDir(str(run_dir)), cfg), cfg.mixing)
     for _, row in hist.iterrows():
         np.testing.assert_array_equal(policy.weights(), [row[f"alpha/{t}"] for t in tasks])
         policy.update({k: np.array([row[f"{k}/{t}"] for t in tasks]) for k in STAT_KEYS})

@@ -45,7 +45,7 @@ def test_ctrl_c_starts_no_queued_run_and_leaves_ray(ray_session, monkeypatch):
     def interrupt(snapshot, bars):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(launch, "_draw", interrupt)
+    monkeypatch.setattr(launch, "draw", interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
             launch.run_concurrently([("a", slow("a")), ("b", slow("b")), ("c", slow("c"))], 1, "progress-test-int")

@@ -73,7 +73,7 @@ def _eval_rows(cfg, lockstep: bool) -> list[dict]:
 
 
 def _eval_metrics(model_dir: str, rows: list[dict], cfg) -> dict[str, float]:
-    sums = evaluate_rows(load_model(model_dir), [rows], dpo.DPOLossConfig(**cfg.dpo.model_dump()), load_tokenizer(model_dir).pad_token_id, 64)
+    sums = evaluate_rows(load_model(model_dir), [rows], cfg.dpo, load_tokenizer(model_dir).pad_token_id, 64)
     return metrics_from_sums(sums, [TASK], "eval", with_excess=False)
 
 

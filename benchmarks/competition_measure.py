@@ -1,6 +1,6 @@
 """Do the offline benchmark's tasks compete? DPO on one task, measured on all of them.
 
-A single-process measurement (torch only, no Ray) behind issue 3's acceptance (b): from the
+An experiment, not part of the package: a single-process measurement (torch only, no Ray) behind issue 3's acceptance (b): from the
 tiny SFT base, DPO on task A alone should lower another task's held-out `logps/accuracies`
 by >= 10 points, or raise A's far less than DPO on all tasks together. `measure_competition`
 trains the base, one specialist per task and one run on the union, and evaluates each on

@@ -1,11 +1,12 @@
-"""The mixing actor: one mixing policy shared by every worker of a generalist unit.
+"""The Ray side of the mixing protocol (`ama_ray.mixing.service`): one actor holds the policy for
+every worker of a generalist unit, and `RayMixer` is each worker's client.
 
-Protocol (docs/algorithms.md): steps count from 0 and alpha_t is the mixture of optimizer step
-t. Every worker asks `get_alpha(t)` (it waits until alpha_t exists, so all workers of a step see
+Every worker asks `get_alpha(t)` (it waits until alpha_t exists, so all workers of a step see
 the same alpha); after step t, rank 0 sends `report(t, stats)` with the step's all-reduced
-per-task sums, which moves the policy to alpha_{t+1}. Rank 0 can send the report with
-`.remote()` while the optimizer steps and fetch alpha_{t+1} right after, so the round trip
-overlaps the step. The actor does no compute (num_cpus=0) and receives 4k numbers per step.
+per-task sums, which moves the policy to alpha_{t+1}. Rank 0 sends the report with `.remote()`
+while the optimizer steps and fetches alpha_{t+1} right after, so the round trip overlaps the
+step. The actor does no compute (num_cpus=0) and receives 4k numbers per step. Only Ray-facing
+code imports this module; the policies and `LocalMixer` stay importable without Ray.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import ray
 
 from ama_ray.errors import ConfigError
-from ama_ray.mixing import STAT_KEYS, MixingSettings, make_policy
+from ama_ray.mixing.policies import make_policy
+from ama_ray.mixing.settings import STAT_KEYS, MixingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +66,7 @@ class MixingActor:
             alpha = np.asarray(self._records[step]["alpha"], dtype=np.float64)
         else:
             raise ValueError(f"alpha of step {step} is not in the restored history")
-        # AMA-R's loss weights are alpha itself (MixingPolicy.loss_weights); sample mode has none.
-        loss_weights = alpha if self._policy.mode == "reweight" else None
-        return {"step": step, "alpha": alpha, "loss_weights": loss_weights,
+        return {"step": step, "alpha": alpha, "loss_weights": self._policy.loss_weights(alpha),
                 "mode": self._policy.mode}
 
     async def report(self, step: int, stats: dict[str, np.ndarray],
@@ -152,3 +152,45 @@ def create_mixing_actor(name: str, algorithm: str, tasks: Sequence[str], sizes: 
 def get_mixing_actor(name: str, namespace: str = NAMESPACE) -> ray.actor.ActorHandle:
     """Look up an existing mixing actor (from a training worker). Raises ValueError if absent."""
     return ray.get_actor(name, namespace=namespace)
+
+
+class RayMixer:
+    """A training worker's client of the unit's mixing actor (`MixingService`).
+
+    Every rank fetches alpha by step number; only rank 0 reports and restores.
+    """
+
+    def __init__(self, actor_name: str, rank: int, namespace: str = NAMESPACE):
+        self.rank = rank
+        self.actor = get_mixing_actor(actor_name, namespace)
+        self._pending: tuple[int, ray.ObjectRef] | None = None
+        self._report_ref: ray.ObjectRef | None = None
+
+    def prefetch(self, step: int) -> None:
+        self._pending = (step, self.actor.get_alpha.remote(step))
+
+    def alpha(self, step: int) -> np.ndarray:
+        if self._pending is None or self._pending[0] != step:
+            self.prefetch(step)
+        return np.asarray(ray.get(self._pending[1])["alpha"], dtype=np.float64)
+
+    def report(self, step: int, stats: dict[str, list[float]]) -> None:
+        if self.rank == 0:
+            if self._report_ref is not None:
+                ray.get(self._report_ref)  # surface an actor error of the previous step
+            self._report_ref = self.actor.report.remote(step, stats)
+
+    def state(self) -> dict:
+        # Step t's report went out with .remote(): wait until it is applied, or the state (and
+        # so the checkpoint) would be of step t - 1 and not resumable at step t.
+        if self._report_ref is not None:
+            ray.get(self._report_ref)
+        policy_state, history = ray.get(self.actor.state.remote())
+        return {"policy": policy_state, "history": history}
+
+    def restore(self, saved: dict, step: int) -> None:
+        if self.rank == 0:
+            ray.get(self.actor.restore.remote(saved["policy"], step, saved["history"]))
+
+    def history(self) -> list[dict]:
+        return ray.get(self.actor.history.remote())
