@@ -133,7 +133,7 @@ def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str,
     `tensorboard_dir`, `Job._log` writes TensorBoard scalars there, as rank 0 of a local run does.
     """
     from ama_ray.mixing import LocalMixer
-    from ama_ray.train.data import TaskStream
+    from ama_ray.train.data import ShardStream, TableSource
     from ama_ray.train.loop import Job, UnitSpec, WorkerState, lr_lambda
     from ama_ray.train.progress import ProgressClient
 
@@ -155,7 +155,7 @@ def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str,
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     return Job(
         spec=spec, cfg=cfg, optim=optim, run=None, rank=0, world=1, model=model,
-        streams=[TaskStream(t, rows, seed, 0) for t, rows in zip(tasks, rows_by_task)], eval_rows=[],
+        streams=[ShardStream(t, TableSource(rows), seed) for t, rows in zip(tasks, rows_by_task)], eval_rows=[],
         optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, spec.steps)),
         loss_cfg=cfg.dpo, policy=spec.policy(), mixer=mixer, progress=ProgressClient(None, "bench", 0),
         pad_id=pad_id, state=WorkerState(),

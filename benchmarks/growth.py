@@ -1,17 +1,20 @@
-"""Growth: a generalist worker's peak memory as data grows 1x -> 10x, and step time as k grows.
+"""Growth: memory as the data grows 1x -> 10x -> 30x; step time and data wait, streamed vs in memory.
 
-Memory. For each data size, a fresh worker-equivalent process loads its tasks exactly as
-`Job.build` does (`load_task_split` from a run directory with committed prepared, reference and
-score units, then `rows_of` into a `TaskStream` per task), runs a few generalist steps (the
-library's `Job.train_step`, AMA-S, local policy) and reports its RSS before loading data (after
-imports and the model) and its peak RSS (`ru_maxrss`). Token ids are synthetic (lengths like
-the benchmark's); only their number matters. Arm `arrow` is the proposed change, run as a local
-patch: the same table kept as Arrow, rows materialised on demand (`ArrowRows` below).
+Memory. For each data size a fresh driver process (its own local Ray) builds a run directory
+with committed prepared units of synthetic token ids (lengths like the benchmark's; only their
+number matters), runs the reference and score passes (`ama_ray.stages.inference.infer`: Ray Data
+in, Parquet out) and then one generalist unit (`train_generalist`: a `TorchTrainer` whose worker
+streams every task's rows from its Ray Data shard), and reports the driver's peak RSS, the
+training worker's peak RSS (`check/peak_rss_mb`) and the object store's peak use (polled from the
+raylet every 0.2 s). Target: each within 10% of the 1x run.
 
-Step time. Side by side in one process: AMA-S generalist steps with k = 3, 10 and 30 tasks
-(same batch size, same model), and k = 3 with `ArrowRows` instead of Python row dicts.
+Speed. Side by side in one process, the library's `Job.train_step` (AMA-S, k = 3) with each
+task's rows streamed from a Ray Data iterator over the Parquet file (what a worker runs now) vs
+held in memory (`TableSource`: the loop before streaming); and the share of a step spent waiting
+for rows (`train/data_seconds`), on the tiny model and on a random-weight model of SmolLM2-135M's
+shapes at real lengths.
 
-    python benchmarks/growth.py [--rows-per-task 10000] [--sizes 1,2,5,10] [--reps 7]
+    python benchmarks/growth.py [--rows-per-task 1000] [--sizes 1,10,30] [--reps 7]
     python benchmarks/growth.py --quick
 """
 
@@ -21,173 +24,264 @@ import argparse
 import copy
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 import common
 
 FLAT = 1.10
+TASKS = ("arithmetic", "refusal", "brackets")
 
 
-class ArrowRows(Sequence):
-    """A task's shard as an Arrow table, each row materialised as a dict when drawn.
-
-    Drop-in for `rows_of(table)` in `TaskStream` (which only takes `len` and `[i]`): memory is
-    the table's columnar buffers (~8 bytes a token) instead of Python lists and dicts.
-    """
-
-    def __init__(self, table: pa.Table):
-        self.table = table
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def __getitem__(self, i):
-        return self.table.slice(int(i), 1).to_pylist()[0]
-
-
-# -- the data a worker reads ---------------------------------------------------------------
+# -- the data ------------------------------------------------------------------------------------
 def ragged(rng: np.random.Generator, n: int, low: int, high: int, vocab: int) -> pa.Array:
     lengths = rng.integers(low, high + 1, n)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = rng.integers(4, vocab, int(offsets[-1])).astype(np.int64)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.ListArray.from_arrays(offsets, pa.array(rng.integers(3, vocab, int(offsets[-1])), pa.int32()))
 
 
-def write_run(root: Path, tasks: list[str], rows_per_task: int, vocab: int, seed: int = 0) -> None:
-    """Committed prepared/reference/scores units (train split) for `tasks` under `root`."""
+def prepared_table(task: str, n: int, vocab: int, rng: np.random.Generator, prompt=(6, 16), completion=(4, 9)) -> pa.Table:
+    return pa.table({
+        "example_id": pa.array([f"{task}-{i:09d}" for i in range(n)]),
+        "prompt_input_ids": ragged(rng, n, *prompt, vocab),
+        "chosen_input_ids": ragged(rng, n, *completion, vocab),
+        "rejected_input_ids": ragged(rng, n, *completion, vocab),
+    })
+
+
+def write_prepared(run, rows_per_task: int, vocab: int, seed: int = 0) -> None:
+    """Committed prepared units (all three splits) of synthetic rows for TASKS under `run`."""
+    rng = np.random.default_rng(seed)
+    held = max(1, rows_per_task // 10)
+    for task in TASKS:
+        unit = run.prepared(task)
+        unit.begin()
+        rows = {"train": rows_per_task, "validation": held, "test": held}
+        for split, n in rows.items():
+            unit.write_parquet(unit.split_file(split), prepared_table(f"{task}-{split}", n, vocab, rng))
+        unit.commit("benchmark", rows=rows)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+class StorePeak:
+    """Polls the object store's bytes in use (the raylet's store stats) until stopped; keeps the peak."""
+
+    def __init__(self, every_s: float = 0.2):
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address()
+        while not self._stop.is_set():
+            reply = get_memory_info_reply(state)
+            self.peak = max(self.peak, reply.store_stats.object_store_bytes_used)
+            time.sleep(self.every_s)
+
+
+def measure(root: str, model_path: str, rows_per_task: int, steps: int) -> dict:
+    """One size, in this (fresh) process: inference passes and a generalist unit; MB figures."""
+    from ama_ray.cluster import ensure_ray
+    from ama_ray.config import load_config
+    from ama_ray.stages.generalist import train_generalist
+    from ama_ray.stages.inference import Source, infer
     from ama_ray.storage import RunDir
 
-    run, rng = RunDir(str(root)), np.random.default_rng(seed)
-    for task in tasks:
-        ids = pa.array([f"{task}-{i:09d}" for i in range(rows_per_task)])
-        units = {
-            "prepare": {"example_id": ids, "prompt_input_ids": ragged(rng, rows_per_task, 6, 16, vocab),
-                         "chosen_input_ids": ragged(rng, rows_per_task, 4, 9, vocab),
-                         "rejected_input_ids": ragged(rng, rows_per_task, 4, 9, vocab)},
-            "reference": {"example_id": ids, "ref_chosen_logps": pa.array(-rng.uniform(10, 40, rows_per_task)),
-                          "ref_rejected_logps": pa.array(-rng.uniform(10, 40, rows_per_task))},
-            "score": {"example_id": ids, "specialist_loss": pa.array(rng.uniform(0.55, 0.85, rows_per_task))},
-        }
-        for stage, columns in units.items():
-            unit = run.stage_unit(stage, task)
-            unit.begin()
-            unit.write_parquet(unit.split_file("train"), pa.table(columns))
-            unit.commit("benchmark", rows={"train": rows_per_task, "validation": 0, "test": 0})
+    ensure_ray(num_cpus=2)
+    cfg = load_config(common.JOB_FILE, [f"storage.path={root}", f"model.name={model_path}", f"generalist.optim.steps={steps}",
+                                        f"generalist.optim.checkpoint_every={steps}", "eval.every_n_steps=100000",
+                                        "eval.max_examples=16", "generalist.optim.batch_size=8", "reference.batch_size=64"])
+    run = RunDir(cfg.run_dir)
+    from ama_ray.models.loading import load_tokenizer
+
+    write_prepared(run, rows_per_task, load_tokenizer(model_path).vocab_size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    splits = ("train", "validation", "test")
+    with StorePeak() as store:
+        for stage, inp in (("reference", run.prepared), ("score", run.reference)):
+            out = run.reference if stage == "reference" else run.scores
+            for task in TASKS:
+                out(task).begin()
+            written = infer(cfg, [Source(t, s, inp(t), out(t)) for t in TASKS for s in splits], model_path,
+                            None if stage == "reference" else cfg.dpo.to_dict())
+            for task in TASKS:
+                out(task).commit("benchmark", rows={s: written[f"{task}/{s}"] for s in splits},
+                                 loss=cfg.dpo.to_dict(), dtype="float32", padding_side="right")
+        train_generalist(cfg, "ama_s", 0, model_path, [rows_per_task] * len(TASKS), force=True)
+    final = run.generalist("ama_s", 0).manifest()["final_metrics"]
+    return {"rows": rows_per_task * len(TASKS), "driver_before_mb": before,
+            "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker_peak_mb": final["check/peak_rss_mb"], "store_peak_mb": store.peak / 2**20}
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        line = next(x for x in status if x.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
-
-
-def worker(run_root: str, model_path: str, tasks: list[str], mode: str, steps: int) -> dict:
-    """One worker-equivalent: load like `Job.build`, train `steps` steps; memory figures in MB."""
-    from ama_ray.storage import RunDir
-    from ama_ray.train.data import load_task_split, rows_of
-
-    torch.set_num_threads(1)
-    model, tokenizer = common.load(model_path)
-    before = rss_mb()
-    run = RunDir(run_root)
-    rows = []
-    for task in tasks:
-        table = load_task_split(run, task, "train", with_scores=True)
-        rows.append(rows_of(table) if mode == "list" else ArrowRows(table))
-    loaded = rss_mb()
-    job = common.make_job(model, tokenizer.pad_token_id, rows, "ama_s", 8)
-    common.job_block(job)(steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rows": sum(len(r) for r in rows), "before_mb": before, "loaded_mb": loaded, "peak_mb": peak}
-
-
-def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list[int], steps: int,
-                 modes: list[str]) -> str:
-    tasks = ["arithmetic", "refusal", "brackets"]
-    vocab = common.load(model_path)[1].vocab_size
+def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list[int], steps: int) -> str:
     results = {}
     for size in sizes:
         root = workdir / f"run-{size}x"
-        write_run(root, tasks, rows_per_task * size, vocab)
-        for mode in modes:
-            cmd = [sys.executable, __file__, "--worker", str(root), "--model-path", model_path, "--mode", mode,
-                   "--steps", str(steps)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parent)
-            results[size, mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        cmd = [sys.executable, __file__, "--measure", str(root), "--model-path", model_path,
+               "--rows-per-task", str(rows_per_task * size), "--steps", str(steps)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parent)
+        results[size] = json.loads(out.stdout.strip().splitlines()[-1])
+        shutil.rmtree(root, ignore_errors=True)
+    base = results[sizes[0]]
     rows = []
-    for mode in modes:
-        base = results[sizes[0], mode]
-        for size in sizes:
-            r = results[size, mode]
-            data = r["peak_mb"] - r["before_mb"]
-            rows.append([mode, f"{size}x", r["rows"], round(r["before_mb"]), round(r["peak_mb"]), round(data),
-                         f"{r['peak_mb'] / base['peak_mb']:.2f}"])
-    return common.table(["rows as", "data", "train rows", "RSS before data (MB)", "peak RSS (MB)",
-                         "peak - before (MB)", f"peak / peak at {sizes[0]}x (target <= {FLAT})"], rows)
+    for size in sizes:
+        r = results[size]
+        ratio = {k: r[k] / max(base[k], 1e-9) for k in ("driver_peak_mb", "worker_peak_mb", "store_peak_mb")}
+        flat = "yes" if max(ratio["driver_peak_mb"], ratio["worker_peak_mb"]) <= FLAT else "NO"
+        rows.append([f"{size}x", r["rows"], round(r["driver_peak_mb"]), f"{ratio['driver_peak_mb']:.2f}",
+                     round(r["worker_peak_mb"]), f"{ratio['worker_peak_mb']:.2f}", round(r["store_peak_mb"], 1),
+                     f"{ratio['store_peak_mb']:.2f}", flat if size != sizes[0] else ""])
+    return common.table(["data", "rows (3 tasks)", "driver peak RSS (MB)", f"/ {sizes[0]}x", "worker peak RSS (MB)",
+                         f"/ {sizes[0]}x", "object store peak (MB)", f"/ {sizes[0]}x", f"RSS flat (<= {FLAT})"], rows)
 
 
-def step_table(model_path: str, ks: list[int], rows_per_task: int, reps: int, block: int) -> str:
+# -- speed -----------------------------------------------------------------------------------------
+def ray_source(path: Path):
+    """A Ray Data iterator over one Parquet file in file order: what `get_dataset_shard` gives a worker."""
+    import ray
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True
+    return ray.data.read_parquet(str(path), ray_remote_args={"num_cpus": 0.05}).iterator()
+
+
+def step_table(model_path: str, workdir: Path, rows_per_task: int, reps: int, block: int) -> str:
+    """Streamed vs in-memory rows, same steps side by side; and the data wait inside a step."""
+    from ama_ray.cluster import ensure_ray
+    from ama_ray.train.data import ShardStream, TableSource
+
+    ensure_ray(num_cpus=2)
     model, tokenizer = common.load(model_path)
-    names = [f"t{j}" for j in range(max(ks))]
-    labelled = common.texts(names, rows_per_task)
+    labelled = common.texts(list(TASKS), rows_per_task)
     scored = common.with_scores([common.tokenize(tokenizer, r) for _, r in labelled], model, tokenizer.pad_token_id)
-    by_task: list[list[dict]] = [[] for _ in names]
-    for (task, _), row in zip(labelled, scored):
-        by_task[task].append(row)
-    jobs = {f"k={k}": common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, by_task[:k], "ama_s", 16)
-            for k in ks}
-    arrow = [ArrowRows(pa.Table.from_pylist(rows)) for rows in by_task[: ks[0]]]
-    jobs[f"k={ks[0]}, ArrowRows"] = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, arrow, "ama_s", 16)
-    times = common.alternate({name: common.job_block(job) for name, job in jobs.items()}, reps, block)
-    base = f"k={ks[0]}"
+    by_task: list[list[dict]] = [[] for _ in TASKS]
+    for i, ((task, _), row) in enumerate(zip(labelled, scored)):
+        by_task[task].append({"example_id": f"{task}-{i:08d}", **row})
+    files = []
+    for task, rows in zip(TASKS, by_task):
+        files.append(workdir / f"{task}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows), files[-1])
+    jobs = {}
+    for name in ("in memory", "streamed"):
+        job = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, by_task, "ama_s", 16)
+        if name == "streamed":
+            job.streams = [ShardStream(t, ray_source(f), 0) for t, f in zip(TASKS, files)]
+        else:
+            job.streams = [ShardStream(t, TableSource(pq.read_table(f)), 0) for t, f in zip(TASKS, files)]
+        jobs[name] = job
+    waits: dict[str, list[float]] = {name: [] for name in jobs}
+    times = common.alternate({name: _timed_block(job, waits[name]) for name, job in jobs.items()}, reps, block)
     rows = []
     for name in times:
-        cpu, wall = (common.ratios(times, name, base, kind, speed=False) for kind in ("cpu", "wall"))
-        flat = "yes" if statistics.median(cpu) <= FLAT else "NO"
-        rows.append([name, common.med(times, name, "cpu") * 1e3, common.spread(cpu), common.spread(wall),
-                     flat if name != base else ""])
-    return common.table(["arm (batch 16, AMA-S)", "CPU ms/step", f"CPU time / {base}", f"wall time / {base}",
-                         f"flat (<= {FLAT})"], rows)
+        wall = common.ratios(times, name, "in memory", "wall", speed=False)
+        share = statistics.median(waits[name]) / common.med(times, name, "wall")
+        rows.append([name, common.med(times, name, "wall") * 1e3, common.spread(wall), f"{share:.2%}",
+                     ("yes" if statistics.median(wall) <= FLAT else "NO") if name != "in memory" else ""])
+    return common.table(["rows (tiny model, batch 16, AMA-S)", "wall ms/step", "wall time / in memory",
+                         "data wait / step", f"within 10% (<= {FLAT})"], rows)
+
+
+def _timed_block(job, waits: list[float]):
+    counter = {"step": 0}
+
+    def run(n: int) -> tuple[float, float]:
+        start = common.clock()
+        for _ in range(n):
+            metrics = job.train_step(counter["step"], job.mixer.alpha(counter["step"]))
+            waits.append(metrics["train/data_seconds"])
+            counter["step"] += 1
+        return common.since(start, n)
+
+    return run
+
+
+def wait_table(workdir: Path, length: int, batch: int, steps: int) -> str:
+    """The data wait of a streamed step on a random-weight model of SmolLM2-135M's shapes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ama_ray.train.data import ShardStream
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    rng = np.random.default_rng(0)
+    half = length // 2
+    files = []
+    for task in TASKS:
+        table = prepared_table(task, 64, config.vocab_size, rng, prompt=(half - 8, half), completion=(half - 8, half))
+        n = table.num_rows
+        table = table.append_column("ref_chosen_logps", pa.array(-rng.uniform(500, 900, n), pa.float32()))
+        table = table.append_column("ref_rejected_logps", pa.array(-rng.uniform(500, 900, n), pa.float32()))
+        table = table.append_column("specialist_loss", pa.array(rng.uniform(0.5, 0.8, n), pa.float32()))
+        files.append(workdir / f"smol-{task}.parquet")
+        pq.write_table(table, files[-1])
+    job = common.make_job(model, 0, [[{"example_id": "x"}]] * len(TASKS), "ama_s", batch)
+    job.streams = [ShardStream(t, ray_source(f), 0) for t, f in zip(TASKS, files)]
+    waits, totals = [], []
+    for step in range(steps):
+        start = time.perf_counter()
+        metrics = job.train_step(step, job.mixer.alpha(step))
+        totals.append(time.perf_counter() - start)
+        waits.append(metrics["train/data_seconds"])
+    share = statistics.median(waits[1:] or waits) / statistics.median(totals[1:] or totals)
+    return common.table(["model (random weights)", "tokens per sequence", "pairs per step", "wall s/step (median)",
+                         "data wait ms/step (median)", "wait / step", "under 1%"],
+                        [["SmolLM2-135M shapes", length, batch, statistics.median(totals), statistics.median(waits) * 1e3,
+                          f"{share:.3%}", "yes" if share < 0.01 else "NO"]])
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows-per-task", type=int, default=10000, help="rows per task at 1x")
-    parser.add_argument("--sizes", default="1,2,5,10")
-    parser.add_argument("--ks", default="3,10,30")
+    parser.add_argument("--rows-per-task", type=int, default=1000, help="training rows per task at 1x")
+    parser.add_argument("--sizes", default="1,10,30")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--block", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=5, help="steps each memory worker trains")
-    parser.add_argument("--modes", default="list,arrow", help="row containers: list (the library's), arrow (patch)")
+    parser.add_argument("--steps", type=int, default=20, help="steps of the generalist in each memory run")
+    parser.add_argument("--length", type=int, default=512, help="tokens per sequence in the SmolLM2-shape wait check")
+    parser.add_argument("--wait-steps", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", default="list", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.model_path, ["arithmetic", "refusal", "brackets"], args.mode, args.steps)))
+    if args.measure:
+        common.quiet()
+        print(json.dumps(measure(args.measure, args.model_path, args.rows_per_task, args.steps)))
         return ""
     if args.quick:
-        args.rows_per_task, args.sizes, args.ks, args.reps, args.block, args.steps = 300, "1,2", "3,6", 1, 2, 2
-        args.modes = "list"
+        args.rows_per_task, args.sizes, args.reps, args.block, args.steps = 60, "1,2", 1, 2, 3
+        args.length, args.wait_steps = 32, 1
     torch.set_num_threads(1)
     common.quiet()
-    sizes, ks = [int(s) for s in args.sizes.split(",")], [int(k) for k in args.ks.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model_path = common.model_dir("tiny", Path(tmp))
-        memory = memory_table(model_path, Path(tmp), args.rows_per_task, sizes, args.steps, args.modes.split(","))
-        steps = step_table(model_path, ks, 40 if args.quick else 200, args.reps, args.block)
-    out = common.header("Growth: worker memory vs data size, step time vs k", rows_per_task_1x=args.rows_per_task)
-    out += "\n" + memory + "\n\n" + steps
+        memory = memory_table(model_path, Path(tmp), args.rows_per_task, sizes, args.steps)
+        steps = step_table(model_path, Path(tmp), 40 if args.quick else 300, args.reps, args.block)
+        wait = wait_table(Path(tmp), args.length, 2 if args.quick else 4, args.wait_steps)
+    out = common.header("Growth: memory vs data size; streamed rows vs in memory", rows_per_task_1x=args.rows_per_task)
+    out += "\n" + memory + "\n\n" + steps + "\n\n" + wait
     print(out)
     return out
 

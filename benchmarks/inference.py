@@ -2,13 +2,15 @@
 
 Throughput arms (reference mode: sequence log-probs of chosen and rejected, no gradients), each
 a full pass over the same rows, including its model load (and, for Ray, the actor pool start):
-  loop-1t / loop-2t   `LogpScorer` called in this process on the length-bucketed rows, batch by
-                      batch, with 1 / 2 torch threads;
+  loop-1t / loop-2t   `LogpScorer` called in this process on the rows, `batch x BUCKETS` at a time
+                      (as Ray Data hands them to an actor), with 1 / 2 torch threads;
   ray-1a / ray-2a     `ama_ray.stages.inference.infer` (what the reference and score stages
-                      run) with 1 / 2 actors of 0.95 CPU each (1 thread per actor: its share).
-Padding: the share of padded tokens among all tokens processed, rows in arrival order vs
-`bucket_by_length` order, by the library's `padding_share` and, independently, by counting the
-pad positions of the `collate`d (2B, L) batches that the model actually sees.
+                      run: Parquet in, Parquet out, streamed) with 1 / 2 actors of 0.95 CPU each
+                      (1 thread per actor: its share).
+Padding: the share of padded tokens among all tokens processed, rows in arrival order vs sorted
+by length within each `batch x BUCKETS` window (what `LogpScorer` does), by the library's
+`padding_share` and, independently, by counting the pad positions of the `collate`d (2B, L)
+batches that the model actually sees.
 
     python benchmarks/inference.py [--rows-per-task 1500] [--reps 3] [--hidden 64 --layers 2]
     python benchmarks/inference.py --quick
@@ -38,7 +40,6 @@ def make_table(tokenizer, rows_per_task: int, seed: int = 0) -> pa.Table:
     rows = [rows[i] for i in order]
     return pa.table({
         "example_id": [f"{i:08d}" for i in range(len(rows))],
-        "split": ["train"] * len(rows),
         **{key: [r[key] for r in rows] for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")},
     })
 
@@ -56,37 +57,48 @@ def collated_padding(table: pa.Table, batch: int, pad_id: int) -> float:
     return pads / total
 
 
-def loop_arm(model_path: str, table: pa.Table, batch: int, threads: int):
-    from ama_ray.stages.inference import LogpScorer
-    from ama_ray.train.data import bucket_by_length
+def bucketed(table: pa.Table, batch: int) -> pa.Table:
+    """Rows sorted by length within each window of `batch x BUCKETS` rows, as `LogpScorer` scores them."""
+    from ama_ray.stages.inference import BUCKETS, length_of
 
-    columns = bucket_by_length(table).to_pydict()
-    columns = {k: np.array(v, dtype=object) for k, v in columns.items()}
+    window = batch * BUCKETS
+    parts = [table.slice(s, window) for s in range(0, table.num_rows, window)]
+    return pa.concat_tables([p.take(pa.compute.sort_indices(length_of(p))) for p in parts])
+
+
+def loop_arm(model_path: str, table: pa.Table, batch: int, threads: int):
+    from ama_ray.stages.inference import BUCKETS, LogpScorer
 
     def run(n: int) -> tuple[float, float]:
         start = common.clock()
         for _ in range(n):
-            scorer = LogpScorer(model_path, "float32", False, threads, None)
-            for s in range(0, table.num_rows, batch):
-                scorer({k: v[s : s + batch] for k, v in columns.items()})
+            scorer = LogpScorer(model_path, "float32", False, threads, None, batch)
+            for s in range(0, table.num_rows, batch * BUCKETS):
+                scorer(table.slice(s, batch * BUCKETS))
         torch.set_num_threads(1)
         return common.since(start, n)
 
     return run
 
 
-def ray_arm(model_path: str, table: pa.Table, batch: int, actors: int):
+def ray_arm(model_path: str, table: pa.Table, batch: int, actors: int, workdir: Path):
     from ama_ray.config import load_config
-    from ama_ray.stages.inference import infer
+    from ama_ray.stages.inference import Source, infer
+    from ama_ray.storage import RunDir
 
     cfg = load_config(common.JOB_FILE, [f"reference.num_actors={actors}", "reference.cpus_per_actor=0.95",
                                         f"reference.batch_size={batch}", "model.dtype=float32"])
+    run_dir = RunDir(str(workdir / f"run-{actors}a"))
+    inp, out = run_dir.prepared("bench"), run_dir.reference("bench")
+    inp.begin()
+    inp.write_parquet(inp.split_file("train"), table)
 
     def run(n: int) -> tuple[float, float]:
         start = common.clock()
         for _ in range(n):
-            out = infer(cfg, table, model_path, None)
-            assert out.num_rows == table.num_rows
+            out.begin()
+            written = infer(cfg, [Source("bench", "train", inp, out)], model_path, None)
+            assert written == {"bench/train": table.num_rows}
         return common.since(start, n)  # CPU time here is the driver's only: the tables use wall time
 
     return run
@@ -115,8 +127,8 @@ def main(argv: list[str] | None = None) -> str:
         from ama_ray.cluster import ensure_ray
 
         ensure_ray(num_cpus=2)
-        arms = {"loop-1t": loop_arm(path, table, args.batch, 1), "ray-1a": ray_arm(path, table, args.batch, 1),
-                "loop-2t": loop_arm(path, table, args.batch, 2), "ray-2a": ray_arm(path, table, args.batch, 2)}
+        arms = {"loop-1t": loop_arm(path, table, args.batch, 1), "ray-1a": ray_arm(path, table, args.batch, 1, Path(tmp)),
+                "loop-2t": loop_arm(path, table, args.batch, 2), "ray-2a": ray_arm(path, table, args.batch, 2, Path(tmp))}
         times = common.alternate(arms, args.reps, 1, warmup=0 if args.quick else 1)
     out = common.header("Inference: Ray Data actors vs a single-process loop", rows=table.num_rows,
                         batch_pairs=args.batch, reps=args.reps, hidden=args.hidden, layers=args.layers)
@@ -127,10 +139,9 @@ def main(argv: list[str] | None = None) -> str:
 
 def padding_rows(table: pa.Table, batch: int, pad_id: int) -> str:
     from ama_ray.stages.inference import padding_share
-    from ama_ray.train.data import bucket_by_length
 
     rows = []
-    for name, ordered in (("arrival order", table), ("bucket_by_length", bucket_by_length(table))):
+    for name, ordered in (("arrival order", table), ("bucketed in windows", bucketed(table, batch))):
         share, seen = padding_share(ordered, batch), collated_padding(ordered, batch, pad_id)
         met = "yes" if seen <= PADDING_TARGET else "NO"
         rows.append([name, f"{share:.1%}", f"{seen:.1%}", f"<= {PADDING_TARGET:.0%}" if "bucket" in name else "", met if "bucket" in name else ""])

@@ -1,31 +1,62 @@
-"""Batch inference on Ray Data shared by the reference and score stages.
+"""Batch inference on Ray Data shared by the reference and score stages, streamed end to end.
 
-Rows are sorted by length before they enter Ray Data, so each batch holds sequences of similar
-length (little padding); the actor pool uses fractional CPUs so it cannot deadlock against the
-rest of the pipeline on a small machine. Both stages call `ama_ray.dpo`, the same code training
-runs, with right padding and the configured dtype: both are recorded in the manifests.
+Each input unit's split files are read by Ray Data, scored by an actor pool and written to the
+output unit as the batches arrive: no process holds a whole split. Every output row carries its
+input columns through (token ids, and in score mode the reference log-probs), so the next stage
+and the trainers read one file per split and never join by id (`ama_ray.train.data`).
+
+Inside an actor each Ray Data batch of `reference.batch_size × BUCKETS` rows is sorted by length
+and scored in sub-batches of `reference.batch_size`, so sequences of similar length share a
+forward pass (little padding) without a global sort. The actor pool uses fractional CPUs so it
+cannot deadlock against the rest of the pipeline on a small machine. Both stages call
+`ama_ray.dpo`, the same code training runs, with right padding and the configured dtype; both
+are recorded in the manifests.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ama_ray.config import Config
-from ama_ray.train.data import bucket_by_length
+from ama_ray.errors import StageInputError
+from ama_ray.storage import Unit
 
 log = logging.getLogger(__name__)
 PADDING_SIDE = "right"
+BUCKETS = 8  # sub-batches per Ray Data batch, sorted by length between them
+READ_CPUS = 0.05  # Parquet reads are I/O: a fraction of a CPU, so they never wait behind training workers
+KEY = "_ama_source"  # the input unit and split of a row, while it is in flight
+
+
+@dataclass(frozen=True)
+class Source:
+    """One split of one unit to score, and where its output goes."""
+
+    task: str
+    split: str
+    inp: Unit
+    out: Unit
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.split}"
 
 
 class LogpScorer:
-    """Ray Data callable: per-example sequence log-probs, and in score mode the per-example loss."""
+    """Ray Data callable: per-example sequence log-probs, and in score mode the per-example loss.
 
-    def __init__(self, model_path: str, dtype: str, trust_remote_code: bool, threads: int, loss_cfg: dict | None):
+    Takes and returns Arrow batches; every input column passes through.
+    """
+
+    def __init__(self, model_path: str, dtype: str, trust_remote_code: bool, threads: int, loss_cfg: dict | None,
+                 batch_size: int):
         import torch
 
         from ama_ray.dpo import DPOLossConfig
@@ -36,28 +67,43 @@ class LogpScorer:
         self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
         self.loss_cfg = DPOLossConfig(**loss_cfg) if loss_cfg is not None else None
+        self.batch_size = batch_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         from ama_ray import dpo
 
-        rows = [
-            {"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r}
-            for p, c, r in zip(batch["prompt_input_ids"], batch["chosen_input_ids"], batch["rejected_input_ids"])
-        ]
-        collated = dpo.collate(rows, self.pad_id, padding_side=PADDING_SIDE)
-        out = {"example_id": batch["example_id"], "split": batch["split"]}
+        batch = batch.take(pc.sort_indices(length_of(batch)))
+        columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
+        rows = batch.select(columns).to_pylist()
+        outputs: dict[str, list[np.ndarray]] = {}
         with torch.no_grad():
-            if self.loss_cfg is None:
-                logps, _, _ = dpo.sequence_logps(self.model, collated)
-                chosen, rejected = logps.chunk(2)
-                out["ref_chosen_logps"], out["ref_rejected_logps"] = chosen.numpy(), rejected.numpy()
-            else:
-                res = dpo.per_example_loss(self.model, collated, batch["ref_chosen_logps"], batch["ref_rejected_logps"], self.loss_cfg)
-                out["specialist_loss"] = res["loss"].numpy()
-                out["specialist_dpo_loss"] = res["dpo_loss"].numpy()
-        return out
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                collated = dpo.collate(chunk, self.pad_id, padding_side=PADDING_SIDE)
+                if self.loss_cfg is None:
+                    logps, _, _ = dpo.sequence_logps(self.model, collated)
+                    chosen, rejected = logps.float().cpu().chunk(2)
+                    values = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+                else:
+                    part = batch.slice(start, len(chunk))
+                    res = dpo.per_example_loss(self.model, collated, part["ref_chosen_logps"].to_numpy(),
+                                               part["ref_rejected_logps"].to_numpy(), self.loss_cfg)
+                    values = {"specialist_loss": res["loss"], "specialist_dpo_loss": res["dpo_loss"]}
+                for name, value in values.items():
+                    outputs.setdefault(name, []).append(value.float().cpu().numpy())
+        for name, parts in outputs.items():
+            batch = batch.append_column(name, pa.array(np.concatenate(parts), pa.float32()))
+        return batch
+
+
+def length_of(table: pa.Table) -> pa.Array:
+    """Prompt plus the longer completion, in tokens, per row."""
+    return pc.add(
+        pc.list_value_length(table["prompt_input_ids"]),
+        pc.max_element_wise(pc.list_value_length(table["chosen_input_ids"]), pc.list_value_length(table["rejected_input_ids"])),
+    )
 
 
 def check_model_path(model_path: str, who: str) -> None:
@@ -69,8 +115,13 @@ def check_model_path(model_path: str, who: str) -> None:
         require_absolute(model_path, "model.name", who)
 
 
-def infer(cfg: Config, table: pa.Table, model_path: str, loss_cfg: dict | None) -> pa.Table:
-    """Run `LogpScorer` over `table` (prepared columns + `split`) on a Ray Data actor pool."""
+def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | None, drop: tuple[str, ...] = ()) -> dict[str, int]:
+    """Score every source split on a Ray Data actor pool and stream the rows into the sources'
+    output units (one Parquet file per split, `Unit.split_file`); returns rows written per source key.
+
+    `drop` names input columns not to carry into the output. Raises StageInputError when a
+    source's output row count differs from its input's.
+    """
     import ray
 
     from ama_ray.cluster import check_fits, ensure_ray
@@ -78,29 +129,55 @@ def infer(cfg: Config, table: pa.Table, model_path: str, loss_cfg: dict | None) 
     ensure_ray()
     ref = cfg.reference
     check_fits("inference actors", {"CPU": ref.cpus_per_actor, "GPU": ref.gpus_per_actor}, ref.num_actors, "reference.num_actors")
-    table = bucket_by_length(table)
-    blocks = max(1, math.ceil(table.num_rows / (ref.batch_size * 4)))
-    per = math.ceil(table.num_rows / blocks)
-    ds = ray.data.from_arrow([table.slice(i * per, per) for i in range(blocks)])
+    by_key = {s.key: s for s in sources}
+    datasets = [
+        ray.data.read_parquet(s.inp.file(s.inp.split_file(s.split)), filesystem=s.inp.fs, ray_remote_args={"num_cpus": READ_CPUS})
+        .map_batches(_tag, fn_kwargs={"key": s.key, "drop": drop}, batch_format="pyarrow", num_cpus=READ_CPUS)
+        for s in sources
+    ]
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     ds = ds.map_batches(
         LogpScorer,
-        fn_constructor_args=(model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)), loss_cfg),
-        batch_size=ref.batch_size,
+        fn_constructor_args=(model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)), loss_cfg,
+                             ref.batch_size),
+        batch_size=ref.batch_size * BUCKETS,
+        batch_format="pyarrow",
         num_cpus=ref.cpus_per_actor,
         num_gpus=ref.gpus_per_actor or None,
         compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
     )
-    parts = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    return pa.concat_tables(parts) if parts else table.slice(0, 0)
+    writers: dict[str, tuple[Any, pq.ParquetWriter]] = {}
+    written = {key: 0 for key in by_key}
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for key in pc.unique(batch[KEY]).to_pylist():
+                part = batch.filter(pc.equal(batch[KEY], key)).drop_columns([KEY])
+                if key not in writers:
+                    out = by_key[key].out
+                    stream = out.fs.open_output_stream(out.file(out.split_file(by_key[key].split)))
+                    writers[key] = (stream, pq.ParquetWriter(stream, part.schema))
+                writers[key][1].write_table(part)
+                written[key] += part.num_rows
+    finally:
+        for stream, writer in writers.values():
+            writer.close()
+            stream.close()
+    for key, source in by_key.items():
+        expected = pq.ParquetFile(source.inp.file(source.inp.split_file(source.split)), filesystem=source.inp.fs).metadata.num_rows
+        if written[key] != expected:
+            raise StageInputError(f"scored {written[key]} of {expected} rows of {key}", where=source.out.path,
+                                  fix="rerun the stage with --force; if it repeats, report it as a bug")
+    return written
+
+
+def _tag(batch: pa.Table, key: str, drop: tuple[str, ...]) -> pa.Table:
+    batch = batch.drop_columns([c for c in drop if c in batch.column_names])
+    return batch.append_column(KEY, pa.array([key] * batch.num_rows, pa.string()))
 
 
 def padding_share(table: pa.Table, batch_size: int) -> float:
     """Share of padded tokens among all tokens processed when `table` is batched in its order."""
-    lengths = np.array(
-        [len(p) + max(len(c), len(r)) for p, c, r in zip(
-            table["prompt_input_ids"].to_pylist(), table["chosen_input_ids"].to_pylist(), table["rejected_input_ids"].to_pylist()
-        )]
-    )
+    lengths = length_of(table).to_numpy()
     padded = real = 0
     for start in range(0, len(lengths), batch_size):
         chunk = lengths[start : start + batch_size]

@@ -1,30 +1,30 @@
 """reference: log-probs of the base model on every prepared example (Ray Data actor pool).
 
-Writes `reference/<task>/{train,validation,test}.parquet` with `example_id`, `ref_chosen_logps`,
-`ref_rejected_logps` (TRL's names). From here on no training step runs the reference model.
+Writes `reference/<task>/{train,validation,test}.parquet`: the prepared rows' `example_id` and
+token ids, plus `ref_chosen_logps` and `ref_rejected_logps` (TRL's names), streamed from the
+prepared files through the actor pool (`ama_ray.stages.inference`). From here on no training step
+runs the reference model, and nothing joins the two by id: the rows carry their log-probs.
 """
 
 from __future__ import annotations
 
 import logging
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from ama_ray.config import Config
 from ama_ray.errors import StageInputError
 from ama_ray.stages import base_model_path, model_identity, open_run
-from ama_ray.stages.inference import PADDING_SIDE, infer
+from ama_ray.stages.inference import PADDING_SIDE, Source, infer
 from ama_ray.stages.prepare import prepare_hash
 from ama_ray.train.data import SPLITS, require_prepared
 
 log = logging.getLogger(__name__)
 STAGE = "reference"
-PREPARED_COLUMNS = ["example_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
+TEXT_COLUMNS = ("prompt", "chosen", "rejected", "length")  # prepared columns the later stages do not need
+FORMAT = 2  # 2: rows carry their token ids (1 held ids and log-probs only, joined by id later)
 
 
 def reference_hash(cfg: Config) -> str:
-    return prepare_hash(cfg) + "-" + cfg.section_hash("model.dtype")
+    return prepare_hash(cfg) + "-" + cfg.section_hash("model.dtype") + f"-f{FORMAT}"
 
 
 def check_same_model(run_dir, tasks: list[str], model_path: str, identity: str) -> None:
@@ -49,24 +49,18 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     digest = reference_hash(cfg)
     pending = [t for t in cfg.task_names if STAGE in force or not run_dir.reference(t).is_committed(digest)]
     if pending:
-        tables = []
         for task in pending:
             require_prepared(run_dir, task)
-            for split in SPLITS:
-                prepared = run_dir.prepared(task)
-                t = prepared.read_parquet(prepared.split_file(split), columns=PREPARED_COLUMNS)
-                tables.append(t.append_column("split", pa.array([f"{task}/{split}"] * t.num_rows)))
         model_path = base_model_path(cfg)
         check_same_model(run_dir, pending, model_path, model_identity(cfg))
         log.info("reference: %d tasks with %s", len(pending), model_path)
-        result = infer(cfg, pa.concat_tables(tables), model_path, loss_cfg=None)
         for task in pending:
-            unit = run_dir.reference(task)
-            unit.begin()
-            rows = {}
-            for split in SPLITS:
-                part = result.filter(pc.equal(result["split"], f"{task}/{split}")).drop_columns(["split"]).sort_by("example_id")
-                unit.write_parquet(unit.split_file(split), part)
-                rows[split] = part.num_rows
-            unit.commit(digest, stage=STAGE, model=model_path, dtype=cfg.model.dtype, padding_side=PADDING_SIDE, rows=rows)
+            run_dir.reference(task).begin()
+        sources = [Source(t, split, run_dir.prepared(t), run_dir.reference(t)) for t in pending for split in SPLITS]
+        written = infer(cfg, sources, model_path, loss_cfg=None, drop=TEXT_COLUMNS)
+        for task in pending:
+            run_dir.reference(task).commit(
+                digest, stage=STAGE, model=model_path, dtype=cfg.model.dtype, padding_side=PADDING_SIDE,
+                rows={split: written[f"{task}/{split}"] for split in SPLITS},
+            )
     return [run_dir.reference(t).path for t in cfg.task_names]

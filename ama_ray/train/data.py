@@ -1,20 +1,32 @@
-"""Per-worker task data: rows joined across stages, disjoint shards, deterministic streams.
+"""Per-worker task data: streamed from Ray Data shards, disjoint across workers, replayable.
 
-A worker of rank r in a world of size W reads only its shard (rows r, r+W, ... of a task in
-`example_id` order), so shards are disjoint. Each task's stream walks a permutation drawn from
-(seed, task, epoch, rank) and starts a new epoch, reshuffled, when it runs out: small tasks
-cycle. A stream's position is two integers, saved in every checkpoint, so a resumed run draws
-exactly the examples an uninterrupted run would.
+Every row a trainer reads carries what it needs (token ids, reference log-probs, and for the
+generalist the specialist's loss): the reference and score stages wrote them together, so no
+worker joins anything. The training split of each task reaches the `TorchTrainer` as a Ray Data
+dataset (`task_dataset`); each worker iterates it with `ray.train.get_dataset_shard(task)` and
+keeps the rows whose `example_id` hashes to its rank (`in_shard`), so shards are disjoint and
+each worker's shard is the same on every run. A `ShardStream` pulls rows from that iterator
+only as a step's labels ask for them: an epoch is one pass of the worker's shard through a local
+shuffle buffer of `SHUFFLE_ROWS` rows seeded by (seed, task, epoch, rank), and a new pass, freshly
+shuffled, starts when one ends (small tasks cycle). Worker memory is the shuffle buffer and a few
+prefetched blocks, whatever the size of the data. A stream's position is (epoch, rows taken),
+saved in every checkpoint; resuming re-reads that epoch's pass and skips what was taken, so a
+resumed run draws exactly the rows an uninterrupted one would (the pass order is deterministic:
+the datasets are read with `preserve_order`).
+
+Held-out rows (validation during training, test in evaluate) are bounded by
+`data.max_heldout_examples` and read whole (`load_task_split`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import zlib
+from collections import deque
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ama_ray.errors import StageInputError
 from ama_ray.storage import RunDir
@@ -24,6 +36,9 @@ ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 # (best checkpoints, `eval/...` during training, ASHA, Tune), test reports (evaluate, report, compare).
 SPLITS = ("train", "validation", "test")
 SELECT_SPLIT, REPORT_SPLIT = "validation", "test"
+SHUFFLE_ROWS = 4096  # local shuffle buffer of a stream (a whole small task: a full reshuffle per epoch)
+READ_ROWS = 256  # rows a stream pulls from its iterator at a time
+READ_CPUS = 0.05  # Ray Data reads in a training worker are I/O: never wait behind the workers' CPUs
 
 
 # stage -> what its per-task unit holds
@@ -54,26 +69,25 @@ def require_prepared(run: RunDir, task: str) -> dict:
     return require_split_unit(run, "prepare", task)
 
 
+def rows_unit(run: RunDir, task: str, with_scores: bool):
+    """The unit whose rows carry everything a trainer needs (scores, or reference without them)."""
+    stage = "score" if with_scores else "reference"
+    require_prepared(run, task)
+    require_split_unit(run, stage, task)
+    return run.stage_unit(stage, task)
+
+
 def load_task_split(
     run: RunDir, task: str, split: str, *, with_scores: bool, rank: int = 0, world: int = 1, limit: int | None = None
 ) -> pa.Table:
-    """One task's split for one worker: token ids, reference log-probs and (optionally) specialist losses.
+    """One task's split for one worker, whole: token ids, reference log-probs and (optionally)
+    specialist losses, in `example_id` order; rank r of W keeps rows r, r+W, ...; at most `limit`.
 
-    Raises StageInputError when an earlier stage's unit is missing or its example ids do not
-    match the prepared data.
+    For held-out splits (bounded by `data.max_heldout_examples`); training streams instead
+    (`task_dataset`, `ShardStream`). Raises StageInputError when an earlier stage's unit is missing.
     """
-    prepared = run.prepared(task)
-    require_prepared(run, task)
-    table = prepared.read_parquet(prepared.split_file(split), columns=["example_id", *ID_COLUMNS])
-    ref = run.reference(task)
-    require_split_unit(run, "reference", task)
-    table = join_by_id(table, ref.read_parquet(ref.split_file(split)), ref.file(ref.split_file(split)))
-    if with_scores:
-        scores = run.scores(task)
-        require_split_unit(run, "score", task)
-        table = join_by_id(table, scores.read_parquet(scores.split_file(split), columns=["example_id", "specialist_loss"]),
-                           scores.file(scores.split_file(split)))
-    table = table.sort_by("example_id")
+    unit = rows_unit(run, task, with_scores)
+    table = unit.read_parquet(unit.split_file(split)).sort_by("example_id")
     if world > 1:
         table = table.take(pa.array(np.arange(rank, table.num_rows, world)))
     if limit is not None:
@@ -81,24 +95,24 @@ def load_task_split(
     return table
 
 
-def join_by_id(left: pa.Table, right: pa.Table, where: str) -> pa.Table:
-    """`left` with `right`'s other columns, matched by `example_id`; StageInputError when the
-    two hold different ids (`where` names `right`'s file)."""
-    ids_left, ids_right = set(left["example_id"].to_pylist()), set(right["example_id"].to_pylist())
-    if ids_left != ids_right:
-        missing = len(ids_left - ids_right)
-        extra = len(ids_right - ids_left)
-        raise StageInputError(
-            f"example ids do not match the prepared data ({missing} missing, {extra} unknown)",
-            where=where,
-            fix="the data changed after this stage ran: rerun it with --force <stage>",
-        )
-    # Arrow's hash join refuses list columns: align both sides by sorted id instead.
-    left, right = left.sort_by("example_id"), right.sort_by("example_id")
-    for name in right.column_names:
-        if name != "example_id":
-            left = left.append_column(name, right[name])
-    return left
+def task_dataset(run: RunDir, task: str, with_scores: bool):
+    """The task's training split as a (lazy) Ray Data dataset, for `TorchTrainer(datasets=...)`."""
+    import ray
+
+    unit = rows_unit(run, task, with_scores)
+    return ray.data.read_parquet(unit.file(unit.split_file("train")), filesystem=unit.fs,
+                                 ray_remote_args={"num_cpus": READ_CPUS})
+
+
+def data_config():
+    """How Ray Train hands the task datasets to the workers: every worker gets the whole
+    dataset's iterator, read in file order (`ShardStream` keeps its own rows), so each worker's
+    shard and pass order are the same on every run. (Ray Data's `streaming_split` would deal
+    blocks to whichever worker asks first: disjoint, but different on a rerun.)"""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
 
 
 def rows_of(table: pa.Table) -> list[dict]:
@@ -110,37 +124,55 @@ def _seed(*parts: object) -> int:
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:16], 16)
 
 
-@dataclass
-class TaskStream:
-    """An endless, reshuffled-per-epoch walk over one task's shard; position = (epoch, offset)."""
+def in_shard(example_ids: list[str], rank: int, world: int) -> np.ndarray:
+    """Boolean mask of the ids that belong to worker `rank` of `world` (a CRC32 of the id, mod world)."""
+    if world == 1:
+        return np.ones(len(example_ids), dtype=bool)
+    return np.array([zlib.crc32(i.encode()) % world == rank for i in example_ids], dtype=bool)
 
-    task: str
-    rows: list[dict]
-    seed: int
-    rank: int = 0
-    epoch: int = 0
-    offset: int = 0
-    _order: np.ndarray | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        if not self.rows:
-            raise StageInputError(
-                f"task '{self.task}' has no training rows on worker {self.rank}",
-                fix="use fewer workers (scaling.num_workers) or more data for this task",
-            )
+class BatchSource(Protocol):
+    """What a stream reads: Ray Data's `DataIterator` (`ray.train.get_dataset_shard`), or `TableSource`."""
 
-    def _permutation(self) -> np.ndarray:
-        if self._order is None:
-            rng = np.random.default_rng(_seed(self.seed, self.task, self.epoch, self.rank))
-            self._order = rng.permutation(len(self.rows))
-        return self._order
+    def iter_batches(self, **kwargs: Any) -> Iterator[Any]: ...
+
+
+class TableSource:
+    """An in-memory table with `DataIterator.iter_batches`'s interface (tests and benchmarks):
+    the local shuffle is a full permutation seeded by `local_shuffle_seed`."""
+
+    def __init__(self, table: pa.Table | list[dict]):
+        self.table = table if isinstance(table, pa.Table) else pa.Table.from_pylist(table)
+
+    def iter_batches(self, *, batch_size: int, local_shuffle_seed: int | None = None, **_: Any) -> Iterator[pa.Table]:
+        order = np.arange(self.table.num_rows)
+        if local_shuffle_seed is not None:
+            order = np.random.default_rng(local_shuffle_seed).permutation(order)
+        for start in range(0, len(order), batch_size):
+            yield self.table.take(pa.array(order[start : start + batch_size]))
+
+
+class ShardStream:
+    """An endless walk over one task's shard, pulled as steps ask; position = (epoch, rows taken).
+
+    Each epoch is one pass of `source` through a local shuffle seeded by (seed, task, epoch,
+    rank), keeping the rows of this worker's shard (`in_shard`).
+    """
+
+    def __init__(self, task: str, source: BatchSource, seed: int, rank: int = 0, world: int = 1,
+                 shuffle_rows: int = SHUFFLE_ROWS, read_rows: int = READ_ROWS):
+        self.task, self.source, self.seed, self.rank, self.world = task, source, seed, rank, world
+        self.shuffle_rows, self.read_rows = shuffle_rows, read_rows
+        self.epoch, self.offset = 0, 0
+        self._buffer: deque[dict] = deque()
+        self._pass: Iterator[pa.Table] | None = None
 
     def take(self, n: int) -> list[dict]:
         out = []
-        for _ in range(n):
-            if self.offset >= len(self.rows):
-                self.epoch, self.offset, self._order = self.epoch + 1, 0, None
-            out.append(self.rows[self._permutation()[self.offset]])
+        while len(out) < n:
+            if not self._buffer:
+                self._fill()
+            out.append(self._buffer.popleft())
             self.offset += 1
         return out
 
@@ -148,11 +180,38 @@ class TaskStream:
         return [self.epoch, self.offset]
 
     def seek(self, position: list[int]) -> None:
-        self.epoch, self.offset = int(position[0]), int(position[1])
-        self._order = None
+        """Resume at `position`: start that epoch's pass again and skip the rows already taken."""
+        self.epoch, self._pass, self._buffer = int(position[0]), None, deque()
+        self.offset = 0
+        self.take(int(position[1]))
+
+    def _fill(self) -> None:
+        while True:
+            if self._pass is None:
+                self._pass = self._batches()
+            for batch in self._pass:
+                if batch.num_rows:
+                    self._buffer.extend(batch.to_pylist())
+                    return
+            if self.offset == 0:
+                raise StageInputError(
+                    f"task '{self.task}' has no training rows on worker {self.rank} of {self.world}",
+                    fix="use fewer workers (scaling.num_workers) or more data for this task",
+                )
+            self.epoch, self.offset, self._pass = self.epoch + 1, 0, None
+
+    def _batches(self) -> Iterator[pa.Table]:
+        seed = _seed(self.seed, self.task, self.epoch, self.rank) % 2**32
+        for batch in self.source.iter_batches(batch_size=self.read_rows, batch_format="pyarrow",
+                                              local_shuffle_buffer_size=self.shuffle_rows, local_shuffle_seed=seed):
+            if not isinstance(batch, pa.Table):
+                batch = pa.Table.from_pydict(batch)
+            if self.world > 1:
+                batch = batch.filter(pa.array(in_shard(batch["example_id"].to_pylist(), self.rank, self.world)))
+            yield batch
 
 
-def draw_batch(streams: list[TaskStream], labels: np.ndarray) -> tuple[list[dict], np.ndarray]:
+def draw_batch(streams: list[ShardStream], labels: np.ndarray) -> tuple[list[dict], np.ndarray]:
     """Examples for one step's task labels, grouped by task (stable), with their task indices."""
     order = np.argsort(labels, kind="stable")
     labels = labels[order]
@@ -160,12 +219,3 @@ def draw_batch(streams: list[TaskStream], labels: np.ndarray) -> tuple[list[dict
     for i, stream in enumerate(streams):
         examples += stream.take(int(np.sum(labels == i)))
     return examples, labels
-
-
-def bucket_by_length(table: pa.Table) -> pa.Table:
-    """Rows sorted by total token length, so inference batches carry little padding."""
-    lengths = pc.add(
-        pc.list_value_length(table["prompt_input_ids"]),
-        pc.max_element_wise(pc.list_value_length(table["chosen_input_ids"]), pc.list_value_length(table["rejected_input_ids"])),
-    )
-    return table.take(pc.sort_indices(lengths))

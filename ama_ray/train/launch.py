@@ -12,6 +12,7 @@ from ama_ray.cluster import NAMESPACE, check_fits, verbose
 from ama_ray.config import Config
 from ama_ray.errors import AmaError
 from ama_ray.storage import RunDir
+from ama_ray.train.data import data_config, task_dataset
 from ama_ray.train.loop import UnitSpec, train_loop_per_worker
 from ama_ray.train.progress import Progress, draw
 
@@ -23,7 +24,9 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
 
     `callbacks` are Ray Train `UserCallback`s (e.g. the Tune study's report callback).
 
-    Checkpoints live in `RunDir.checkpoint_root(stage)`, one Ray Train run per unit. Errors a user can fix that a
+    Each task's training rows reach the workers as a Ray Data dataset (`ama_ray.train.data`):
+    the scored rows for a generalist, the reference rows for a specialist. Checkpoints live in
+    `RunDir.checkpoint_root(stage)`, one Ray Train run per unit. Errors a user can fix that a
     worker raised are re-raised here as the original AmaError.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -32,9 +35,12 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
     run = RunDir(cfg.run_dir)
     unit = run.unit(*spec.out_unit)
     scaling = cfg.scaling
+    with_scores = spec.kind == "generalist"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.to_dict(),
+        datasets={task: task_dataset(run, task, with_scores) for task in spec.tasks},
+        dataset_config=data_config(),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from ama_ray.config import Config, OptimConfig
 from ama_ray.mixing import LocalMixer, batch_objective
 from ama_ray.storage import MODEL_DIR, RunDir, Unit
 from ama_ray.train import checkpointing
-from ama_ray.train.data import SELECT_SPLIT, TaskStream, draw_batch, load_task_split, rows_of
+from ama_ray.train.data import SELECT_SPLIT, ShardStream, draw_batch, load_task_split, rows_of
 from ama_ray.train.engine import Engine, build_engine, lr_lambda  # noqa: F401 - lr_lambda: re-exported
 from ama_ray.train.faults import maybe_inject_fault
 from ama_ray.train.metrics import (
@@ -92,11 +93,11 @@ class Job:
         torch.manual_seed(spec.seed)
         tokenizer = load_tokenizer(spec.model_path, trust_remote_code=cfg.model.trust_remote_code)
         engine = build_engine(cfg, optim_cfg, spec.model_path, spec.steps, rank, world)
+        import ray.train
+
         with_scores = spec.kind == "generalist"
-        streams = [
-            TaskStream(t, rows_of(load_task_split(run, t, "train", with_scores=with_scores, rank=rank, world=world)), spec.seed, rank)
-            for t in spec.tasks
-        ]
+        # Each task's training rows stream from its Ray Data dataset (`fit_unit` passes them).
+        streams = [ShardStream(t, ray.train.get_dataset_shard(t), spec.seed, rank, world) for t in spec.tasks]
         per_worker_eval = math.ceil(cfg.eval.max_examples / world)
         # The periodic `eval/...` metrics select (best checkpoint, ASHA, Tune): the validation split.
         eval_rows = engine.lockstep_rows([
@@ -186,8 +187,10 @@ class Job:
 
     def train_step(self, step: int, alpha: np.ndarray) -> dict[str, float]:
         torch.manual_seed(_seed(self.spec.seed, step, self.rank))
+        waited = time.perf_counter()
         labels = self.sample_labels(step, alpha)
         examples, labels = draw_batch(self.streams, labels)
+        waited = time.perf_counter() - waited
         task_ids = torch.as_tensor(labels)
         step_counts = torch.bincount(task_ids, minlength=self.k)
         loss_weights = self.policy.loss_weights(alpha)
@@ -214,7 +217,7 @@ class Job:
         metrics = metrics_from_sums(sums, self.tasks, "train", with_excess=self.spec.kind == "generalist")
         metrics.update({f"mix/alpha/{t}": float(a) for t, a in zip(self.tasks, alpha)})
         metrics.update({f"mix/count/{t}": float(c) for t, c in zip(self.tasks, sums[ROW["count"]].tolist())})
-        metrics.update({"step": step + 1, "train/grad_norm": grad_norm, "train/lr": engine.lr()})
+        metrics.update({"step": step + 1, "train/grad_norm": grad_norm, "train/lr": engine.lr(), "train/data_seconds": waited})
         return metrics
 
     def sample_labels(self, step: int, alpha: np.ndarray) -> np.ndarray:
@@ -241,11 +244,13 @@ class Job:
         `check/replica_max_diff` is the largest parameter difference between any worker and rank 0
         (0 when data parallelism is correct; absent under ZeRO-3, whose ranks hold different shards);
         `check/alpha_agree` is 1 when every worker hashed the same sequence of alphas since this
-        attempt started; `check/resumed_at_step` is the checkpoint step this attempt started from.
+        attempt started; `check/resumed_at_step` is the checkpoint step this attempt started from;
+        `check/peak_rss_mb` is this worker's peak resident memory (rank 0's is reported).
         """
         params = self.engine.replica_params()
         digests = _all_gather_obj(self.alpha_digest.hexdigest(), self.world)
-        out = {"check/alpha_agree": float(len(set(digests)) == 1), "check/resumed_at_step": self.state.resumed_at}
+        out = {"check/alpha_agree": float(len(set(digests)) == 1), "check/resumed_at_step": self.state.resumed_at,
+               "check/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if params is None:  # ZeRO-3: each rank holds a different shard, there is no replica to compare
             return out
         diff = torch.zeros((), dtype=torch.float64)
