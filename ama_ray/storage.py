@@ -44,6 +44,7 @@ FOLDERS = {
     "prepare": "prepared", "reference": "reference", "specialists": "specialists", "score": "scores",
     "generalist": "generalist", "tune": "tune", "evaluate": "eval", "report": "report",
 }
+ROW_GROUP_ROWS = 1024  # Parquet row group: what a streaming reader holds at a time
 MODEL_DIR = "model"
 MIXING_HISTORY = "mixing_history.parquet"
 METRICS_JSON, METRICS_CSV = "metrics.json", "metrics.csv"
@@ -241,7 +242,8 @@ class Unit:
             return json.loads(f.read().decode())
 
     def write_parquet(self, name: str, table: pa.Table) -> None:
-        pq.write_table(table, self.file(name), filesystem=self.fs)
+        """Write `table` in row groups of ROW_GROUP_ROWS, the unit readers stream by."""
+        pq.write_table(table, self.file(name), filesystem=self.fs, row_group_size=ROW_GROUP_ROWS)
 
     def read_parquet(self, name: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.file(name), filesystem=self.fs, columns=columns)

@@ -192,6 +192,9 @@ def step_table(model_path: str, workdir: Path, rows_per_task: int, reps: int, bl
         jobs[name] = job
     waits: dict[str, list[float]] = {name: [] for name in jobs}
     times = common.alternate({name: _timed_block(job, waits[name]) for name, job in jobs.items()}, reps, block)
+    for job in jobs.values():
+        for stream in job.streams:
+            stream.close()
     rows = []
     for name in times:
         wall = common.ratios(times, name, "in memory", "wall", speed=False)
@@ -245,6 +248,8 @@ def wait_table(workdir: Path, length: int, batch: int, steps: int) -> str:
         metrics = job.train_step(step, job.mixer.alpha(step))
         totals.append(time.perf_counter() - start)
         waits.append(metrics["train/data_seconds"])
+    for stream in job.streams:
+        stream.close()
     share = statistics.median(waits[1:] or waits) / statistics.median(totals[1:] or totals)
     return common.table(["model (random weights)", "tokens per sequence", "pairs per step", "wall s/step (median)",
                          "data wait ms/step (median)", "wait / step", "under 1%"],

@@ -26,13 +26,12 @@ import pyarrow.parquet as pq
 
 from ama_ray.config import Config
 from ama_ray.errors import StageInputError
-from ama_ray.storage import Unit
+from ama_ray.storage import ROW_GROUP_ROWS, Unit
+from ama_ray.train.data import TAG, parquet_dataset
 
 log = logging.getLogger(__name__)
 PADDING_SIDE = "right"
 BUCKETS = 8  # sub-batches per Ray Data batch, sorted by length between them
-READ_CPUS = 0.05  # Parquet reads are I/O: a fraction of a CPU, so they never wait behind training workers
-KEY = "_ama_source"  # the input unit and split of a row, while it is in flight
 
 
 @dataclass(frozen=True)
@@ -130,12 +129,7 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
     ref = cfg.reference
     check_fits("inference actors", {"CPU": ref.cpus_per_actor, "GPU": ref.gpus_per_actor}, ref.num_actors, "reference.num_actors")
     by_key = {s.key: s for s in sources}
-    datasets = [
-        ray.data.read_parquet(s.inp.file(s.inp.split_file(s.split)), filesystem=s.inp.fs, ray_remote_args={"num_cpus": READ_CPUS})
-        .map_batches(_tag, fn_kwargs={"key": s.key, "drop": drop}, batch_format="pyarrow", num_cpus=READ_CPUS)
-        for s in sources
-    ]
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    ds = parquet_dataset([(s.inp, s.split) for s in sources], tags=[s.key for s in sources], drop=drop)
     ds = ds.map_batches(
         LogpScorer,
         fn_constructor_args=(model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)), loss_cfg,
@@ -147,17 +141,28 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
         compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
     )
     writers: dict[str, tuple[Any, pq.ParquetWriter]] = {}
+    pending: dict[str, list[pa.Table]] = {key: [] for key in by_key}  # rows waiting for a full row group
     written = {key: 0 for key in by_key}
+
+    def flush(key: str) -> None:
+        table = pa.concat_tables(pending[key])
+        if key not in writers:
+            out = by_key[key].out
+            stream = out.fs.open_output_stream(out.file(out.split_file(by_key[key].split)))
+            writers[key] = (stream, pq.ParquetWriter(stream, table.schema))
+        writers[key][1].write_table(table, row_group_size=ROW_GROUP_ROWS)
+        written[key] += table.num_rows
+        pending[key] = []
+
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for key in pc.unique(batch[KEY]).to_pylist():
-                part = batch.filter(pc.equal(batch[KEY], key)).drop_columns([KEY])
-                if key not in writers:
-                    out = by_key[key].out
-                    stream = out.fs.open_output_stream(out.file(out.split_file(by_key[key].split)))
-                    writers[key] = (stream, pq.ParquetWriter(stream, part.schema))
-                writers[key][1].write_table(part)
-                written[key] += part.num_rows
+            for key in pc.unique(batch[TAG]).to_pylist():
+                pending[key].append(batch.filter(pc.equal(batch[TAG], key)).drop_columns([TAG]))
+                if sum(t.num_rows for t in pending[key]) >= ROW_GROUP_ROWS:
+                    flush(key)
+        for key in by_key:
+            if pending[key]:
+                flush(key)
     finally:
         for stream, writer in writers.values():
             writer.close()
@@ -168,11 +173,6 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
             raise StageInputError(f"scored {written[key]} of {expected} rows of {key}", where=source.out.path,
                                   fix="rerun the stage with --force; if it repeats, report it as a bug")
     return written
-
-
-def _tag(batch: pa.Table, key: str, drop: tuple[str, ...]) -> pa.Table:
-    batch = batch.drop_columns([c for c in drop if c in batch.column_names])
-    return batch.append_column(KEY, pa.array([key] * batch.num_rows, pa.string()))
 
 
 def padding_share(table: pa.Table, batch_size: int) -> float:

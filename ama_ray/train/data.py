@@ -38,7 +38,7 @@ SPLITS = ("train", "validation", "test")
 SELECT_SPLIT, REPORT_SPLIT = "validation", "test"
 SHUFFLE_ROWS = 4096  # local shuffle buffer of a stream (a whole small task: a full reshuffle per epoch)
 READ_ROWS = 256  # rows a stream pulls from its iterator at a time
-READ_CPUS = 0.05  # Ray Data reads in a training worker are I/O: never wait behind the workers' CPUs
+READ_TASKS = 2  # concurrent row-group readers of one dataset
 
 
 # stage -> what its per-task unit holds
@@ -97,11 +97,59 @@ def load_task_split(
 
 def task_dataset(run: RunDir, task: str, with_scores: bool):
     """The task's training split as a (lazy) Ray Data dataset, for `TorchTrainer(datasets=...)`."""
-    import ray
+    import logging
 
     unit = rows_unit(run, task, with_scores)
-    return ray.data.read_parquet(unit.file(unit.split_file("train")), filesystem=unit.fs,
-                                 ray_remote_args={"num_cpus": READ_CPUS})
+    ds = parquet_dataset([(unit, "train")])
+    # The workers iterate it once per epoch: Ray Data's progress bars and plan logs for each pass
+    # only with `ama-ray -v` (the dataset carries this context to the workers).
+    ds.context.enable_progress_bars = logging.getLogger("ama_ray").isEnabledFor(logging.DEBUG)
+    return ds
+
+
+def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None, drop: tuple[str, ...] = ()):
+    """Split files (`(unit, split)` pairs) as one lazy Ray Data dataset, read a row group at a
+    time, in file order. With `tags`, each row gets a `TAG` column naming its file (`tags[i]`);
+    `drop` names columns not to read on.
+
+    Not `ray.data.read_parquet`: its file-listing step asks for a whole CPU, and inside a training
+    worker Ray Data's CPU budget is what the trainers left, often nothing on a small machine, so
+    the read would wait forever. Reading a row group is I/O: these tasks ask for no CPU, and at
+    most READ_TASKS run at once (zero-CPU tasks are otherwise unbounded, and every concurrent task
+    is a Python worker process).
+    """
+    import pyarrow.parquet as pq
+    import ray
+
+    items = []
+    for i, (unit, split) in enumerate(files):
+        path = unit.file(unit.split_file(split))
+        groups = pq.ParquetFile(path, filesystem=unit.fs).metadata.num_row_groups  # the footer only
+        uri = unit.run.uri if not unit.run.is_local else ""
+        items += [{"path": path, "uri": uri, "group": g, "tag": tags[i] if tags else ""} for g in range(groups)]
+    blocks = max(1, min(len(items), 64))
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        _read_row_groups, fn_kwargs={"tagged": tags is not None, "drop": drop}, batch_size=1, batch_format="pyarrow",
+        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, blocks)),
+    )
+
+
+TAG = "_ama_source"  # the file a row came from, while it is in flight (`parquet_dataset(tags=...)`)
+
+
+def _read_row_groups(items: pa.Table, tagged: bool, drop: tuple[str, ...]) -> pa.Table:
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    parts = []
+    for item in items.to_pylist():
+        fs = pafs.FileSystem.from_uri(item["uri"])[0] if item["uri"] else pafs.LocalFileSystem()
+        part = pq.ParquetFile(item["path"], filesystem=fs).read_row_group(item["group"])
+        part = part.drop_columns([c for c in drop if c in part.column_names])
+        if tagged:
+            part = part.append_column(TAG, pa.array([item["tag"]] * part.num_rows, pa.string()))
+        parts.append(part)
+    return pa.concat_tables(parts)
 
 
 def data_config():
@@ -178,6 +226,12 @@ class ShardStream:
 
     def position(self) -> list[int]:
         return [self.epoch, self.offset]
+
+    def close(self) -> None:
+        """Stop the pass in flight (its Ray Data execution) now, not at interpreter exit."""
+        if self._pass is not None:
+            self._pass.close()
+            self._pass = None
 
     def seek(self, position: list[int]) -> None:
         """Resume at `position`: start that epoch's pass again and skip the rows already taken."""

@@ -53,6 +53,16 @@ def check_handed_paths(cfg: Config, model_path: str | None, who: str) -> None:
         require_absolute(model_path, "model.name", who)
 
 
+def _quiet_data() -> None:
+    """Ray Data's per-dataset progress bars and plan logs, once per epoch and task, only with `ama-ray -v`."""
+    from ray.data import DataContext
+
+    if not logging.getLogger("ama_ray").isEnabledFor(logging.DEBUG):
+        DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled", per worker
+
+
 def _seed(*parts: object) -> int:
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
 
@@ -64,6 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
     spec = UnitSpec(**config)
     cfg = Config.model_validate(spec.cfg)
     check_handed_paths(cfg, spec.model_path, "a Ray Train worker")
+    _quiet_data()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker))
@@ -289,6 +300,8 @@ class Job:
         """
         if self.writer is not None:
             self.writer.close()
+        for stream in self.streams:
+            stream.close()
         _barrier(self.world)
         whole = self.engine.consolidate()
         if self.rank != 0:

@@ -222,7 +222,7 @@ def test_driver_kill_keeps_committed_units(sig, tiny_run, tmp_path):
         assert _survivors(ray_tmp), "test cannot see the driver's Ray processes"
         os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
-        alive = _wait_gone(ray_tmp, 30)
+        alive = _wait_gone(ray_tmp, 90)  # a loaded machine: Ray's agents notice their raylet is gone within a minute
         assert alive == [], f"Ray processes survived {sig.name} of the driver: {alive}"
         assert not (run / "specialists" / "brackets" / "_manifest.json").exists()
         assert {p: p.read_text() for p in run.rglob("_manifest.json")} == before

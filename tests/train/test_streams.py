@@ -72,16 +72,18 @@ def test_draw_batch_pulls_only_what_the_labels_ask_for():
 
 def test_a_ray_data_shard_streams_deterministically(ray_session, tmp_path):
     """The trainer's source: a Ray Data iterator over a Parquet file read in file order."""
-    import ray
     from ray.data import DataContext
 
-    path = tmp_path / "train.parquet"
-    pq.write_table(_table(900), path, row_group_size=100)
+    from ama_ray.storage import RunDir
+    from ama_ray.train.data import parquet_dataset
+
+    unit = RunDir(str(tmp_path)).scores("t")
+    unit.begin()
+    pq.write_table(_table(900), unit.file(unit.split_file("train")), row_group_size=100)
 
     def source():
-        ctx = DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        return ray.data.read_parquet(str(path), ray_remote_args={"num_cpus": 0.05}).iterator()
+        DataContext.get_current().execution_options.preserve_order = True
+        return parquet_dataset([(unit, "train")]).iterator()
 
     one = ShardStream("t", source(), seed=5, rank=0, world=2, shuffle_rows=256, read_rows=64)
     first = _ids(one.take(600))  # more than one epoch of this rank's ~450 rows
