@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from ama_ray.errors import StageInputError
-from ama_ray.storage import RunDir
+from ama_ray.storage import ROW_GROUP_ROWS, RunDir
 
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 # Every task's splits, written by prepare and covered by reference and score: validation selects
@@ -39,6 +39,7 @@ SELECT_SPLIT, REPORT_SPLIT = "validation", "test"
 SHUFFLE_ROWS = 4096  # local shuffle buffer of a stream (a whole small task: a full reshuffle per epoch)
 READ_ROWS = 256  # rows a stream pulls from its iterator at a time
 READ_TASKS = 2  # concurrent row-group readers of one dataset
+READ_AHEAD = 4  # row groups a streamed read may hold in the object store
 
 
 # stage -> what its per-task unit holds
@@ -107,6 +108,29 @@ def task_dataset(run: RunDir, task: str, with_scores: bool):
     return ds
 
 
+def stream_budget(files: list[tuple[Any, str]]) -> int:
+    """Object-store bytes a streamed read of `files` may hold: READ_AHEAD row groups of the
+    widest file (from the Parquet footers), at least 1 MB. Without a budget Ray Data reads ahead
+    into its whole object-store share, so what sits there grows with the data."""
+    import pyarrow.parquet as pq
+
+    widest = 0.0
+    for unit, split in files:
+        meta = pq.ParquetFile(unit.file(unit.split_file(split)), filesystem=unit.fs).metadata
+        if meta.num_row_groups:
+            group = meta.row_group(0)
+            widest = max(widest, group.total_byte_size / max(1, group.num_rows))
+    return int(max(2**20, READ_AHEAD * ROW_GROUP_ROWS * widest))
+
+
+def limited(options, budget: int):
+    """`options` (Ray Data ExecutionOptions) with the object store capped at `budget` bytes."""
+    from ray.data import ExecutionResources
+
+    options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
+    return options
+
+
 def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None, drop: tuple[str, ...] = ()):
     """Split files (`(unit, split)` pairs) as one lazy Ray Data dataset, read a row group at a
     time, in file order. With `tags`, each row gets a `TAG` column naming its file (`tags[i]`);
@@ -128,10 +152,12 @@ def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None,
         uri = unit.run.uri if not unit.run.is_local else ""
         items += [{"path": path, "uri": uri, "group": g, "tag": tags[i] if tags else ""} for g in range(groups)]
     blocks = max(1, min(len(items), 64))
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         _read_row_groups, fn_kwargs={"tagged": tags is not None, "drop": drop}, batch_size=1, batch_format="pyarrow",
         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, blocks)),
     )
+    limited(ds.context.execution_options, stream_budget(files))
+    return ds
 
 
 TAG = "_ama_source"  # the file a row came from, while it is in flight (`parquet_dataset(tags=...)`)
@@ -152,15 +178,18 @@ def _read_row_groups(items: pa.Table, tagged: bool, drop: tuple[str, ...]) -> pa
     return pa.concat_tables(parts)
 
 
-def data_config():
+def data_config(datasets: dict):
     """How Ray Train hands the task datasets to the workers: every worker gets the whole
     dataset's iterator, read in file order (`ShardStream` keeps its own rows), so each worker's
-    shard and pass order are the same on every run. (Ray Data's `streaming_split` would deal
-    blocks to whichever worker asks first: disjoint, but different on a rerun.)"""
+    shard and pass order are the same on every run, with each dataset's object-store budget.
+    (Ray Data's `streaming_split` would deal blocks to whichever worker asks first: disjoint,
+    but different on a rerun.)"""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
-    return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+    options = {name: limited(ExecutionOptions(preserve_order=True), ds.context.execution_options.resource_limits.object_store_memory)
+               for name, ds in datasets.items()}
+    return DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def rows_of(table: pa.Table) -> list[dict]:

@@ -36,11 +36,12 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
     unit = run.unit(*spec.out_unit)
     scaling = cfg.scaling
     with_scores = spec.kind == "generalist"
+    datasets = {task: task_dataset(run, task, with_scores) for task in spec.tasks}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.to_dict(),
-        datasets={task: task_dataset(run, task, with_scores) for task in spec.tasks},
-        dataset_config=data_config(),
+        datasets=datasets,
+        dataset_config=data_config(datasets),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
