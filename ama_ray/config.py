@@ -74,6 +74,11 @@ class TaskConfig(Section):
     max_rows: Optional[int] = Field(None, ge=1, description="Keep at most this many usable rows.")
     specialist_steps: Optional[int] = Field(None, ge=1, description="Specialist train length for this task (default specialists.optim.steps).")
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_dot(cls, name: str) -> str:
+        return _plain_name(name)
+
     @model_validator(mode="after")
     def _one_source(self) -> "TaskConfig":
         given = [k for k in ("benchmark", "path", "hf_dataset") if getattr(self, k) is not None]
@@ -98,6 +103,13 @@ RENAMED = {  # keys of earlier versions -> what replaced them
     "data.max_eval_examples": "data.max_heldout_examples",
     "generalist.baseline_excess": "mixing.baseline_objective (true is `excess`)",
 }
+
+
+def _plain_name(name: str) -> str:
+    """A task or run name becomes a folder name: `.` and `..` would point outside the run."""
+    if name in (".", ".."):
+        raise ValueError(f"name {name!r} would point outside the run directory; use letters, digits, _ . - (not only dots)")
+    return name
 
 
 def _refuse_renamed(section: str, raw: Any) -> Any:
@@ -216,6 +228,11 @@ class ScalingConfig(Section):
 class StorageConfig(Section):
     path: str = Field("./runs", description="Root of run directories: a local path or a pyarrow.fs URI.")
     run_name: str = Field("laptop", pattern=r"^[A-Za-z0-9_.-]+$", description="Run directory name under storage.path.")
+
+    @field_validator("run_name")
+    @classmethod
+    def _not_a_dot(cls, name: str) -> str:
+        return _plain_name(name)
 
 
 class EvalConfig(Section):

@@ -25,6 +25,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -85,8 +86,15 @@ class RunDir:
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def unit(self, *parts: str) -> "Unit":
-        """The unit at `parts` under the root (prefer the named methods below)."""
-        return Unit(self, "/".join([self.root, *parts]), tuple(parts))
+        """The unit at `parts` under the root (prefer the named methods below); StorageError for
+        parts that would leave the run directory (`..`, absolute parts)."""
+        path = "/".join([self.root, *parts])
+        inside = posixpath.normpath(path)
+        if not parts or inside == self.root or not inside.startswith(self.root.rstrip("/") + "/") \
+                or any(p in ("", ".", "..") or p.startswith("/") for p in parts):
+            raise StorageError(f"unit {list(parts)} resolves outside the run directory", where=self.uri,
+                               fix="use task, algorithm and run names of letters, digits, _ . - (not only dots)")
+        return Unit(self, path, tuple(parts))
 
     # -- the layout ------------------------------------------------------------------------
     def stage_unit(self, stage: str, task: str) -> "Unit":
@@ -196,12 +204,23 @@ class Unit:
 
     # -- commit protocol -------------------------------------------------------------------
     def manifest(self) -> dict | None:
-        """The manifest of a committed unit, or None when the unit is absent or uncommitted."""
+        """The manifest of a committed unit, or None when the unit is absent or uncommitted.
+
+        An unreadable manifest (a crash mid-write where the store cannot rename atomically) counts
+        as not committed, with a warning: the unit is redone.
+        """
         try:
             with self.fs.open_input_stream(self.file(MANIFEST)) as f:
-                return json.loads(f.read().decode())
+                text = f.read().decode()
         except (FileNotFoundError, OSError):
             return None
+        try:
+            manifest = json.loads(text)
+        except ValueError as err:
+            log.warning("%s: unreadable manifest (%s); the unit counts as not committed and will be redone",
+                        self.file(MANIFEST), err)
+            return None
+        return manifest if isinstance(manifest, dict) else None
 
     def is_committed(self, config_hash: str | None = None) -> bool:
         man = self.manifest()
@@ -234,8 +253,24 @@ class Unit:
 
     # -- I/O -------------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> None:
-        with self.fs.open_output_stream(self.file(name)) as out:
-            out.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        """Write `obj` as JSON. On a local disk: to a temporary name, fsync, then rename, so a
+        crash leaves the old file or the new one, never half of one (object stores write an
+        object whole)."""
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        if not self.run.is_local:
+            with self.fs.open_output_stream(self.file(name)) as out:
+                out.write(data)
+            return
+        tmp = self.file(f".{name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.file(name))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def read_json(self, name: str) -> Any:
         with self.fs.open_input_stream(self.file(name)) as f:

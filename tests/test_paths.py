@@ -85,7 +85,7 @@ def test_workers_refuse_relative_paths():
     with pytest.raises(ConfigError, match="model.name.*Ray Train worker"):
         train_loop_per_worker(spec.to_dict())
     with pytest.raises(ConfigError, match="inference actor"):
-        LogpScorer("./models/base", "float32", False, 1, None)
+        LogpScorer("./models/base", "float32", False, 1, None, 8)
     with pytest.raises(ConfigError, match="tokenizing actor"):
         Tokenize("../base", False, 8, 8)
     with pytest.raises(ConfigError, match="evaluation task"):

@@ -6,7 +6,6 @@ logs, held-out evaluation and the evaluate stage compute every metric the same w
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -61,19 +60,20 @@ def mixing_stats(sums: torch.Tensor) -> dict[str, list[float]]:
 def metrics_from_sums(sums: torch.Tensor, tasks: list[str], prefix: str, with_excess: bool = True) -> dict[str, float]:
     """Per-task means, plus `mean` over tasks and `worst` task, as `{prefix}/{metric}/{task}`.
 
-    `worst` is the highest for losses and the lowest for accuracies and margins.
+    `worst` is the highest for losses and the lowest for accuracies and margins. A task with no
+    examples (e.g. none drawn in a training step) has no per-task keys, not NaN ones, and does
+    not enter `mean` and `worst`.
     """
     out: dict[str, float] = {}
     counts = sums[ROW["count"]]
     for key, name in METRIC_NAMES.items():
         if key == "clipped_excess" and not with_excess:
             continue
-        per_task = []
+        seen = []
         for i, task in enumerate(tasks):
-            value = (sums[ROW[key], i] / counts[i]).item() if counts[i] > 0 else math.nan
-            out[f"{prefix}/{name}/{task}"] = value
-            per_task.append(value)
-        seen = [v for v in per_task if not math.isnan(v)]
+            if counts[i] > 0:
+                out[f"{prefix}/{name}/{task}"] = value = (sums[ROW[key], i] / counts[i]).item()
+                seen.append(value)
         if seen:
             out[f"{prefix}/{name}/mean"] = sum(seen) / len(seen)
             lower_is_better = key in ("loss", "dpo_loss", "clipped_excess", "nll")
