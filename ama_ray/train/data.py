@@ -125,8 +125,6 @@ def stream_budget(files: list[tuple[Any, str]]) -> int:
 
 def limited(options, budget: int):
     """`options` (Ray Data ExecutionOptions) with the object store capped at `budget` bytes."""
-    from ray.data import ExecutionResources
-
     options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
     return options
 
