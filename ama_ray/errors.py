@@ -41,3 +41,8 @@ class ResourceError(AmaError):
 
 class StageInputError(AmaError):
     """A stage's inputs from an earlier stage are missing or do not match."""
+
+
+class NumericalError(AmaError):
+    """Training produced a non-finite loss, statistic or gradient; the run stopped instead of
+    committing (or mixing on) garbage."""

@@ -3,8 +3,9 @@
     prepare -> reference -> specialists -> score -> generalist -> evaluate -> report
 
 (`ama_ray.stages.STAGES` lists them in this order.) Each stage skips the units it already
-committed with the same settings, so rerunning after a crash or a change redoes only what is
-missing or stale.
+committed with the same settings, so rerunning after a crash redoes only what is missing; a
+unit committed with other settings is never replaced silently (`--force <stage>` redoes it and
+the later stages follow).
 """
 
 from __future__ import annotations

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import json
 import logging
 import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +43,9 @@ from ama_ray.errors import StageInputError, StorageError
 from ama_ray.paths import require_absolute
 
 MANIFEST = "_manifest.json"
+LOCK, LEASE = ".lock", "_lease.json"
+LEASE_S = 3600.0  # an object-store lease not renewed for this long is abandoned
+_HELD: dict[str, object] = {}  # run roots this process writes: the open lock file, or the lease token
 # Where each stage writes (stage name -> top-level folder): the names differ for history's sake.
 FOLDERS = {
     "prepare": "prepared", "reference": "reference", "specialists": "specialists", "score": "scores",
@@ -53,6 +59,10 @@ RESULTS_CSV, BEST_YAML, TRIAL_CONFIG = "results.csv", "best.yaml", "config.yaml"
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 log = logging.getLogger(__name__)
 _SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+
+
+def _holder_text(holder: dict) -> str:
+    return f"pid {holder.get('pid')} on {holder.get('host')}, `{holder.get('command')}` since {holder.get('since')}"
 
 
 def redact_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -152,6 +162,61 @@ class RunDir:
 
     def faults(self) -> Path:
         return Path(self.root) / "_faults"
+
+    def lock(self, command: str) -> None:
+        """Become the one writer of this run directory for the rest of this process.
+
+        Locally an exclusive `flock` on `<run>/.lock` (released when the process ends, however
+        it ends); on object stores, which offer no lock, a lease object `<run>/_lease.json`
+        (best-effort: a lease not renewed for LEASE_S counts as abandoned; each stage renews it).
+        Re-entrant within a process, so `ama-ray tune` running earlier stages keeps its lock.
+        A second writer gets StorageError naming the holder (the CLI exits 2).
+        """
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if self.is_local:
+            self._lock_local(me)
+        else:
+            self._lease(me)
+
+    def _lock_local(self, me: dict) -> None:
+        if self.root in _HELD:
+            return
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        handle = open(Path(self.root) / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise StorageError(f"another ama-ray is writing this run directory ({holder})", where=self.uri,
+                               fix="wait for it to finish, or use another storage.run_name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(_holder_text(me))
+        handle.flush()
+        _HELD[self.root] = handle  # kept open: the lock lives as long as this process
+
+    def _lease(self, me: dict) -> None:
+        path = f"{self.root}/{LEASE}"
+        try:
+            with self.fs.open_input_stream(path) as f:
+                lease = json.loads(f.read().decode())
+        except (FileNotFoundError, OSError, ValueError):
+            lease = None
+        mine = _HELD.get(self.root)
+        if lease and lease.get("token") != mine:
+            age = time.time() - float(lease.get("renewed", 0))
+            if age < LEASE_S:
+                raise StorageError(f"another ama-ray holds this run directory's lease ({_holder_text(lease)}, renewed {age:.0f} s ago)",
+                                   where=self.uri, fix="wait for it to finish, or use another storage.run_name")
+            log.warning("%s: taking over a lease not renewed for %.0f s (%s)", self.uri, age, _holder_text(lease))
+        token = mine or f"{me['host']}:{me['pid']}:{time.time_ns()}"
+        self.fs.create_dir(self.root, recursive=True)
+        with self.fs.open_output_stream(path) as out:
+            out.write(json.dumps({**me, "token": token, "renewed": time.time()}).encode())
+        _HELD[self.root] = token
 
     def check_writable(self) -> None:
         """Raise StorageError early when the run directory cannot be created or written."""

@@ -99,15 +99,22 @@ def _load_error(kind: str, name_or_path: str, err: Exception) -> ModelError:
     )
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """`AutoTokenizer.from_pretrained`; a tokenizer without a pad token gets pad = eos (logged).
+def _hub_kwargs(name_or_path: str, revision: str | None) -> dict:
+    """`revision` for a hub id (pinned: `model.revision`); nothing for a local directory."""
+    return {"revision": revision} if revision and not os.path.isdir(os.path.expanduser(name_or_path)) else {}
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """`AutoTokenizer.from_pretrained` (at `revision` for a hub id); a tokenizer without a pad
+    token gets pad = eos (logged).
 
     Raises ModelError if it cannot be loaded or has neither a pad nor an eos token.
     """
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                  **_hub_kwargs(name_or_path, revision))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _load_error("tokenizer", name_or_path, err) from err
     if tokenizer.pad_token is None:
@@ -122,8 +129,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
-    """`AutoModelForCausalLM.from_pretrained(name_or_path)` in `dtype`, in eval mode.
+def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+               revision: str | None = None):
+    """`AutoModelForCausalLM.from_pretrained(name_or_path)` in `dtype` (at `revision` for a hub
+    id), in eval mode.
 
     `dtype` is a torch dtype or one of 'float32', 'bfloat16', 'float16'. Raises ModelError if
     the path/id cannot be loaded or is not a causal LM.
@@ -135,7 +144,8 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32", trust
             raise ModelError(f"unknown dtype {dtype!r}", where="model.dtype", fix=f"use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **_hub_kwargs(name_or_path, revision))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _load_error("causal language model", name_or_path, err) from err
     return model.eval()

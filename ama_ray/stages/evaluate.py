@@ -132,6 +132,7 @@ def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> dict[s
     tasks = [(t.name, t.benchmark) for t in cfg.data.tasks]
     settings = {
         "loss": cfg.dpo.to_dict(), "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
+        "revision": cfg.model.revision,
         "batch_size": cfg.reference.batch_size, "generation_examples": cfg.eval.generation_examples,
         "max_new_tokens": cfg.eval.max_new_tokens,
     }
@@ -168,8 +169,8 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
     run = RunDir(run_uri)
     copy = None if model["unit"] is None else run.unit(*model["unit"]).local_copy()
     path = model["path"] if copy is None else str(copy / MODEL_DIR)
-    net = load_model(path, dtype=settings["dtype"], trust_remote_code=settings["trust_remote_code"])
-    tokenizer = load_tokenizer(path, trust_remote_code=settings["trust_remote_code"])
+    net = load_model(path, dtype=settings["dtype"], trust_remote_code=settings["trust_remote_code"], revision=settings["revision"])
+    tokenizer = load_tokenizer(path, trust_remote_code=settings["trust_remote_code"], revision=settings["revision"])
     if copy is not None and not run.is_local:
         shutil.rmtree(copy, ignore_errors=True)  # a download from object storage; the weights are in memory now
     if torch.cuda.is_available():

@@ -17,7 +17,7 @@ import pyarrow as pa
 from ama_ray.cluster import NAMESPACE
 from ama_ray.config import Config, short_hash
 from ama_ray.errors import AmaError
-from ama_ray.stages import base_model_path, open_run
+from ama_ray.stages import base_model_path, needs_work, open_run, progress_name, run_identity
 from ama_ray.stages.score import check_scores_match, score_hash
 from ama_ray.storage import MIXING_HISTORY, RunDir
 from ama_ray.train.checkpointing import fresh_checkpoints
@@ -48,7 +48,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     run_dir = open_run(cfg)
     pending = [
         (a, s) for a, s in units(cfg)
-        if STAGE in force or not run_dir.generalist(a, s).is_committed(generalist_hash(cfg, a, s))
+        if needs_work(run_dir.generalist(a, s), generalist_hash(cfg, a, s), STAGE, force)
     ]
     if pending:
         check_scores_match(run_dir, cfg)
@@ -60,7 +60,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
             (f"{a}/seed{s}", functools.partial(train_generalist, cfg, a, s, model_path, sizes, STAGE in force))
             for a, s in pending
         ]
-        run_concurrently(jobs, cfg.generalist.max_concurrent, progress_name=f"progress:{cfg.storage.run_name}:{STAGE}")
+        run_concurrently(jobs, cfg.generalist.max_concurrent, progress_name=progress_name(cfg, STAGE))
     return [run_dir.generalist(a, s).path for a, s in units(cfg)]
 
 
@@ -69,7 +69,12 @@ def train_sizes(run_dir: RunDir, cfg: Config) -> list[int]:
 
 
 def actor_name(cfg: Config, algorithm: str, seed: int, trial: str | None = None) -> str:
-    return f"mixer:{cfg.storage.run_name}:{trial or ''}:{algorithm}:seed{seed}"
+    """The unit's mixing actor: named by the run's identity (run directory and Ray job), so
+    another driver on the same cluster, even with the same run_name, has other actors."""
+    return f"mixer:{run_identity(cfg)}:{trial or ''}:{algorithm}:seed{seed}"
+
+
+_CREATED: set[str] = set()  # mixing actors this process created: the only ones it may kill
 
 
 def train_generalist(
@@ -95,10 +100,11 @@ def train_generalist(
     _kill_actor(name)
     settings = cfg.mixing
     actor = create_mixing_actor(name, algorithm, cfg.task_names, sizes, settings)
+    _CREATED.add(name)
     spec = UnitSpec(
         cfg=cfg.model_dump(mode="json"), kind="generalist", tasks=cfg.task_names, algorithm=algorithm, seed=seed,
         steps=cfg.generalist.optim.steps, model_path=model_path, out_unit=list(unit.parts), sizes=list(sizes),
-        settings=settings.to_dict(), actor_name=name, progress_name=f"progress:{cfg.storage.run_name}:{STAGE}",
+        settings=settings.to_dict(), actor_name=name, progress_name=progress_name(cfg, STAGE),
     )
     try:
         result = fit_unit(cfg, spec, stage, callbacks=callbacks)
@@ -137,8 +143,11 @@ def _alive(actor) -> bool:
 
 
 def _kill_actor(name: str) -> None:
+    """Kill a mixing actor left by an earlier attempt of this process (never another driver's)."""
     import ray
 
+    if name not in _CREATED:
+        return
     try:
         ray.kill(ray.get_actor(name, namespace=NAMESPACE))
     except ValueError:

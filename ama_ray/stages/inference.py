@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from ama_ray.config import Config
 from ama_ray.errors import StageInputError
 from ama_ray.storage import ROW_GROUP_ROWS, Unit
-from ama_ray.train.data import TAG, parquet_dataset
+from ama_ray.train.data import TAG, check_finite, parquet_dataset
 
 log = logging.getLogger(__name__)
 PADDING_SIDE = "right"
@@ -55,7 +55,7 @@ class LogpScorer:
     """
 
     def __init__(self, model_path: str, dtype: str, trust_remote_code: bool, threads: int, loss_cfg: dict | None,
-                 batch_size: int):
+                 batch_size: int, revision: str | None = None):
         import torch
 
         from ama_ray.dpo import DPOLossConfig
@@ -63,8 +63,8 @@ class LogpScorer:
 
         check_model_path(model_path, "a reference/score inference actor")
         torch.set_num_threads(max(1, threads))
-        self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
-        self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
+        self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision).eval()
+        self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code, revision=revision).pad_token_id
         self.loss_cfg = DPOLossConfig(**loss_cfg) if loss_cfg is not None else None
         self.batch_size = batch_size
 
@@ -133,7 +133,7 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
     ds = ds.map_batches(
         LogpScorer,
         fn_constructor_args=(model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)), loss_cfg,
-                             ref.batch_size),
+                             ref.batch_size, cfg.model.revision),
         batch_size=ref.batch_size * BUCKETS,
         batch_format="pyarrow",
         num_cpus=ref.cpus_per_actor,
@@ -145,7 +145,7 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
     written = {key: 0 for key in by_key}
 
     def flush(key: str) -> None:
-        table = pa.concat_tables(pending[key])
+        table = check_finite(pa.concat_tables(pending[key]), f"{by_key[key].out.path} ({key})")
         if key not in writers:
             out = by_key[key].out
             stream = out.fs.open_output_stream(out.file(out.split_file(by_key[key].split)))

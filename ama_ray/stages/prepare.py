@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ama_ray.config import Config, DataConfig, TaskConfig
 from ama_ray.errors import DataError
-from ama_ray.stages import base_model_path, model_identity, open_run
+from ama_ray.stages import base_model_path, model_identity, needs_work, open_run
 from ama_ray.train.data import SPLITS
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     """Prepare every task not already committed with the same settings; returns unit paths."""
     run_dir = open_run(cfg)
     digest = prepare_hash(cfg)
-    pending = [t for t in cfg.data.tasks if STAGE in force or not run_dir.prepared(t.name).is_committed(digest)]
+    pending = [t for t in cfg.data.tasks if needs_work(run_dir.prepared(t.name), digest, STAGE, force)]
     for t in cfg.data.tasks:
         if t not in pending:
             log.info("prepare: %s already committed, skipping", t.name)
@@ -42,7 +42,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     model_path = base_model_path(cfg)
     from ama_ray.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     examples, drops = {}, {}
     for task in pending:
         examples[task.name], drops[task.name] = normalise_task(cfg, task, tokenizer)
@@ -53,7 +53,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
 
 
 def prepare_hash(cfg: Config) -> str:
-    return cfg.section_hash("model.name", "model.tiny", "data")
+    return cfg.section_hash("model.name", "model.revision", "model.tiny", "data")
 
 
 # --- reading and normalising -------------------------------------------------------------
@@ -155,12 +155,12 @@ def assign_splits(example_ids: list[str], seed: int, n_val: int, n_test: int) ->
 class Tokenize:
     """Ray Data callable: texts -> token ids with the truncation policy applied."""
 
-    def __init__(self, model_path: str, trust_remote_code: bool, max_prompt: int, max_completion: int):
+    def __init__(self, model_path: str, trust_remote_code: bool, max_prompt: int, max_completion: int, revision: str | None = None):
         from ama_ray.models.loading import load_tokenizer
         from ama_ray.stages.inference import check_model_path
 
         check_model_path(model_path, "a tokenizing actor")
-        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code, revision=revision)
         self.max_prompt, self.max_completion = max_prompt, max_completion
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -188,7 +188,8 @@ def tokenize_all(cfg: Config, model_path: str, examples: dict[str, list[dict]]) 
     items = [{"task": task, **ex} for task, rows in examples.items() for ex in rows]
     ds = ray.data.from_items(items).map_batches(
         Tokenize,
-        fn_constructor_args=(model_path, cfg.model.trust_remote_code, cfg.data.max_prompt_length, cfg.data.max_completion_length),
+        fn_constructor_args=(model_path, cfg.model.trust_remote_code, cfg.data.max_prompt_length, cfg.data.max_completion_length,
+                             cfg.model.revision),
         batch_size=512,
         num_cpus=cfg.reference.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors),

@@ -12,7 +12,7 @@ import logging
 
 from ama_ray.config import Config
 from ama_ray.errors import StageInputError
-from ama_ray.stages import base_model_path, model_identity, open_run
+from ama_ray.stages import base_model_path, model_identity, needs_work, open_run
 from ama_ray.stages.inference import PADDING_SIDE, Source, infer
 from ama_ray.stages.prepare import prepare_hash
 from ama_ray.train.data import SPLITS, require_prepared
@@ -47,7 +47,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     """Compute reference log-probs for every task not yet committed; returns unit paths."""
     run_dir = open_run(cfg)
     digest = reference_hash(cfg)
-    pending = [t for t in cfg.task_names if STAGE in force or not run_dir.reference(t).is_committed(digest)]
+    pending = [t for t in cfg.task_names if needs_work(run_dir.reference(t), digest, STAGE, force)]
     if pending:
         for task in pending:
             require_prepared(run_dir, task)

@@ -37,6 +37,7 @@ def run(cfg: Config, force: set[str] = frozenset(), run_dir: str | None = None) 
     run = RunDir(run_dir) if run_dir else RunDir(cfg.run_dir)
     doc = load_metrics(run)
     run.check_writable()
+    run.lock("ama-ray report")
     unit = run.report()
     files = [unit.file(REPORT_MD), unit.file(REPORT_HTML)]
     digest = report_hash(run)

@@ -14,7 +14,7 @@ import logging
 
 from ama_ray.config import Config
 from ama_ray.errors import StageInputError
-from ama_ray.stages import open_run
+from ama_ray.stages import needs_work, open_run
 from ama_ray.stages.inference import PADDING_SIDE, Source, infer
 from ama_ray.stages.specialists import specialist_hash
 from ama_ray.storage import MODEL_DIR
@@ -34,7 +34,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     digest = score_hash(cfg)
     for task in cfg.task_names:
         unit = run_dir.scores(task)
-        if STAGE not in force and unit.is_committed(digest):
+        if not needs_work(unit, digest, STAGE, force):
             log.info("score: %s already committed, skipping", task)
             continue
         spec_unit = run_dir.specialist(task)

@@ -11,7 +11,7 @@ import functools
 import logging
 
 from ama_ray.config import Config
-from ama_ray.stages import base_model_path, open_run
+from ama_ray.stages import base_model_path, needs_work, open_run, progress_name
 from ama_ray.stages.reference import reference_hash
 from ama_ray.storage import RunDir
 from ama_ray.train.checkpointing import fresh_checkpoints
@@ -33,7 +33,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
 
     run_dir = open_run(cfg)
     digest = specialist_hash(cfg)
-    pending = [t for t in cfg.data.tasks if STAGE in force or not run_dir.specialist(t.name).is_committed(digest)]
+    pending = [t for t in cfg.data.tasks if needs_work(run_dir.specialist(t.name), digest, STAGE, force)]
     for t in cfg.data.tasks:
         if t not in pending:
             log.info("specialists: %s already committed, skipping", t.name)
@@ -48,7 +48,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
             (t.name, functools.partial(train_specialist, cfg, t.name, t.specialist_steps or cfg.specialists.optim.steps, model_path, digest, STAGE in force))
             for t in pending
         ]
-        run_concurrently(jobs, concurrent, progress_name=f"progress:{cfg.storage.run_name}:{STAGE}")
+        run_concurrently(jobs, concurrent, progress_name=progress_name(cfg, STAGE))
     return [run_dir.specialist(t).path for t in cfg.task_names]
 
 
@@ -60,7 +60,7 @@ def train_specialist(cfg: Config, task: str, steps: int, model_path: str, digest
     spec = UnitSpec(
         cfg=cfg.model_dump(mode="json"), kind="specialist", tasks=[task], algorithm="specialist", seed=cfg.seed,
         sizes=[int(require_split_unit(run_dir, "prepare", task)["rows"]["train"])],
-        steps=steps, model_path=model_path, out_unit=list(unit.parts), progress_name=f"progress:{cfg.storage.run_name}:{STAGE}",
+        steps=steps, model_path=model_path, out_unit=list(unit.parts), progress_name=progress_name(cfg, STAGE),
     )
     result = fit_unit(cfg, spec, STAGE)
     final = dict(result.metrics or {})

@@ -88,7 +88,7 @@ def load_task_split(
     (`task_dataset`, `ShardStream`). Raises StageInputError when an earlier stage's unit is missing.
     """
     unit = rows_unit(run, task, with_scores)
-    table = unit.read_parquet(unit.split_file(split)).sort_by("example_id")
+    table = check_finite(unit.read_parquet(unit.split_file(split)), unit.file(unit.split_file(split))).sort_by("example_id")
     if world > 1:
         table = table.take(pa.array(np.arange(rank, table.num_rows, world)))
     if limit is not None:
@@ -190,6 +190,27 @@ def data_config(datasets: dict):
     return DataConfig(datasets_to_split=[], execution_options=options)
 
 
+NUMBERS = ("ref_chosen_logps", "ref_rejected_logps", "specialist_loss")  # what earlier stages computed
+
+
+def check_finite(table: pa.Table, where: str) -> pa.Table:
+    """`table` unchanged, or StageInputError naming the column and first row whose reference
+    log-prob or specialist loss is not finite (a broken earlier stage must not reach training)."""
+    import pyarrow.compute as pc
+
+    for name in NUMBERS:
+        if name in table.column_names and table.num_rows:
+            finite = pc.is_finite(table[name])
+            if not pc.all(finite).as_py():
+                row = pc.index(finite, False).as_py()
+                raise StageInputError(
+                    f"{name} is not finite ({table[name][row].as_py()}) for example {table['example_id'][row].as_py()}",
+                    where=where,
+                    fix="rerun the stage that computed it with --force (reference or score); if it repeats, use float32",
+                )
+    return table
+
+
 def rows_of(table: pa.Table) -> list[dict]:
     """The table as a list of row dicts (ids as Python lists), the form `ama_ray.dpo.collate` takes."""
     return table.to_pylist()
@@ -287,6 +308,7 @@ class ShardStream:
                                               local_shuffle_buffer_size=self.shuffle_rows, local_shuffle_seed=seed):
             if not isinstance(batch, pa.Table):
                 batch = pa.Table.from_pydict(batch)
+            check_finite(batch, f"the training rows of task '{self.task}'")
             if self.world > 1:
                 batch = batch.filter(pa.array(in_shard(batch["example_id"].to_pylist(), self.rank, self.world)))
             yield batch

@@ -53,6 +53,7 @@ class Engine:
     model_path: str = ""
     dtype: str = "float32"
     trust_remote_code: bool = False
+    revision: str | None = None
 
     @property
     def zero3(self) -> bool:
@@ -84,14 +85,25 @@ class Engine:
         if not last:
             self.ds.step()  # DeepSpeed counts micro-batches in step(); it updates only at the last
 
-    def step(self) -> float:
-        """Clip, optimizer and scheduler step, zero the gradients; returns the gradient norm before clipping."""
+    def step(self, on_nonfinite=None) -> float:
+        """Clip, optimizer and scheduler step, zero the gradients; returns the gradient norm before clipping.
+
+        `on_nonfinite(norm)` is called when the norm is not finite: before the optimizer step
+        under DDP (the norm is of the all-reduced gradients, the same on every rank), after
+        DeepSpeed's step (which computes it inside).
+        """
         if self.ds is not None:
             self.ds.step()
             norm = self.ds.get_global_grad_norm()
-            return float(norm) if norm is not None else math.nan
+            if norm is None:  # DeepSpeed did not compute one this step
+                return math.nan
+            if on_nonfinite is not None and not math.isfinite(float(norm)):
+                on_nonfinite(float(norm))
+            return float(norm)
         params = [p for p in self.bare.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
+        if on_nonfinite is not None and not math.isfinite(float(norm)):
+            on_nonfinite(float(norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -188,7 +200,7 @@ class Engine:
 
         model = self.bare
         if whole is not None:
-            model = load_model(self.model_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+            model = load_model(self.model_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code, revision=self.revision)
             model = add_lora(model, self.lora) if self.lora is not None else model
             _load_exact(model, whole, "consolidated ZeRO-3 weights")
         if best is not None:
@@ -220,7 +232,7 @@ def build_engine(cfg: Config, optim: OptimConfig, model_path: str, steps: int, r
     # Full weights under DDP train in float32 with bf16 autocast; a frozen LoRA base and
     # DeepSpeed (its own float32 optimizer copy) take the configured dtype directly.
     load_dtype = cfg.model.dtype if (lora is not None or zero) else "float32"
-    model = load_model(model_path, dtype=load_dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(model_path, dtype=load_dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     if cfg.model.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) and with DDP without extra hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -232,7 +244,7 @@ def build_engine(cfg: Config, optim: OptimConfig, model_path: str, steps: int, r
     factor = lr_lambda(optim, steps)
     common = dict(
         bare=model, max_grad_norm=optim.max_grad_norm, lora=lora, rank=rank, world=world, model_path=model_path,
-        dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+        dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
     )
     if zero:
         ds, scheduler = _deepspeed(model, params, deepspeed_config(cfg, optim), factor)

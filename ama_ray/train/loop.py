@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ama_ray.config import Config, OptimConfig
+from ama_ray.errors import NumericalError
 from ama_ray.mixing import LocalMixer, batch_objective
 from ama_ray.storage import MODEL_DIR, RunDir, Unit
 from ama_ray.train import checkpointing
@@ -102,7 +103,7 @@ class Job:
         from ama_ray.models.loading import load_tokenizer
 
         torch.manual_seed(spec.seed)
-        tokenizer = load_tokenizer(spec.model_path, trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(spec.model_path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
         engine = build_engine(cfg, optim_cfg, spec.model_path, spec.steps, rank, world)
         import ray.train
 
@@ -220,16 +221,37 @@ class Job:
             sums += task_sums(out, task_ids[idx], spec_loss, self.k)
         if self.world > 1:
             torch.distributed.all_reduce(sums)
+        # Every rank holds the same all-reduced sums, so every rank stops at the same step,
+        # before a non-finite statistic reaches the mixing policy (which would stall the others).
+        self.check_finite(step, sums)
         self.mixer.report(step, mixing_stats(sums))
         # Ask for alpha_{t+1} now: the actor answers once step t's report is applied, which
         # overlaps clipping and the optimizer step.
         self.mixer.prefetch(step + 1)
-        grad_norm = engine.step()
+        grad_norm = engine.step(on_nonfinite=lambda norm: self._nonfinite_gradient(step, norm))
         metrics = metrics_from_sums(sums, self.tasks, "train", with_excess=self.spec.kind == "generalist")
         metrics.update({f"mix/alpha/{t}": float(a) for t, a in zip(self.tasks, alpha)})
         metrics.update({f"mix/count/{t}": float(c) for t, c in zip(self.tasks, sums[ROW["count"]].tolist())})
         metrics.update({"step": step + 1, "train/grad_norm": grad_norm, "train/lr": engine.lr(), "train/data_seconds": waited})
         return metrics
+
+    def _nonfinite_gradient(self, step: int, norm: float) -> None:
+        raise NumericalError(
+            f"non-finite gradient norm ({norm}) at step {step + 1}; stopped before the optimizer step",
+            where="/".join(self.spec.out_unit),
+            fix="lower the learning rate or optim.max_grad_norm (or use float32), then rerun (it resumes from the last checkpoint)",
+        )
+
+    def check_finite(self, step: int, sums: torch.Tensor) -> None:
+        """NumericalError naming the unit, step and tasks when a step's per-task sums are not finite."""
+        bad = [t for t, ok in zip(self.tasks, torch.isfinite(sums).all(dim=0).tolist()) if not ok]
+        if bad:
+            raise NumericalError(
+                f"non-finite loss or statistic at step {step + 1} for task(s) {', '.join(bad)}; stopped before the "
+                "optimizer step and the mixing update",
+                where="/".join(self.spec.out_unit),
+                fix="lower the learning rate (or use float32), check those tasks' data, then rerun (it resumes from the last checkpoint)",
+            )
 
     def sample_labels(self, step: int, alpha: np.ndarray) -> np.ndarray:
         """Task index per example of this worker's batch for step `step` (stateless, replayable)."""
@@ -315,7 +337,8 @@ class Job:
             self.engine.export(out / MODEL_DIR, whole, best)
             from ama_ray.models.loading import load_tokenizer
 
-            load_tokenizer(self.spec.model_path, trust_remote_code=self.cfg.model.trust_remote_code).save_pretrained(out / MODEL_DIR)
+            load_tokenizer(self.spec.model_path, trust_remote_code=self.cfg.model.trust_remote_code,
+                           revision=self.cfg.model.revision).save_pretrained(out / MODEL_DIR)
 
 
 def _barrier(world: int) -> None:

@@ -146,3 +146,30 @@ def test_fetch_smollm2_loads_and_answers(tmp_path):
     assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
     model.save_pretrained(tmp_path / "resaved")
     print(f"fetch+load+answer: {time.perf_counter() - start:.1f} s")
+
+
+def test_a_hub_model_is_loaded_at_its_pinned_revision(monkeypatch, tiny_dir):
+    """`model.revision` reaches every `from_pretrained` of a hub id (issue 20), is not passed for a
+    local directory, and is part of the prepare hash (another revision is another tokenization)."""
+    import transformers
+
+    from ama_ray.config import validate
+    from ama_ray.stages.prepare import prepare_hash
+
+    seen = []
+
+    def fake(name, **kwargs):
+        seen.append((name, kwargs.get("revision")))
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(fake))
+    for loader in (load_model, load_tokenizer):
+        with pytest.raises(ModelError):
+            loader("HuggingFaceTB/SmolLM2-135M-Instruct", revision="12fd25f")
+        with pytest.raises(ModelError):
+            loader(str(tiny_dir), revision="12fd25f")
+    assert seen == [("HuggingFaceTB/SmolLM2-135M-Instruct", "12fd25f"), (str(tiny_dir), None)] * 2
+    raw = {"model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "data": {"tasks": [{"name": "a", "benchmark": "brackets"}]}}
+    pinned = {**raw, "model": {**raw["model"], "revision": "12fd25f"}}
+    assert prepare_hash(validate(raw)) != prepare_hash(validate(pinned))

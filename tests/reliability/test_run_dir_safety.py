@@ -73,3 +73,117 @@ def test_a_task_without_examples_in_a_step_has_no_per_task_numbers():
     assert metrics["train/loss/drawn"] == 0.5 and "train/loss/absent" not in metrics
     assert metrics["train/loss/mean"] == 0.5 and metrics["train/loss/worst"] == 0.5
     assert all(not (isinstance(v, float) and math.isnan(v)) for v in metrics.values())
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "runs"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ama_ray.storage import RunDir; "
+        f"RunDir({str(root / 'minimal')!r}).lock('ama-ray specialists'); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StorageError, match=f"another ama-ray is writing this run directory \\(pid {holder.pid} .*ama-ray specialists"):
+            RunDir(str(root / "minimal")).lock("ama-ray generalist")
+        from ama_ray.cli import main
+
+        assert main(["prepare", "--config", "jobs/minimal.yaml", f"storage.path={root}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"pid {holder.pid}" in err and "another storage.run_name" in err
+        RunDir(str(root / "other")).lock("ama-ray prepare")  # another run directory is free
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    RunDir(str(root / "minimal")).lock("ama-ray generalist")  # the holder is gone: the lock is free
+    RunDir(str(root / "minimal")).lock("ama-ray evaluate")  # and re-entrant within a process
+
+
+def test_a_non_finite_step_stops_every_rank_naming_the_unit_step_and_task():
+    from types import SimpleNamespace
+
+    from ama_ray.errors import NumericalError
+    from ama_ray.train.loop import Job
+    from ama_ray.train.metrics import ROW, SUM_KEYS
+
+    job = SimpleNamespace(tasks=["math", "code"], spec=SimpleNamespace(out_unit=["generalist", "ama_s", "seed0"]))
+    sums = torch.ones(len(SUM_KEYS), 2, dtype=torch.float64)
+    Job.check_finite(job, 4, sums)  # finite: nothing happens
+    sums[ROW["loss"], 1] = math.nan
+    with pytest.raises(NumericalError, match=r"generalist/ama_s/seed0: non-finite loss or statistic at step 5 for task\(s\) code"):
+        Job.check_finite(job, 4, sums)
+
+
+def test_a_non_finite_gradient_stops_before_the_optimizer_step():
+    from ama_ray.train.engine import Engine
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    engine = Engine(module=model, bare=model, optimizer=optimizer,
+                    scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), max_grad_norm=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    (model(torch.tensor([[1.0, 2.0, math.inf]])).sum()).backward()
+    seen = []
+
+    def stop(norm):
+        seen.append(norm)
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        engine.step(on_nonfinite=stop)
+    assert len(seen) == 1 and not math.isfinite(seen[0])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_non_finite_reference_or_specialist_numbers_are_refused_when_read(tmp_path):
+    import pyarrow as pa
+
+    from ama_ray.errors import StageInputError
+    from ama_ray.train.data import ShardStream, TableSource, check_finite
+
+    table = pa.table({"example_id": ["a", "b"], "ref_chosen_logps": pa.array([-3.0, math.nan], pa.float32())})
+    with pytest.raises(StageInputError, match="ref_chosen_logps is not finite .* example b"):
+        check_finite(table, "reference/t/train.parquet")
+    with pytest.raises(StageInputError, match="training rows of task 't'"):
+        ShardStream("t", TableSource(table), seed=0).take(1)
+
+
+def test_a_unit_of_other_settings_is_not_replaced_without_force(tmp_path):
+    from ama_ray.errors import StageInputError
+    from ama_ray.stages import needs_work
+
+    unit = RunDir(str(tmp_path)).specialist("math")
+    assert needs_work(unit, "h1", "specialists", set())  # nothing committed yet
+    unit.begin()
+    unit.commit("h1")
+    assert not needs_work(unit, "h1", "specialists", set())  # committed with these settings: skipped
+    with pytest.raises(StageInputError, match="specialists/math was committed with other settings.*--force specialists"):
+        needs_work(unit, "h2", "specialists", set())
+    assert needs_work(unit, "h2", "specialists", {"specialists"})
+    assert needs_work(unit, "h2", "specialists", {"reference"})  # an earlier stage redone: this one follows
+    with pytest.raises(StageInputError):
+        needs_work(unit, "h2", "specialists", {"generalist"})  # a later stage's force does not reach back
+
+
+@pytest.mark.timeout(900)
+def test_a_job_with_other_settings_under_the_same_run_name_asks_for_force(tiny_run, tmp_path, capsys):
+    """`jobs/tune_mixing.yaml` (dpo.sft_weight 0) used to retrain `jobs/laptop.yaml`'s specialists
+    (0.1) under the same run_name: now the command stops before touching them."""
+    import shutil
+
+    from ama_ray.cli import main
+
+    cfg, src = tiny_run
+    root = tmp_path / "runs"
+    shutil.copytree(src, root / cfg.storage.run_name, ignore=shutil.ignore_patterns("_checkpoints", "tensorboard"))
+    before = {p: p.read_text() for p in root.rglob("_manifest.json")}
+    args = ["specialists", "--config", "jobs/minimal.yaml", f"storage.path={root}", f"model.cache_dir={cfg.model.cache_dir}",
+            f"dpo.sft_weight={cfg.dpo.sft_weight + 0.5}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "committed with other settings" in err and "--force specialists" in err
+    assert {p: p.read_text() for p in root.rglob("_manifest.json")} == before

@@ -18,13 +18,14 @@ from typing import Sequence
 import numpy as np
 import ray
 
-from ama_ray.errors import ConfigError
+from ama_ray.errors import AmaError, ConfigError
 from ama_ray.mixing.policies import make_policy
 from ama_ray.mixing.settings import STAT_KEYS, MixingSettings
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "ama_ray"
+WAIT_S = 600.0  # the longest a worker waits for alpha_t (a step's report lost or a rank stuck): then a clear error
 
 
 class MixingActor:
@@ -161,18 +162,28 @@ class RayMixer:
     """
 
     def __init__(self, actor_name: str, rank: int, namespace: str = NAMESPACE):
-        self.rank = rank
+        self.rank, self.name = rank, actor_name
         self.actor = get_mixing_actor(actor_name, namespace)
         self._pending: tuple[int, ray.ObjectRef] | None = None
         self._report_ref: ray.ObjectRef | None = None
 
     def prefetch(self, step: int) -> None:
-        self._pending = (step, self.actor.get_alpha.remote(step))
+        self._pending = (step, self.actor.get_alpha.remote(step, timeout_s=WAIT_S))
 
     def alpha(self, step: int) -> np.ndarray:
         if self._pending is None or self._pending[0] != step:
             self.prefetch(step)
-        return np.asarray(ray.get(self._pending[1])["alpha"], dtype=np.float64)
+        try:
+            reply = ray.get(self._pending[1], timeout=WAIT_S + 30)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError) as err:
+            if "TimeoutError" not in type(err).__name__ and "TimeoutError" not in str(err):
+                raise
+            raise AmaError(
+                f"the mixing actor had no alpha for step {step} after {WAIT_S:.0f} s: step {step - 1}'s report never arrived",
+                where=f"actor {NAMESPACE}/{self.name}",
+                fix="look for the failed worker in the Ray logs, then rerun the same command (it resumes from the last checkpoint)",
+            ) from None
+        return np.asarray(reply["alpha"], dtype=np.float64)
 
     def report(self, step: int, stats: dict[str, list[float]]) -> None:
         if self.rank == 0:
