@@ -78,7 +78,7 @@ class StorePeak:
     """Polls the object store's bytes in use (the raylet's store stats) until stopped; keeps the peak."""
 
     def __init__(self, every_s: float = 0.2):
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self.every_s, self.peak, self.samples, self.failed, self._stop = every_s, 0, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
@@ -94,8 +94,12 @@ class StorePeak:
 
         state = get_state_from_address()
         while not self._stop.is_set():
-            reply = get_memory_info_reply(state)
-            self.peak = max(self.peak, reply.store_stats.object_store_bytes_used)
+            try:
+                reply = get_memory_info_reply(state, timeout_seconds=10.0)
+                self.peak = max(self.peak, reply.store_stats.object_store_bytes_used)
+                self.samples += 1
+            except Exception:  # noqa: BLE001 - a busy raylet may not answer one poll: count it, poll again
+                self.failed += 1
             time.sleep(self.every_s)
 
 
@@ -131,7 +135,8 @@ def measure(root: str, model_path: str, rows_per_task: int, steps: int) -> dict:
     final = run.generalist("ama_s", 0).manifest()["final_metrics"]
     return {"rows": rows_per_task * len(TASKS), "driver_before_mb": before,
             "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_mb": final["check/peak_rss_mb"], "store_peak_mb": store.peak / 2**20}
+            "worker_peak_mb": final["check/peak_rss_mb"], "store_peak_mb": store.peak / 2**20,
+            "store_samples": store.samples, "store_failed_polls": store.failed}
 
 
 def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list[int], steps: int) -> str:
@@ -151,9 +156,11 @@ def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list
         flat = "yes" if max(ratio["driver_peak_mb"], ratio["worker_peak_mb"]) <= FLAT else "NO"
         rows.append([f"{size}x", r["rows"], round(r["driver_peak_mb"]), f"{ratio['driver_peak_mb']:.2f}",
                      round(r["worker_peak_mb"]), f"{ratio['worker_peak_mb']:.2f}", round(r["store_peak_mb"], 1),
-                     f"{ratio['store_peak_mb']:.2f}", flat if size != sizes[0] else ""])
+                     f"{ratio['store_peak_mb']:.2f}", f"{r['store_samples']}/{r['store_samples'] + r['store_failed_polls']}",
+                     flat if size != sizes[0] else ""])
     return common.table(["data", "rows (3 tasks)", "driver peak RSS (MB)", f"/ {sizes[0]}x", "worker peak RSS (MB)",
-                         f"/ {sizes[0]}x", "object store peak (MB)", f"/ {sizes[0]}x", f"RSS flat (<= {FLAT})"], rows)
+                         f"/ {sizes[0]}x", "object store peak (MB)", f"/ {sizes[0]}x", "store polls answered",
+                         f"RSS flat (<= {FLAT})"], rows)
 
 
 # -- speed -----------------------------------------------------------------------------------------

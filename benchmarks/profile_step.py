@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import common
@@ -127,20 +126,18 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def scorer(model_path: str, rows: list[dict], batch: int):
-    """fn(i) scoring the i-th batch of `rows` with `LogpScorer` in score mode (numpy columns, like Ray Data)."""
+    """fn(i) scoring the i-th batch of `rows` with `LogpScorer` in score mode (an Arrow batch, like Ray Data)."""
+    import pyarrow as pa
+
     from ama_ray.stages.inference import LogpScorer
 
-    score = LogpScorer(model_path, "float32", False, 1, {"beta": 0.1})
+    score = LogpScorer(model_path, "float32", False, 1, {"beta": 0.1}, batch)
     keys = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "ref_chosen_logps", "ref_rejected_logps")
-    columns = {k: np.array([r[k] for r in rows] if "logps" in k else [np.array(r[k]) for r in rows], dtype=object if "ids" in k else None)
-               for k in keys}
-    columns["example_id"] = np.arange(len(rows))
-    columns["split"] = np.array(["train"] * len(rows))
+    table = pa.table({"example_id": [str(i) for i in range(len(rows))], **{k: [r[k] for r in rows] for k in keys}})
     n_batches = max(1, len(rows) // batch)
 
     def fn(i: int) -> None:
-        start = (i % n_batches) * batch
-        score({k: v[start : start + batch] for k, v in columns.items()})
+        score(table.slice((i % n_batches) * batch, batch))
 
     return fn
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 
+import pyarrow.parquet as pq
+
 from ama_ray.config import Config
 from ama_ray.errors import StageInputError
 from ama_ray.stages import needs_work, open_run
@@ -69,9 +71,12 @@ def check_scores_match(run_dir, cfg: Config) -> None:
                 fix="rerun `ama-ray score --force score` (and specialists if the loss changed)",
             )
         prepared = require_split_unit(run_dir, "prepare", task)["rows"]
-        if {s: man["rows"][s] for s in SPLITS} != {s: prepared[s] for s in SPLITS}:
-            raise StageInputError(
-                f"scores of task '{task}' cover {man['rows']} rows but the prepared data has {prepared}",
-                where=unit.path,
-                fix="the data changed after scoring: rerun `ama-ray run --force reference`",
-            )
+        for split in SPLITS:
+            path = unit.file(unit.split_file(split))
+            rows = pq.ParquetFile(path, filesystem=unit.fs).metadata.num_rows  # the footer: cheap at any size
+            if not rows == man["rows"][split] == prepared[split]:
+                raise StageInputError(
+                    f"holds {rows} rows (its manifest says {man['rows'][split]}) but the prepared {split} split has {prepared[split]}",
+                    where=path,
+                    fix="the data changed after scoring: rerun `ama-ray run --force score` (or --force reference if the data itself changed)",
+                )

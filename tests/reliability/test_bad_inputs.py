@@ -167,7 +167,7 @@ CASES = {
                                      ["specialist of task 'brackets' is missing", "specialists/brackets", "run `ama-ray specialists` first"],
                                      needs_run=True),
     "stage-score-ids-mismatch": Case(_ids_mismatch, errors.StageInputError,
-                                     ["{file}", "example ids do not match the prepared data (1 missing, 0 unknown)", "--force score"],
+                                     ["{file}", "holds 419 rows (its manifest says 420) but the prepared train split has 420", "--force score"],
                                      needs_run=True),
     "resources-never-satisfiable": Case(lambda c: ["specialists", "--config", str(c.config), "--force", "specialists", "scaling.cpus_per_worker=64"],
                                         errors.ResourceError, ["scaling.cpus_per_worker", "64 CPU", "lower scaling.cpus_per_worker"],
