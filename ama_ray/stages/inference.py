@@ -140,6 +140,9 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
         num_gpus=ref.gpus_per_actor or None,
         compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
     )
+    # Rows come back in input order, so the written files (and so training's pass order) are the
+    # same on every rerun; the actors still score out of order.
+    ds.context.execution_options.preserve_order = True
     writers: dict[str, tuple[Any, pq.ParquetWriter]] = {}
     pending: dict[str, list[pa.Table]] = {key: [] for key in by_key}  # rows waiting for a full row group
     written = {key: 0 for key in by_key}

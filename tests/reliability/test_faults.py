@@ -10,6 +10,7 @@ Driver: see test_driver_kill_keeps_committed_units.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -94,7 +95,12 @@ def test_killed_worker_resumes_and_replays_generalist_and_specialist(tiny_run, t
     assert_same_weights(faulted[2], clean[2])
     assert faulted[3]["best_step"] == clean[3]["best_step"]
     assert faulted[3]["final_metrics"]["eval/dpo_loss/mean"] == clean[3]["final_metrics"]["eval/dpo_loss/mean"]
-    # The step-10 checkpoint is what the restarted group resumed from.
+    # The restarted group resumed from the step-10 checkpoint (a restart from step 0 would replay
+    # the same numbers too, so the resume point is checked on its own); the clean runs never resumed.
+    gen_manifest = RunDir(str(run)).generalist("ama_s", 0).manifest()
+    assert gen_manifest["final_metrics"]["check/resumed_at_step"] == 10
+    assert faulted[3]["final_metrics"]["check/resumed_at_step"] == 10
+    assert clean[3]["final_metrics"]["check/resumed_at_step"] == 0
     ckpts = sorted(p.name for p in (run / "_checkpoints" / "generalist" / "ama_s_seed0").glob("step_*"))
     assert ckpts[-1] == "step_000030"
 
@@ -158,6 +164,8 @@ def test_killed_mixing_actor_stops_the_run_and_a_rerun_restores_it(tiny_run, tmp
     assert history.column("step").to_pylist() == list(range(steps))
     _replays(history, cfg.task_names, sizes, cfg)
     assert (unit / "_manifest.json").exists()
+    resumed = json.loads((unit / "_manifest.json").read_text())["final_metrics"]["check/resumed_at_step"]
+    assert resumed == int(ckpts[-1].removeprefix("step_")), (resumed, ckpts)  # from the last checkpoint, not step 0
 
 
 # --- driver failure --------------------------------------------------------------------------
