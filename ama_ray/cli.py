@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--metric", action="append", metavar="M", help="excess_loss (default with rewards/accuracies, generation/accuracy), loss, ...")
     comp.add_argument("--paired", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
                       help="per-seed differences of two rows on the worst task, e.g. --paired 'imb ama_s' 'imb balanced'")
+    ver = sub.add_parser("verify", help="check every committed unit of a run directory byte for byte against its manifest",
+                         description="Reads every file a manifest records and compares its sha256 (a rerun only checks sizes). "
+                                     "Exits 2 when a unit is damaged; rerun the stage that wrote it with --force.")
+    ver.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (storage.path/run_name) or its URI")
     return parser
 
 
@@ -84,6 +88,8 @@ def dispatch(args: argparse.Namespace) -> int:
         runs = [(label, load_metrics(RunDir(absolute(path, os.getcwd())))) for label, path in compare.label_runs(args.runs)]
         sys.stdout.write(compare.render(runs, args.metric or list(compare.DEFAULT_METRICS), [tuple(p) for p in args.paired]))
         return 0
+    if args.command == "verify":
+        return verify(args.run_dir)
     if args.command == "models":
         from ama_ray.models.fetch import fetch
 
@@ -112,6 +118,26 @@ def dispatch(args: argparse.Namespace) -> int:
     for path in written or []:
         logging.getLogger("ama_ray").info("wrote %s", path)
     return 0
+
+
+def verify(run_dir: str) -> int:
+    """`ama-ray verify RUN_DIR`: one line per committed unit; 2 when any is damaged."""
+    from ama_ray.paths import absolute
+    from ama_ray.storage import RunDir
+
+    run = RunDir(absolute(run_dir, os.getcwd()))
+    units = run.committed_units()
+    if not units:
+        raise AmaError("no committed units", where=run.uri, fix="give the run directory itself (storage.path/run_name)")
+    damaged = 0
+    for unit in units:
+        problems = unit.verify()
+        damaged += bool(problems)
+        sys.stdout.write(f"{'DAMAGED' if problems else 'ok':8s}{unit.label}{': ' + '; '.join(problems) if problems else ''}\n")
+    sys.stdout.write(f"{len(units) - damaged} of {len(units)} committed units intact\n")
+    if damaged:
+        sys.stderr.write("ama-ray: rerun the stage that wrote each damaged unit with --force STAGE\n")
+    return 2 if damaged else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from ama_ray.dpo import DPOLossConfig
 from ama_ray.errors import ConfigError
 from ama_ray.mixing.settings import ALGORITHMS, MixingSettings
 from ama_ray.models.tiny_settings import TinySettings
+from ama_ray.paths import join_uri
 
 BUILTIN_MODELS = ("tiny", "smollm2-135m")  # names, never paths (ama_ray.models.loading)
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "laptop.yaml"
@@ -274,7 +275,7 @@ class Config(Section):
 
     @property
     def run_dir(self) -> str:
-        return f"{self.storage.path.rstrip('/')}/{self.storage.run_name}"
+        return join_uri(self.storage.path, self.storage.run_name)
 
     def check_mixing(self) -> None:
         """Build every listed algorithm's policy once, so a missing `fixed_weights`, a weight for an

@@ -28,6 +28,21 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def join_uri(base: str, *parts: str) -> str:
+    """`base/part/...`; a URI's query (`s3://bucket/runs?endpoint_override=...`: options of the
+    store, not part of the path) stays at the end."""
+    head, sep, query = base.partition("?") if is_uri(base) else (base, "", "")
+    return "/".join([head.rstrip("/"), *parts]) + sep + query
+
+
+def stream_digest(handle, chunk: int = _CHUNK) -> str:
+    """sha256 (hex) of what an open binary file or pyarrow stream holds, read in chunks (not memoised)."""
+    h = hashlib.sha256()
+    while block := handle.read(chunk):
+        h.update(block)
+    return h.hexdigest()
+
+
 def absolute(path: str, base: str | os.PathLike) -> str:
     """`path` as an absolute local path (against `base` when relative, `~` expanded); URIs unchanged.
 
@@ -81,11 +96,8 @@ def file_digest(path: str | os.PathLike) -> str:
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     if key not in _memo:
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        _memo[key] = h.hexdigest()
+            _memo[key] = stream_digest(f)
     return _memo[key]
 
 

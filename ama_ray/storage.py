@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ama_ray.errors import StageInputError, StorageError
-from ama_ray.paths import require_absolute
+from ama_ray.paths import join_uri, require_absolute, stream_digest
 
 MANIFEST = "_manifest.json"
 LOCK, LEASE = ".lock", "_lease.json"
@@ -139,29 +139,41 @@ class RunDir:
     def report(self) -> "Unit":
         return self.unit(FOLDERS["report"])
 
+    def committed_units(self) -> list["Unit"]:
+        """Every unit with a manifest, in path order (checkpoints and TensorBoard logs excluded)."""
+        selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        found = sorted(posixpath.dirname(i.path) for i in self.fs.get_file_info(selector) if i.base_name == MANIFEST)
+        prefix = self.root.rstrip("/") + "/"
+        return [self.unit(*path[len(prefix):].split("/")) for path in found
+                if path.startswith(prefix) and not path[len(prefix):].startswith(("_checkpoints", "tensorboard"))]
+
     def checkpoint_root(self, stage: str) -> str:
         """The folder (a path on `self.fs`) of a stage's resumable checkpoints: one Ray Train run
         per unit below it, named `Unit.run_name`."""
         return f"{self.root}/_checkpoints/{stage}"
 
-    def checkpoint_storage(self, stage: str) -> str:
-        """`checkpoint_root` as Ray Train and Tune take it (a URI on remote storage)."""
-        return f"{self.uri.rstrip('/')}/_checkpoints/{stage}" if not self.is_local else self.checkpoint_root(stage)
+    def checkpoint_storage(self, stage: str) -> dict[str, Any]:
+        """`checkpoint_root` as Ray Train's and Tune's `RunConfig` take it: the path, plus this run
+        directory's filesystem when remote (it carries the store's options, e.g. an endpoint)."""
+        return {"storage_path": self.checkpoint_root(stage), "storage_filesystem": None if self.is_local else self.fs}
 
-    def checkpoint_dirs(self, stage: str, unit: "Unit") -> list[str]:
-        """The folders holding `unit`'s checkpoints: Ray Train's run and its best-step weights."""
-        return [f"{self.checkpoint_root(stage)}/{unit.run_name}", f"{self.checkpoint_root('best')}/{unit.label}"]
+    def checkpoint_dir(self, stage: str, unit: "Unit") -> str:
+        """The folder (on `self.fs`) of `unit`'s resumable checkpoints: its Ray Train run."""
+        return f"{self.checkpoint_root(stage)}/{unit.run_name}"
 
-    def best_dir(self, unit: "Unit") -> Path:
-        """A local folder for the best-so-far weights of `unit` (under the run when local)."""
-        root = Path(self.root) if self.is_local else Path(tempfile.gettempdir()) / "ama_ray"
-        return root / "_checkpoints" / "best" / unit.label
+    def best_dir(self, unit: "Unit") -> str:
+        """The folder (on `self.fs`) of `unit`'s best-so-far weights: in the run directory, so a
+        restart on another node finds them."""
+        return f"{self.checkpoint_root('best')}/{unit.label}"
 
     def tensorboard(self, unit: "Unit") -> Path:
         return Path(self.root, "tensorboard", *unit.parts)
 
     def faults(self) -> Path:
-        return Path(self.root) / "_faults"
+        """Markers of injected test faults (`ama_ray.train.faults`): a local folder."""
+        if self.is_local:
+            return Path(self.root) / "_faults"
+        return Path(tempfile.gettempdir()) / "ama_ray_faults" / self.root.replace("/", "_")
 
     def lock(self, command: str) -> None:
         """Become the one writer of this run directory for the rest of this process.
@@ -285,7 +297,61 @@ class Unit:
             log.warning("%s: unreadable manifest (%s); the unit counts as not committed and will be redone",
                         self.file(MANIFEST), err)
             return None
-        return manifest if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            return None
+        changed = self.changed_files(manifest, deep=False)
+        if changed:
+            log.warning("%s: %s since it was committed; the unit counts as not committed and will be redone",
+                        self.path, "; ".join(changed))
+            return None
+        return manifest
+
+    def files(self, digests: bool) -> dict[str, dict[str, Any]]:
+        """The unit's files (relative path -> size, and sha256 when `digests`), without its manifest,
+        hidden temporaries, or units nested inside it (a Tune study's trials)."""
+        out: dict[str, dict[str, Any]] = {}
+        selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
+        infos = [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+        nested = {posixpath.dirname(i.path) for i in infos if i.base_name == MANIFEST} - {self.path}
+        for info in infos:
+            rel = info.path[len(self.path.rstrip("/")) + 1:]
+            if info.base_name == MANIFEST or info.base_name.startswith(".") \
+                    or any(info.path.startswith(n + "/") for n in nested):
+                continue
+            out[rel] = {"size": info.size}
+            if digests:
+                with self.fs.open_input_stream(info.path) as f:
+                    out[rel]["sha256"] = stream_digest(f)
+        return out
+
+    def changed_files(self, manifest: dict, deep: bool) -> list[str]:
+        """What differs from the files `manifest` recorded: a missing file or another size (always
+        checked: one listing), another sha256 (only when `deep`: it reads every byte). Manifests
+        written before files were recorded check nothing."""
+        recorded = manifest.get("files")
+        if not isinstance(recorded, dict):
+            return []
+        now = self.files(digests=deep)
+        problems = []
+        for rel, want in sorted(recorded.items()):
+            have = now.get(rel)
+            if have is None:
+                problems.append(f"{rel} is missing")
+            elif have["size"] != want.get("size"):
+                problems.append(f"{rel} has {have['size']} bytes, {want.get('size')} committed")
+            elif deep and have["sha256"] != want.get("sha256"):
+                problems.append(f"{rel} changed (sha256 differs)")
+        return problems
+
+    def verify(self) -> list[str]:
+        """Problems of a committed unit, every byte checked against its manifest's sha256 values
+        (`ama-ray verify`); [] when intact. An uncommitted unit is one problem."""
+        try:
+            with self.fs.open_input_stream(self.file(MANIFEST)) as f:
+                manifest = json.loads(f.read().decode())
+        except (FileNotFoundError, OSError, ValueError):
+            return ["not committed (no readable manifest)"]
+        return self.changed_files(manifest, deep=True)
 
     def is_committed(self, config_hash: str | None = None) -> bool:
         man = self.manifest()
@@ -299,9 +365,11 @@ class Unit:
         self.fs.create_dir(self.path, recursive=True)
 
     def commit(self, config_hash: str, **fields: Any) -> dict:
-        """Write `_manifest.json` last: from now on readers see the unit."""
+        """Write `_manifest.json` last: from now on readers see the unit. It records every file's
+        size (checked whenever the unit is read or skipped) and sha256 (`verify`)."""
         man = {
             "config_hash": config_hash,
+            "files": self.files(digests=True),
             "committed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "versions": versions(),
             **fields,

@@ -153,7 +153,7 @@ def _fit_study(cfg: Config, space: dict, base: dict, model_path: str, sizes: lis
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                     grace_period=min(tc.grace_period, max_t), reduction_factor=tc.reduction_factor),
         ),
-        run_config=tune.RunConfig(name="study", storage_path=run.checkpoint_storage(STAGE), verbose=1, callbacks=[OrphanedGroupCleanup()]),
+        run_config=tune.RunConfig(name="study", **run.checkpoint_storage(STAGE), verbose=1, callbacks=[OrphanedGroupCleanup()]),
     )
     log.info("tune: %d sample(s) over %s, ASHA on %s (%s), up to %d evaluations per trial",
              tc.num_samples, ", ".join(space) or "nothing", tc.metric, MODES[tc.metric], max_t)

@@ -49,7 +49,7 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
         ),
         run_config=RunConfig(
             name=unit.run_name,
-            storage_path=run.checkpoint_storage(stage),
+            **run.checkpoint_storage(stage),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _forwarded_env(cpu_only=not scaling.use_gpu)},

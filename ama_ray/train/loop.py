@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ama_ray.config import Config, OptimConfig
-from ama_ray.errors import NumericalError
+from ama_ray.errors import NumericalError, StorageError
 from ama_ray.mixing import LocalMixer, batch_objective
 from ama_ray.storage import MODEL_DIR, RunDir, Unit
 from ama_ray.train import checkpointing
@@ -132,12 +132,27 @@ class Job:
         )
 
     # -- resume and checkpoints ----------------------------------------------------------------
+    checkpoint_suffix = ""  # appended to checkpoint folder names after resuming past a corrupt one
     def resume(self, checkpoint) -> None:
+        """Continue from `checkpoint`, or from the newest older one when its files are not the
+        ones this run wrote (`checkpointing.problems`): nothing unverified is ever loaded."""
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as d:
-            self.engine.load_checkpoint(Path(d))
-            saved = checkpointing.load_state(Path(d))
+        unit = "/".join(self.spec.out_unit)
+        tried = []
+        for candidate in checkpointing.candidates(checkpoint):
+            with candidate.as_directory() as d:
+                found = checkpointing.problems(Path(d))
+                if not found:
+                    self.engine.load_checkpoint(Path(d))
+                    saved = checkpointing.load_state(Path(d))
+                    break
+            tried.append(f"{candidate.path}: {'; '.join(found)}")
+            log.warning("%s: not resuming from %s (%s)", unit, candidate.path, "; ".join(found))
+        else:
+            raise StorageError(f"{unit}: no intact checkpoint to resume from ({' | '.join(tried)})",
+                               where=str(Path(checkpoint.path).parent),
+                               fix=f"rerun with --force {'specialists' if self.spec.kind == 'specialist' else 'generalist'} to start the unit over")
         self.state = WorkerState(
             step=saved["step"], best_eval=saved["best_eval"], best_step=saved["best_step"], positions=saved["positions"][str(self.rank)],
             resumed_at=saved["step"],
@@ -145,6 +160,11 @@ class Job:
         for stream in self.streams:
             stream.seek(self.state.positions[stream.task])
         self.mixer.restore(saved.get("mixer"), self.state.step)
+        if tried:
+            # Later checkpoints get new folder names: re-reporting a skipped one's name would make Ray
+            # Train's checkpoint manager delete the folder of the new one with the old (rank 0's
+            # name suffix, so every rank reports the same).
+            self.checkpoint_suffix = _all_gather_obj(f".{time.time_ns()}", self.world)[0]
         _barrier(self.world)
         log.info("%s: resumed at step %d", "/".join(self.spec.out_unit), self.state.step)
 
@@ -164,8 +184,10 @@ class Job:
                     "positions": {str(r): p for r, p in enumerate(all_positions)},
                     "mixer": self.mixer.state(),
                 })
+            if wrote or self.rank == 0:
+                checkpointing.record_digests(Path(tmp), self.rank)
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote or self.rank == 0 else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{self.state.step:06d}")
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{self.state.step:06d}{self.checkpoint_suffix}")
 
     # -- training ------------------------------------------------------------------------------
     def train(self) -> None:
@@ -296,12 +318,9 @@ class Job:
 
     def _save_best(self) -> None:
         """Every rank (collective under ZeRO-3); rank 0 writes the trainable weights."""
-        from safetensors.torch import save_file
-
         state = self.engine.trainable_state()
         if self.rank == 0:
-            self.best_dir.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(self.best_dir / "model.safetensors"))
+            checkpointing.save_best(self.run, self.best_dir, state)
 
     def _log(self, metrics: dict[str, float]) -> None:
         step = self.state.step
@@ -328,10 +347,7 @@ class Job:
         whole = self.engine.consolidate()
         if self.rank != 0:
             return
-        from safetensors.torch import load_file
-
-        best_file = self.best_dir / "model.safetensors"
-        best = load_file(str(best_file)) if self.spec.kind == "specialist" and best_file.exists() else None
+        best = checkpointing.load_best(self.run, self.best_dir) if self.spec.kind == "specialist" else None
         unit = self.run.unit(*self.spec.out_unit)
         with unit.local_dir() as out:
             self.engine.export(out / MODEL_DIR, whole, best)
