@@ -251,6 +251,7 @@ class Unit:
 
     def __init__(self, run: RunDir, path: str, parts: tuple[str, ...] = ()):
         self.run, self.fs, self.path, self.parts = run, run.fs, path, parts
+        self.damage = ""  # why the last `manifest()` call counted a written manifest as not committed
 
     def __repr__(self) -> str:
         return f"Unit({self.path})"
@@ -286,6 +287,7 @@ class Unit:
         An unreadable manifest (a crash mid-write where the store cannot rename atomically) counts
         as not committed, with a warning: the unit is redone.
         """
+        self.damage = ""
         try:
             with self.fs.open_input_stream(self.file(MANIFEST)) as f:
                 text = f.read().decode()
@@ -294,6 +296,7 @@ class Unit:
         try:
             manifest = json.loads(text)
         except ValueError as err:
+            self.damage = f"unreadable manifest ({err})"
             log.warning("%s: unreadable manifest (%s); the unit counts as not committed and will be redone",
                         self.file(MANIFEST), err)
             return None
@@ -301,6 +304,7 @@ class Unit:
             return None
         changed = self.changed_files(manifest, deep=False)
         if changed:
+            self.damage = "; ".join(changed)
             log.warning("%s: %s since it was committed; the unit counts as not committed and will be redone",
                         self.path, "; ".join(changed))
             return None
@@ -369,10 +373,10 @@ class Unit:
         size (checked whenever the unit is read or skipped) and sha256 (`verify`)."""
         man = {
             "config_hash": config_hash,
-            "files": self.files(digests=True),
             "committed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "versions": versions(),
             **fields,
+            "files": self.files(digests=True),  # always what is there now (a copied manifest's list is stale)
         }
         self.write_json(MANIFEST, man)
         return man
@@ -380,6 +384,8 @@ class Unit:
     def require(self, what: str, fix: str) -> dict:
         """The manifest of a unit an earlier stage must have committed; StageInputError if not."""
         man = self.manifest()
+        if man is None and self.damage:
+            raise StageInputError(f"{what} is damaged ({self.damage}), so it counts as not committed", where=self.path, fix=fix)
         if man is None:
             raise StageInputError(f"{what} is missing (no committed {self.path})", fix=fix)
         return man

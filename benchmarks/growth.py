@@ -257,11 +257,13 @@ def wait_table(workdir: Path, length: int, batch: int, steps: int) -> str:
         waits.append(metrics["train/data_seconds"])
     for stream in job.streams:
         stream.close()
-    share = statistics.median(waits[1:] or waits) / statistics.median(totals[1:] or totals)
-    return common.table(["model (random weights)", "tokens per sequence", "pairs per step", "wall s/step (median)",
-                         "data wait ms/step (median)", "wait / step", "under 1%"],
-                        [["SmolLM2-135M shapes", length, batch, statistics.median(totals), statistics.median(waits) * 1e3,
-                          f"{share:.3%}", "yes" if share < 0.01 else "NO"]])
+    # Steady state: the first step also opens the streams (reported on its own).
+    wait, total = statistics.median(waits[1:] or waits), statistics.median(totals[1:] or totals)
+    share = wait / total
+    return common.table(["model (random weights)", "tokens per sequence", "pairs per step", "wall s/step (median, steps 2+)",
+                         "data wait ms/step (median, steps 2+)", "wait / step", "first step's wait (ms, opens the streams)", "under 1%"],
+                        [["SmolLM2-135M shapes", length, batch, total, wait * 1e3, f"{share:.3%}", waits[0] * 1e3,
+                          "yes" if share < 0.01 else "NO"]])
 
 
 def main(argv: list[str] | None = None) -> str:

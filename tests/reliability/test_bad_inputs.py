@@ -76,12 +76,20 @@ def _no_specialist(ctx: Ctx) -> list[str]:
 
 
 def _ids_mismatch(ctx: Ctx) -> list[str]:
+    """The prepared data was redone with another row count after the scores were computed."""
+    manifest = ctx.root / "minimal" / "prepared" / "refusal" / "_manifest.json"
+    man = json.loads(manifest.read_text())
+    man["rows"]["train"] += 1
+    manifest.write_text(json.dumps(man))
+    ctx.names["file"] = str(ctx.root / "minimal" / "scores" / "refusal" / "train.parquet")
+    return ["generalist", "--config", str(ctx.config), "generalist.seeds=[7]"]
+
+
+def _score_truncated(ctx: Ctx) -> list[str]:
     import pyarrow.parquet as pq
 
     path = ctx.root / "minimal" / "scores" / "refusal" / "train.parquet"
-    table = pq.read_table(path)
-    pq.write_table(table.slice(1), path)
-    ctx.names["file"] = str(path)
+    pq.write_table(pq.read_table(path).slice(1), path)
     return ["generalist", "--config", str(ctx.config), "generalist.seeds=[7]"]
 
 
@@ -167,8 +175,11 @@ CASES = {
                                      ["specialist of task 'brackets' is missing", "specialists/brackets", "run `ama-ray specialists` first"],
                                      needs_run=True),
     "stage-score-ids-mismatch": Case(_ids_mismatch, errors.StageInputError,
-                                     ["{file}", "holds 419 rows (its manifest says 420) but the prepared train split has 420", "--force score"],
+                                     ["{file}", "holds 420 rows (its manifest says 420) but the prepared train split has 421", "--force score"],
                                      needs_run=True),
+    "stage-score-file-changed": Case(_score_truncated, errors.StageInputError,
+                                     ["scores of task 'refusal' is damaged", "train.parquet has", "counts as not committed",
+                                      "run `ama-ray score` first"], needs_run=True),
     "resources-never-satisfiable": Case(lambda c: ["specialists", "--config", str(c.config), "--force", "specialists", "scaling.cpus_per_worker=64"],
                                         errors.ResourceError, ["scaling.cpus_per_worker", "64 CPU", "lower scaling.cpus_per_worker"],
                                         needs_run=True),

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import pyarrow.fs as pafs
 import pytest
@@ -55,14 +56,14 @@ def test_changed_config_and_force_never_resume_old_checkpoints_on_s3(tiny_run, t
 
     cfg0, run_dir = tiny_run
     local = copy_run(run_dir, tmp_path)
-    storage = f"s3://key:secret@{BUCKET}/runs?{s3_endpoint}"
+    storage = f"s3://key:secret@{BUCKET}/{uuid.uuid4().hex[:8]}/runs?{s3_endpoint}"  # fault markers are per run root
     short = ["specialists.optim.checkpoint_every=5", "scaling.max_failures=0"]
     cfg_a = derived(cfg0, tmp_path, *short)
     cfg_a = cfg_a.model_copy(update={"storage": cfg_a.storage.model_copy(update={"path": storage})})
     cfg_b = derived(cfg_a, tmp_path, *short, "specialists.optim.lr=0.003")
     cfg_b = cfg_b.model_copy(update={"storage": cfg_b.storage.model_copy(update={"path": storage})})
     run = RunDir(cfg_a.run_dir)
-    assert not run.is_local and run.root == f"{BUCKET}/runs/{local.name}"
+    assert not run.is_local and run.root.startswith(f"{BUCKET}/") and run.root.endswith(f"/runs/{local.name}")
     run.fs.create_dir(BUCKET)
     for stage in ("prepared", "reference"):
         pafs.copy_files(str(local / stage), f"{run.root}/{stage}", destination_filesystem=run.fs)
