@@ -6,6 +6,13 @@ evaluate, the report, `ama-ray compare`), with a stable `example_id` (a hash of 
 the example's text), the texts, and `prompt_input_ids`,
 `chosen_input_ids`, `rejected_input_ids` (completions end with EOS). Unusable rows are dropped
 and counted per reason in the manifest; tokenization runs on Ray Data.
+
+Nothing holds a task's rows in one process: the driver streams normalised rows into a hidden
+staging file in the unit (`.normalised.parquet`; only example ids are kept, to drop duplicates),
+Ray Data tokenizes every pending task's staging file and sorts the rows by (task, example_id),
+the driver streams them into `.tokenized.parquet` (keeping each kept row's id, 16 bytes), assigns
+the splits from the ids alone, and streams the tokenized file once more into the three splits
+in row groups of ROW_GROUP_ROWS. The staging files are removed before the unit commits.
 """
 
 from __future__ import annotations
@@ -18,15 +25,22 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ama_ray.config import Config, DataConfig, TaskConfig
 from ama_ray.errors import DataError
 from ama_ray.stages import base_model_path, model_identity, needs_work, open_run
-from ama_ray.train.data import SPLITS
+from ama_ray.storage import ROW_GROUP_ROWS, Unit
+from ama_ray.train.data import SPLITS, TAG, parquet_dataset
 
 log = logging.getLogger(__name__)
 STAGE = "prepare"
 COLUMNS = ("example_id", "prompt", "chosen", "rejected", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "length")
+NORMALISED, TOKENIZED = ".normalised", ".tokenized"  # staging files in the unit (hidden: never in a manifest)
+TEXT = pa.schema([(c, pa.string()) for c in ("example_id", "prompt", "chosen", "rejected")])
+OUTPUT = pa.schema([*TEXT, *((c, pa.list_(pa.int32())) for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")),
+                    ("length", pa.int32())])
 
 
 def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
@@ -43,12 +57,20 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     from ama_ray.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    examples, drops = {}, {}
-    for task in pending:
-        examples[task.name], drops[task.name] = normalise_task(cfg, task, tokenizer)
-    tokenized = tokenize_all(cfg, model_path, examples)
-    for task in pending:
-        _write_task(cfg, run_dir, task, tokenized[task.name], drops[task.name], digest, model_path)
+    units, drops = {}, {}
+    try:
+        for task in pending:
+            units[task.name] = unit = run_dir.prepared(task.name)
+            unit.begin()
+            drops[task.name] = stage_task(cfg, task, tokenizer, unit)
+        kept = tokenize_all(cfg, model_path, units)
+        for task in pending:
+            _write_task(cfg, units[task.name], task, kept[task.name], drops[task.name], digest, model_path)
+    except BaseException:
+        for unit in units.values():  # no half-written unit stays behind
+            if unit.manifest() is None:
+                unit.fs.delete_dir(unit.path)
+        raise
     return [run_dir.prepared(t.name).path for t in cfg.data.tasks]
 
 
@@ -78,36 +100,45 @@ def raw_rows(cfg: Config, task: TaskConfig) -> Iterator[tuple[str, dict]]:
             yield f"{task.hf_dataset.get('path')}#{i}", row
 
 
-def normalise_task(cfg: Config, task: TaskConfig, tokenizer: Any) -> tuple[list[dict], Counter]:
-    """Usable examples of one task as text, with per-reason drop counts."""
+def stage_task(cfg: Config, task: TaskConfig, tokenizer: Any, unit: Unit) -> Counter:
+    """Stream one task's usable examples, as text, into the unit's `.normalised.parquet`;
+    returns the per-reason drop counts. DataError when no row is usable."""
     from ama_ray.data.formats import Dropped, normalize_row, to_text
 
     drops: Counter = Counter()
     first_drop = ""
-    seen: set[str] = set()
-    out = []
-    for where, row in raw_rows(cfg, task):
-        norm = normalize_row(row, task.layout, task.column_map, task.pku_pair_key)
-        if isinstance(norm, Dropped):
-            drops[norm.reason] += 1
-            first_drop = first_drop or f"; first at {where}: {norm.reason} ({norm.detail})"
-            continue
-        prompt, chosen, rejected = to_text(norm, tokenizer)
-        example_id = _example_id(task.name, prompt, chosen, rejected)
-        if example_id in seen:
-            drops["duplicate"] += 1
-            continue
-        seen.add(example_id)
-        out.append({"example_id": example_id, "prompt": prompt, "chosen": chosen, "rejected": rejected})
-        if task.max_rows and len(out) >= task.max_rows:
-            break
-    if not out:
+    seen: set[str] = set()  # example ids only, to drop duplicates
+    pending: list[dict] = []
+    written = 0
+    with unit.fs.open_output_stream(unit.file(unit.split_file(NORMALISED))) as stream, pq.ParquetWriter(stream, TEXT) as writer:
+        for where, row in raw_rows(cfg, task):
+            norm = normalize_row(row, task.layout, task.column_map, task.pku_pair_key)
+            if isinstance(norm, Dropped):
+                drops[norm.reason] += 1
+                first_drop = first_drop or f"; first at {where}: {norm.reason} ({norm.detail})"
+                continue
+            prompt, chosen, rejected = to_text(norm, tokenizer)
+            example_id = _example_id(task.name, prompt, chosen, rejected)
+            if example_id in seen:
+                drops["duplicate"] += 1
+                continue
+            seen.add(example_id)
+            pending.append({"example_id": example_id, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+            if len(pending) == ROW_GROUP_ROWS or (task.max_rows and written + len(pending) >= task.max_rows):
+                writer.write_table(pa.Table.from_pylist(pending, TEXT))
+                written, pending = written + len(pending), []
+            if task.max_rows and written >= task.max_rows:
+                break
+        if pending:
+            writer.write_table(pa.Table.from_pylist(pending, TEXT))
+            written += len(pending)
+    if not written:
         raise DataError(
             f"task '{task.name}' has no usable rows (dropped: {dict(drops) or 'none read'}{first_drop})",
             where=task.path or task.benchmark or str(task.hf_dataset),
             fix="check the file's layout and column names (docs/data-formats.md) or set data.tasks[].layout/column_map",
         )
-    return out, drops
+    return drops
 
 
 def _example_id(task: str, prompt: str, chosen: str, rejected: str) -> str:
@@ -138,16 +169,25 @@ def heldout_sizes(n: int, data: DataConfig, task: str, where: str) -> tuple[int,
 
 
 def assign_splits(example_ids: list[str], seed: int, n_val: int, n_test: int) -> dict[str, str]:
-    """example_id -> 'validation', 'test' or 'train'.
+    """example_id -> 'validation', 'test' or 'train' (`split_codes` as a mapping)."""
+    codes = split_codes(np.array(example_ids, dtype=object), seed, n_val, n_test)
+    return {i: SPLITS[c] for i, c in zip(example_ids, codes)}
+
+
+def split_codes(example_ids: np.ndarray, seed: int, n_val: int, n_test: int) -> np.ndarray:
+    """The split of each example, as an index into SPLITS (train, validation, test).
 
     Examples are ranked by a hash of (seed, example_id), independent of row order and of every
-    other task: the first `n_val` are validation, the next `n_test` test, the rest train.
+    other task: the first `n_val` are validation, the next `n_test` test, the rest train. Needs
+    only the ids.
     """
-    ranked = sorted(example_ids, key=lambda i: (_stable_int(f"{seed}:{i}"), i))
-    out = {i: "validation" for i in ranked[:n_val]}
-    out.update({i: "test" for i in ranked[n_val : n_val + n_test]})
-    out.update({i: "train" for i in ranked[n_val + n_test :]})
-    return out
+    ids = example_ids.astype(str)
+    keys = np.fromiter((_stable_int(f"{seed}:{i}") for i in ids), dtype=np.uint64, count=len(ids))
+    order = np.lexsort((ids, keys))  # ties (equal hashes) by id
+    codes = np.full(len(example_ids), SPLITS.index("train"), dtype=np.uint8)
+    codes[order[:n_val]] = SPLITS.index("validation")
+    codes[order[n_val : n_val + n_test]] = SPLITS.index("test")
+    return codes
 
 
 # --- tokenizing on Ray Data --------------------------------------------------------------
@@ -167,7 +207,7 @@ class Tokenize:
         eos = self.tok.eos_token_id
         enc = lambda texts: self.tok(list(texts), add_special_tokens=False)["input_ids"]  # noqa: E731
         prompts, chosen, rejected = enc(batch["prompt"]), enc(batch["chosen"]), enc(batch["rejected"])
-        out = {k: batch[k] for k in ("task", "example_id", "prompt", "chosen", "rejected")}
+        out = {k: batch[k] for k in (TAG, "example_id", "prompt", "chosen", "rejected") if k in batch}
         out["prompt_truncated"] = np.array([len(p) > self.max_prompt for p in prompts])
         prompts = [p[-self.max_prompt :] for p in prompts]  # keep the end: the question sits there
         chosen = [c + [eos] for c in chosen]
@@ -178,77 +218,124 @@ class Tokenize:
         return out
 
 
-def tokenize_all(cfg: Config, model_path: str, examples: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Tokenize every pending task in one Ray Data pass; returns rows per task."""
+class Kept:
+    """What the split assignment needs of one task's tokenized rows: the kept rows' ids (16 bytes
+    each, in file order) and counts."""
+
+    def __init__(self) -> None:
+        self.ids: list[np.ndarray] = []
+        self.too_long = self.prompt_truncated = 0
+
+    def add(self, table: pa.Table) -> None:
+        keep = pc.invert(table["too_long"])
+        self.too_long += table.num_rows - pc.sum(keep.cast(pa.int64())).as_py()
+        self.prompt_truncated += pc.sum(pc.and_(keep, table["prompt_truncated"]).cast(pa.int64())).as_py()
+        self.ids.append(table["example_id"].filter(keep).to_numpy(zero_copy_only=False).astype("S16"))
+
+    def example_ids(self) -> np.ndarray:
+        return np.concatenate(self.ids) if self.ids else np.array([], dtype="S16")
+
+
+def tokenize_all(cfg: Config, model_path: str, units: dict[str, Unit]) -> dict[str, Kept]:
+    """Tokenize every pending task's staged rows in one Ray Data pass, sorted by (task,
+    example_id), streaming each task's rows into its unit's `.tokenized.parquet`."""
     import ray
 
     from ama_ray.cluster import ensure_ray
 
     ensure_ray()
-    items = [{"task": task, **ex} for task, rows in examples.items() for ex in rows]
-    ds = ray.data.from_items(items).map_batches(
+    names = list(units)
+    ds = parquet_dataset([(units[n], NORMALISED) for n in names], tags=names).map_batches(
         Tokenize,
         fn_constructor_args=(model_path, cfg.model.trust_remote_code, cfg.data.max_prompt_length, cfg.data.max_completion_length,
                              cfg.model.revision),
         batch_size=512,
         num_cpus=cfg.reference.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors),
-    )
-    per_task: dict[str, list[dict]] = {task: [] for task in examples}
-    for row in ds.iter_rows():
-        per_task[row["task"]].append(row)
-    return per_task
+    ).sort([TAG, "example_id"])  # Ray Data sorts in the object store (spilling to disk), not here
+    kept = {n: Kept() for n in names}
+    schema = pa.schema([*OUTPUT, ("too_long", pa.bool_()), ("prompt_truncated", pa.bool_())])
+    with _Writers({n: (units[n], TOKENIZED) for n in names}, schema) as writers:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for name in pc.unique(batch[TAG]).to_pylist():
+                part = batch.filter(pc.equal(batch[TAG], name)).select(schema.names).cast(schema)
+                kept[name].add(part)
+                writers.add(name, part)
+    return kept
+
+
+class _Writers:
+    """Parquet writers of several files, each written in row groups of exactly ROW_GROUP_ROWS
+    (the last one shorter), whatever the sizes of the tables handed to `add`."""
+
+    def __init__(self, files: dict[str, tuple[Unit, str]], schema: pa.Schema):
+        self.files, self.schema = files, schema
+        self.open: dict[str, tuple[Any, pq.ParquetWriter]] = {}
+        self.pending: dict[str, list[pa.Table]] = {key: [] for key in files}
+
+    def __enter__(self) -> "_Writers":
+        for key, (unit, name) in self.files.items():
+            stream = unit.fs.open_output_stream(unit.file(unit.split_file(name)))
+            self.open[key] = (stream, pq.ParquetWriter(stream, self.schema))
+        return self
+
+    def add(self, key: str, table: pa.Table) -> None:
+        self.pending[key].append(table)
+        rows = sum(t.num_rows for t in self.pending[key])
+        if rows >= ROW_GROUP_ROWS:
+            whole = pa.concat_tables(self.pending[key])
+            cut = rows - rows % ROW_GROUP_ROWS
+            self.open[key][1].write_table(whole.slice(0, cut), row_group_size=ROW_GROUP_ROWS)
+            self.pending[key] = [whole.slice(cut)] if cut < rows else []
+
+    def __exit__(self, *exc: Any) -> None:
+        for key, (stream, writer) in self.open.items():
+            if self.pending[key] and exc[0] is None:
+                writer.write_table(pa.concat_tables(self.pending[key]), row_group_size=ROW_GROUP_ROWS)
+            writer.close()
+            stream.close()
 
 
 # --- writing -----------------------------------------------------------------------------
 
-def _write_task(cfg: Config, run_dir, task: TaskConfig, rows: list[dict], drops: Counter, digest: str, model_path: str) -> None:
-    too_long = sum(bool(r["too_long"]) for r in rows)
-    if too_long:
-        drops["too_long"] += too_long
-    rows = sorted((r for r in rows if not r["too_long"]), key=lambda r: r["example_id"])
-    if not rows:
+def _write_task(cfg: Config, unit: Unit, task: TaskConfig, kept: Kept, drops: Counter, digest: str, model_path: str) -> None:
+    """Assign the splits from the kept ids, stream `.tokenized.parquet` into the three split
+    files (rows in example_id order), drop the staging files and commit."""
+    if kept.too_long:
+        drops["too_long"] += kept.too_long
+    ids = kept.example_ids()
+    if not len(ids):
         raise DataError(
             f"task '{task.name}' has no rows within data.max_completion_length={cfg.data.max_completion_length}",
             where=task.path or task.benchmark or str(task.hf_dataset),
             fix="raise data.max_completion_length",
         )
     where = task.path or task.benchmark or str(task.hf_dataset)
-    n_val, n_test = heldout_sizes(len(rows), cfg.data, task.name, where)
-    assigned = assign_splits([r["example_id"] for r in rows], cfg.data.seed, n_val, n_test)
-    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    for r in rows:
-        splits[assigned[r["example_id"]]].append(r)
-    unit = run_dir.prepared(task.name)
-    unit.begin()
-    for split, part in splits.items():
-        unit.write_parquet(unit.split_file(split), _table(part))
+    n_val, n_test = heldout_sizes(len(ids), cfg.data, task.name, where)
+    codes = split_codes(ids, cfg.data.seed, n_val, n_test)
+    rows = {split: int((codes == i).sum()) for i, split in enumerate(SPLITS)}
+    tokenized = unit.file(unit.split_file(TOKENIZED))
+    offset = 0
+    with _Writers({split: (unit, split) for split in SPLITS}, OUTPUT) as writers:
+        for batch in pq.ParquetFile(tokenized, filesystem=unit.fs).iter_batches(batch_size=ROW_GROUP_ROWS):
+            table = pa.Table.from_batches([batch])
+            table = table.filter(pc.invert(table["too_long"])).select(OUTPUT.names)
+            part = codes[offset : offset + table.num_rows]
+            offset += table.num_rows
+            for i, split in enumerate(SPLITS):
+                writers.add(split, table.filter(pa.array(part == i)))
+    for staged in (NORMALISED, TOKENIZED):
+        unit.fs.delete_file(unit.file(unit.split_file(staged)))
     unit.commit(
         digest,
         stage=STAGE,
         task=task.model_dump(mode="json"),
         model=model_path,
         model_identity=model_identity(cfg),
-        rows={s: len(p) for s, p in splits.items()},
+        rows=rows,
         dropped=dict(drops),
-        prompt_truncated=int(sum(bool(r["prompt_truncated"]) for r in rows)),
+        prompt_truncated=kept.prompt_truncated,
         max_prompt_length=cfg.data.max_prompt_length,
         max_completion_length=cfg.data.max_completion_length,
     )
-    log.info("prepare: %s %s dropped=%s", task.name, " ".join(f"{s}={len(p)}" for s, p in splits.items()), dict(drops))
-
-
-def _table(rows: list[dict]) -> pa.Table:
-    ids = pa.list_(pa.int32())
-    return pa.table(
-        {
-            "example_id": pa.array([r["example_id"] for r in rows], pa.string()),
-            "prompt": pa.array([r["prompt"] for r in rows], pa.string()),
-            "chosen": pa.array([r["chosen"] for r in rows], pa.string()),
-            "rejected": pa.array([r["rejected"] for r in rows], pa.string()),
-            "prompt_input_ids": pa.array([list(map(int, r["prompt_input_ids"])) for r in rows], ids),
-            "chosen_input_ids": pa.array([list(map(int, r["chosen_input_ids"])) for r in rows], ids),
-            "rejected_input_ids": pa.array([list(map(int, r["rejected_input_ids"])) for r in rows], ids),
-            "length": pa.array([int(r["length"]) for r in rows], pa.int32()),
-        }
-    )
+    log.info("prepare: %s %s dropped=%s", task.name, " ".join(f"{s}={n}" for s, n in rows.items()), dict(drops))
