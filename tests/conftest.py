@@ -1,6 +1,6 @@
 """Shared fixtures: offline HF, one local Ray session on loopback, expensive artefacts built once.
 
-Budget (docs/development.md): the whole suite runs in <= 20 minutes on 2 CPUs; every test has
+Budget (docs/development.md): the whole suite runs in <= 30 minutes on 2 CPUs; every test has
 a timeout (pytest-timeout; 300 s default, less where marked).
 """
 
