@@ -288,19 +288,12 @@ class Unit:
         as not committed, with a warning: the unit is redone.
         """
         self.damage = ""
-        try:
-            with self.fs.open_input_stream(self.file(MANIFEST)) as f:
-                text = f.read().decode()
-        except (FileNotFoundError, OSError):
-            return None
-        try:
-            manifest = json.loads(text)
-        except ValueError as err:
-            self.damage = f"unreadable manifest ({err})"
+        manifest, error = self._read_manifest()
+        if error:
+            self.damage = f"unreadable manifest ({error})"
             log.warning("%s: unreadable manifest (%s); the unit counts as not committed and will be redone",
-                        self.file(MANIFEST), err)
-            return None
-        if not isinstance(manifest, dict):
+                        self.file(MANIFEST), error)
+        if manifest is None:
             return None
         changed = self.changed_files(manifest, deep=False)
         if changed:
@@ -309,6 +302,19 @@ class Unit:
                         self.path, "; ".join(changed))
             return None
         return manifest
+
+    def _read_manifest(self) -> tuple[dict | None, str]:
+        """(the manifest as written, or None; why it could not be parsed, or "" )."""
+        try:
+            with self.fs.open_input_stream(self.file(MANIFEST)) as f:
+                text = f.read().decode()
+        except (FileNotFoundError, OSError):
+            return None, ""
+        try:
+            manifest = json.loads(text)
+        except ValueError as err:
+            return None, str(err)
+        return (manifest if isinstance(manifest, dict) else None), ""
 
     def files(self, digests: bool) -> dict[str, dict[str, Any]]:
         """The unit's files (relative path -> size, and sha256 when `digests`), without its manifest,
@@ -350,10 +356,8 @@ class Unit:
     def verify(self) -> list[str]:
         """Problems of a committed unit, every byte checked against its manifest's sha256 values
         (`ama-ray verify`); [] when intact. An uncommitted unit is one problem."""
-        try:
-            with self.fs.open_input_stream(self.file(MANIFEST)) as f:
-                manifest = json.loads(f.read().decode())
-        except (FileNotFoundError, OSError, ValueError):
+        manifest, _ = self._read_manifest()
+        if manifest is None:
             return ["not committed (no readable manifest)"]
         return self.changed_files(manifest, deep=True)
 

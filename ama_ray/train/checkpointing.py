@@ -66,11 +66,9 @@ def record_digests(directory: Path, rank: int) -> None:
     """Record size and sha256 of every file this rank wrote into `directory` (before Ray Train
     merges the ranks' directories into one checkpoint)."""
     files = {}
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory)
-        if path.is_file() and rel.parts[0] != DIGESTS:
-            with open(path, "rb") as f:
-                files[rel.as_posix()] = {"size": path.stat().st_size, "sha256": stream_digest(f)}
+    for rel, path in _written_files(directory).items():
+        with open(path, "rb") as f:
+            files[rel] = {"size": path.stat().st_size, "sha256": stream_digest(f)}
     (directory / DIGESTS).mkdir(exist_ok=True)
     (directory / DIGESTS / f"rank{rank}.json").write_text(json.dumps(files, sort_keys=True))
 
@@ -88,8 +86,7 @@ def problems(directory: Path) -> list[str]:
                 known.setdefault(rel, []).append(entry)
         except (ValueError, AttributeError) as err:
             return [f"{DIGESTS}/{record.name} is unreadable ({err})"]
-    present = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*")
-               if p.is_file() and p.relative_to(directory).parts[0] != DIGESTS}
+    present = _written_files(directory)
     out = [f"{rel} is missing" for rel in sorted(set(known) - set(present))]
     for rel, path in sorted(present.items()):
         if rel not in known:
@@ -104,6 +101,12 @@ def problems(directory: Path) -> list[str]:
         if all(digest != e.get("sha256") for e in known[rel]):
             out.append(f"{rel} changed since it was written (sha256 differs)")
     return out
+
+
+def _written_files(directory: Path) -> dict[str, Path]:
+    """The checkpoint's files (relative POSIX path -> path) other than its digest records, in name order."""
+    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.relative_to(directory).parts[0] != DIGESTS}
 
 
 def candidates(checkpoint) -> Iterator[Any]:

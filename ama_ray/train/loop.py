@@ -184,9 +184,10 @@ class Job:
                     "positions": {str(r): p for r, p in enumerate(all_positions)},
                     "mixer": self.mixer.state(),
                 })
+            checkpoint = None
             if wrote or self.rank == 0:
                 checkpointing.record_digests(Path(tmp), self.rank)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote or self.rank == 0 else None
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{self.state.step:06d}{self.checkpoint_suffix}")
 
     # -- training ------------------------------------------------------------------------------
