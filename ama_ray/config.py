@@ -168,16 +168,32 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warm-up.")
-    batch_size: int = Field(32, ge=1, description="Preference pairs per worker per optimizer step.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (batch_size is split across them).")
+    batch_size: int = Field(32, ge=1, description="Preference pairs per worker per optimizer step (unless global_batch_size is set).")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Preference pairs per optimizer step over all workers, split evenly across them (replaces "
+        "batch_size): the batch and the mixing trajectory then do not depend on scaling.num_workers.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (a worker's batch is split across them).")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
     checkpoint_every: int = Field(100, ge=1, description="Save a resumable checkpoint every N steps.")
 
     @model_validator(mode="after")
     def _divisible(self) -> "OptimConfig":
-        if self.batch_size % self.grad_accum:
+        if self.global_batch_size is None and self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
         return self
+
+    def worker_batch(self, world: int) -> int:
+        """Pairs each of `world` workers takes per optimizer step."""
+        return self.global_batch_size // world if self.global_batch_size else self.batch_size
+
+    def check_split(self, world: int, section: str) -> None:
+        """ConfigError unless global_batch_size splits into `world` workers x grad_accum micro-batches."""
+        if self.global_batch_size and self.global_batch_size % (world * self.grad_accum):
+            raise ConfigError(
+                f"global_batch_size {self.global_batch_size} does not split into {world} worker(s) x {self.grad_accum} micro-batch(es)",
+                where=f"{section}.optim.global_batch_size",
+                fix=f"use a multiple of scaling.num_workers x grad_accum = {world * self.grad_accum}",
+            )
 
 
 class ReferenceConfig(Section):
@@ -284,13 +300,18 @@ class Config(Section):
         from ama_ray.mixing import make_policy
 
         k = len(self.task_names)
+        self.specialists.optim.check_split(self.scaling.num_workers, "specialists")
+        self.generalist.optim.check_split(self.scaling.num_workers, "generalist")
+        optim = self.generalist.optim
+        # Labels are drawn per worker, or once for the whole step with global_batch_size.
+        key, batch = ("global_batch_size", optim.global_batch_size) if optim.global_batch_size else ("batch_size", optim.batch_size)
         for algorithm in self.generalist.algorithms:
             policy = make_policy(algorithm, self.task_names, [1] * k, self.mixing)
-            if self.generalist.optim.batch_size < policy.min_batch_size:
+            if batch < policy.min_batch_size:
                 raise ConfigError(
-                    f"{algorithm} needs a per-worker batch of at least {policy.min_batch_size} (every task in every step), "
-                    f"got {self.generalist.optim.batch_size}",
-                    where="generalist.optim.batch_size", fix=f"set generalist.optim.batch_size >= {policy.min_batch_size}",
+                    f"{algorithm} needs a {key.replace('_', ' ')} of at least {policy.min_batch_size} (every task in every step), "
+                    f"got {batch}",
+                    where=f"generalist.optim.{key}", fix=f"set generalist.optim.{key} >= {policy.min_batch_size}",
                 )
 
     def section_hash(self, *sections: str) -> str:

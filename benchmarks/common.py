@@ -120,8 +120,8 @@ def load_cfg(batch_size: int, lr: float = 1e-4):
 
 
 def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str, batch_size: int,
-             *, client=None, lr: float = 1e-4, seed: int = 0, tensorboard_dir: str | None = None):
-    """A `ama_ray.train.loop.Job` for one worker (rank 0 of 1) built from in-memory rows.
+             *, client=None, lr: float = 1e-4, seed: int = 0, tensorboard_dir: str | None = None, rank: int = 0, world: int = 1):
+    """A `ama_ray.train.loop.Job` for one worker (rank `rank` of `world`, default 0 of 1) built from in-memory rows.
 
     Its `train_step(step, alpha)` is the library's own step: the policy's labels, `draw_batch`,
     collate, `per_example_loss`, the policy's objective, `batch_objective`, backward, per-task
@@ -129,7 +129,8 @@ def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str,
     library's in-process `LocalMixer` (no Ray: the policy update runs inside the step, so its
     cost is counted and the actor's round trip is not), or, when `client` is given (e.g.
     `ama_ray.mixing.actor.RayMixer`), a fresh mixing actor on the running Ray and
-    `client(actor_name, 0)`. The model is used as is (no DDP wrapper: world = 1). With
+    `client(actor_name, 0)`. The model is used as is (no DDP wrapper); with world > 1 the
+    step's collectives need a process group (benchmarks/gpu_check.py starts one). With
     `tensorboard_dir`, `Job._log` writes TensorBoard scalars there, as rank 0 of a local run does.
     """
     from ama_ray.mixing import LocalMixer
@@ -154,8 +155,8 @@ def make_job(model, pad_id: int, rows_by_task: list[list[dict]], algorithm: str,
     optim = cfg.generalist.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     return Job(
-        spec=spec, cfg=cfg, optim=optim, run=None, rank=0, world=1, model=model,
-        streams=[ShardStream(t, TableSource(rows), seed) for t, rows in zip(tasks, rows_by_task)], eval_rows=[],
+        spec=spec, cfg=cfg, optim=optim, run=None, rank=rank, world=world, model=model,
+        streams=[ShardStream(t, TableSource(rows), seed, rank, world) for t, rows in zip(tasks, rows_by_task)], eval_rows=[],
         optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, spec.steps)),
         loss_cfg=cfg.dpo, policy=spec.policy(), mixer=mixer, progress=ProgressClient(None, "bench", 0),
         pad_id=pad_id, state=WorkerState(),

@@ -32,17 +32,32 @@ from ama_ray.mixing import MixingSettings, batch_objective, clipped_excess, draw
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+# Llama-3.2-1B's shapes: the "1-7B config" of the GPU check (random weights; 1.24B parameters).
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
 TASKS = ("arithmetic", "refusal", "brackets")
 
 
+SHAPES = {"smollm2": SMOLLM2_135M, "llama1b": LLAMA_1B, "tiny": TINY}
+
+
 def build_model(shapes: dict, dtype: torch.dtype, device: str):
+    """A random-weight Llama of `shapes`, built directly on `device` in `dtype` (no host copy)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(**shapes, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.train()
 
 
 def make_rows(n: int, prompt_len: int, completion_len: int, vocab: int, rng: np.random.Generator) -> list[dict]:
@@ -99,9 +114,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny config (CPU smoke run)")
+    parser.add_argument("--shapes", default="smollm2", choices=sorted(SHAPES), help="model shapes (--tiny: tiny)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--batch", type=int, default=32, help="preference pairs per step")
@@ -112,9 +128,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--matmul-n", type=int, default=8192)
     args = parser.parse_args(argv)
     if args.tiny:
-        args.batch, args.prompt_len, args.completion_len, args.warmup, args.steps, args.matmul_n = 4, 16, 16, 1, 3, 256
+        args.shapes, args.batch, args.prompt_len, args.completion_len, args.warmup, args.steps, args.matmul_n = "tiny", 4, 16, 16, 1, 3, 256
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    result = measure(parse(argv))
+    print("| " + " | ".join(result) + " |\n|" + "---|" * len(result))
+    print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()) + " |")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_step.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Time `args.steps` generalist steps after `args.warmup`; pairs/s, tokens/s, MFU, peak memory."""
     dtype = getattr(torch, args.dtype)
-    shapes = TINY if args.tiny else SMOLLM2_135M
+    shapes = SHAPES[args.shapes]
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model = build_model(shapes, dtype, args.device)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
@@ -133,18 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
     seq = args.prompt_len + args.completion_len
     tokens = 2 * args.batch * seq
     flops = 6 * params * tokens + 12 * shapes["num_hidden_layers"] * shapes["hidden_size"] * seq * tokens
-    peak = matmul_tflops(args.device, dtype, args.matmul_n, 20 if args.device.startswith("cuda") else 3)
-    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "dtype": args.dtype, "params": params, "batch_pairs": args.batch, "seq_len": seq,
-              "ms_per_step": seconds * 1e3, "pairs_per_s": args.batch / seconds, "tokens_per_s": tokens / seconds,
-              "model_tflops": flops / seconds / 1e12, "matmul_tflops": peak, "mfu": flops / seconds / 1e12 / peak,
-              "alpha_after": policy.weights().tolist()}
-    print("| " + " | ".join(result) + " |\n|" + "---|" * len(result))
-    print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()) + " |")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gpu_step.json"), "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    on_device = {p.device.type for p in model.parameters()}
+    del model, optimizer
+    peak = matmul_tflops(args.device, dtype, args.matmul_n, 20 if cuda else 3)
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "shapes": args.shapes,
+            "params_on": ",".join(sorted(on_device)),
+            "dtype": args.dtype, "params": params, "batch_pairs": args.batch, "seq_len": seq,
+            "ms_per_step": seconds * 1e3, "pairs_per_s": args.batch / seconds, "tokens_per_s": tokens / seconds,
+            "model_tflops": flops / seconds / 1e12, "matmul_tflops": peak, "mfu": flops / seconds / 1e12 / peak,
+            "peak_memory_gib": peak_memory, "alpha_after": policy.weights().tolist()}
 
 
 if __name__ == "__main__":

@@ -96,8 +96,9 @@ def batch_objective(e: "torch.Tensor", task_ids: "torch.Tensor",
     if loss_weights is None:
         return e.sum() / (e.numel() if total is None else total)
     weights = torch.as_tensor(loss_weights, dtype=e.dtype, device=e.device)
+    task_ids = task_ids.to(e.device)  # labels are drawn on the CPU; e lives on the model's device
     sums = torch.zeros(len(weights), dtype=e.dtype, device=e.device).index_add(0, task_ids, e)
     if task_counts is None:
         task_counts = torch.bincount(task_ids, minlength=len(weights))
-    counts = task_counts.to(e.dtype).clamp(min=1)  # sums are 0 where the count is 0
+    counts = task_counts.to(device=e.device, dtype=e.dtype).clamp(min=1)  # sums are 0 where the count is 0
     return (weights * sums / counts).sum()

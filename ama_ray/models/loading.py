@@ -65,6 +65,23 @@ def resolve_model_path(name: str, cache_dir: str | os.PathLike, tiny_settings: A
     return name
 
 
+def compute_device(use_gpu: bool) -> torch.device:
+    """Where an inference or evaluation process computes: its current CUDA device when it was
+    given a GPU, else the CPU. ResourceError when it was given one that torch cannot use (a
+    CPU-only torch build on a GPU node): computing on the CPU would take days at 7B."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from ama_ray.errors import ResourceError
+
+        raise ResourceError(
+            f"a GPU was reserved for this process but torch {torch.__version__} sees no CUDA device",
+            where="reference.gpus_per_actor / scaling.use_gpu",
+            fix="install a CUDA build of torch on the GPU nodes, or set the GPU settings to 0/false",
+        )
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def check_causal_lm(path: Path) -> None:
     """Raise ModelError unless `path` holds the config.json of a causal LM (checked before any Ray work).
 

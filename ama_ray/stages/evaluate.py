@@ -134,7 +134,7 @@ def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> dict[s
         "loss": cfg.dpo.to_dict(), "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
         "revision": cfg.model.revision,
         "batch_size": cfg.reference.batch_size, "generation_examples": cfg.eval.generation_examples,
-        "max_new_tokens": cfg.eval.max_new_tokens,
+        "max_new_tokens": cfg.eval.max_new_tokens, "use_gpu": cfg.scaling.use_gpu,
     }
     pending = {remote.remote(run_dir.uri, asdict(m), tasks, settings): m.key for m in models}
     results: dict[str, dict] = {}
@@ -155,7 +155,7 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
     import torch
 
     from ama_ray import dpo
-    from ama_ray.models.loading import load_model, load_tokenizer
+    from ama_ray.models.loading import compute_device, load_model, load_tokenizer
     from ama_ray.train.data import load_task_split, rows_of
     from ama_ray.train.metrics import evaluate_rows, metrics_from_sums
 
@@ -173,8 +173,7 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
     tokenizer = load_tokenizer(path, trust_remote_code=settings["trust_remote_code"], revision=settings["revision"])
     if copy is not None and not run.is_local:
         shutil.rmtree(copy, ignore_errors=True)  # a download from object storage; the weights are in memory now
-    if torch.cuda.is_available():
-        net = net.cuda()
+    net = net.to(compute_device(settings.get("use_gpu", False)))
     names = [name for name, _ in tasks]
     rows = [rows_of(load_task_split(run, name, REPORT_SPLIT, with_scores=True)) for name in names]
     sums = evaluate_rows(net, rows, dpo.DPOLossConfig(**settings["loss"]), tokenizer.pad_token_id, settings["batch_size"])

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ama_ray.config import Config
 from ama_ray.errors import StageInputError
 from ama_ray.storage import ROW_GROUP_ROWS, Unit
 from ama_ray.train.data import TAG, check_finite, parquet_dataset
+
+if TYPE_CHECKING:  # LogpScorer runs without pydantic (benchmarks/gpu_check.py on a bare GPU machine)
+    from ama_ray.config import Config
 
 log = logging.getLogger(__name__)
 PADDING_SIDE = "right"
@@ -55,15 +57,17 @@ class LogpScorer:
     """
 
     def __init__(self, model_path: str, dtype: str, trust_remote_code: bool, threads: int, loss_cfg: dict | None,
-                 batch_size: int, revision: str | None = None):
+                 batch_size: int, revision: str | None = None, use_gpu: bool = False):
         import torch
 
         from ama_ray.dpo import DPOLossConfig
-        from ama_ray.models.loading import load_model, load_tokenizer
+        from ama_ray.models.loading import compute_device, load_model, load_tokenizer
 
         check_model_path(model_path, "a reference/score inference actor")
         torch.set_num_threads(max(1, threads))
-        self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision).eval()
+        # In `dtype` on this actor's GPU when it has one (inputs follow the model: `ama_ray.dpo`).
+        self.device = compute_device(use_gpu)
+        self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision).to(self.device).eval()
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code, revision=revision).pad_token_id
         self.loss_cfg = DPOLossConfig(**loss_cfg) if loss_cfg is not None else None
         self.batch_size = batch_size
@@ -133,7 +137,7 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
     ds = ds.map_batches(
         LogpScorer,
         fn_constructor_args=(model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)), loss_cfg,
-                             ref.batch_size, cfg.model.revision),
+                             ref.batch_size, cfg.model.revision, ref.gpus_per_actor > 0),
         batch_size=ref.batch_size * BUCKETS,
         batch_format="pyarrow",
         num_cpus=ref.cpus_per_actor,

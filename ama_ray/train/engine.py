@@ -54,6 +54,7 @@ class Engine:
     dtype: str = "float32"
     trust_remote_code: bool = False
     revision: str | None = None
+    loaded_share: float = 1.0  # share of the model's weights this rank held right after loading (ZeRO-3: ~1/world)
 
     @property
     def zero3(self) -> bool:
@@ -232,22 +233,26 @@ def build_engine(cfg: Config, optim: OptimConfig, model_path: str, steps: int, r
     # Full weights under DDP train in float32 with bf16 autocast; a frozen LoRA base and
     # DeepSpeed (its own float32 optimizer copy) take the configured dtype directly.
     load_dtype = cfg.model.dtype if (lora is not None or zero) else "float32"
-    model = load_model(model_path, dtype=load_dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-    if cfg.model.gradient_checkpointing:
-        # Non-reentrant: works with frozen inputs (LoRA) and with DDP without extra hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if lora is not None:
-        model = add_lora(model, lora)
+    ds_config = deepspeed_config(cfg, optim, world) if zero else None
+    with partitioned_construction(ds_config):
+        model = load_model(model_path, dtype=load_dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+        loaded_share = resident_share(model)
+        if cfg.model.gradient_checkpointing:
+            # Non-reentrant: works with frozen inputs (LoRA) and with DDP without extra hooks.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if lora is not None:
+            model = add_lora(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     factor = lr_lambda(optim, steps)
     common = dict(
         bare=model, max_grad_norm=optim.max_grad_norm, lora=lora, rank=rank, world=world, model_path=model_path,
         dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+        loaded_share=loaded_share,
     )
     if zero:
-        ds, scheduler = _deepspeed(model, params, deepspeed_config(cfg, optim), factor)
+        ds, scheduler = _deepspeed(model, params, ds_config, factor)
         return Engine(module=ds, optimizer=ds.optimizer, scheduler=scheduler, ds=ds, **common)
     import ray.train.torch
 
@@ -256,6 +261,39 @@ def build_engine(cfg: Config, optim: OptimConfig, model_path: str, steps: int, r
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     autocast = torch.bfloat16 if bf16 and lora is None else None
     return Engine(module=module, optimizer=optimizer, scheduler=scheduler, autocast_dtype=autocast, **common)
+
+
+@contextlib.contextmanager
+def partitioned_construction(ds_config: dict | None):
+    """Under ZeRO-3 (`ds_config` stage 3), models built inside are partitioned as they load.
+
+    transformers' `from_pretrained` constructs inside `deepspeed.zero.Init` and loads each weight
+    into its shards while an `HfDeepSpeedConfig` is alive, so no rank ever holds the whole model
+    (without it every rank loads all of it in host memory, then DeepSpeed partitions). Collective:
+    every rank loads together. Closed before anything else loads (e.g. rank 0's export), which
+    must not construct partitioned on one rank alone.
+    """
+    if not ds_config or ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
+
+
+def resident_share(model: torch.nn.Module) -> float:
+    """Share of the model's weights this process holds: 1.0, or its partition's share under ZeRO-3."""
+    held = full = 0
+    for p in model.parameters():
+        full += getattr(p, "ds_numel", p.numel())
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return held / max(full, 1)
 
 
 def add_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
@@ -276,8 +314,9 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
         ) from None
 
 
-def deepspeed_config(cfg: Config, optim: OptimConfig) -> dict:
-    """The DeepSpeed config dict for `scaling.deepspeed` (train_batch_size left for DeepSpeed to derive)."""
+def deepspeed_config(cfg: Config, optim: OptimConfig, world: int = 1) -> dict:
+    """The DeepSpeed config dict for `scaling.deepspeed` on `world` workers (train_batch_size left
+    for DeepSpeed to derive)."""
     ds = cfg.scaling.deepspeed
     adam: dict[str, Any] = {"lr": optim.lr, "weight_decay": optim.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8}
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -287,7 +326,7 @@ def deepspeed_config(cfg: Config, optim: OptimConfig) -> dict:
         adam["torch_adam"] = True  # FusedAdam would JIT-compile a CUDA kernel; torch's AdamW needs nothing
     # No train_batch_size: it is micro x accumulation x world, and "auto" broke ZeRO-3 here (FIELD-NOTES).
     return {
-        "train_micro_batch_size_per_gpu": optim.batch_size // optim.grad_accum,
+        "train_micro_batch_size_per_gpu": optim.worker_batch(world) // optim.grad_accum,
         "gradient_accumulation_steps": optim.grad_accum,
         "gradient_clipping": optim.max_grad_norm,
         "optimizer": {"type": "AdamW", "params": adam},

@@ -17,6 +17,15 @@ from ama_ray.train.loop import UnitSpec, train_loop_per_worker
 from ama_ray.train.progress import Progress, draw
 
 log = logging.getLogger(__name__)
+# NCCL takes CUDA tensors only, and the loop's bookkeeping collectives (per-task sums, stream
+# positions, checkpoint names, replica checks) are small CPU tensors and objects: a GPU group
+# gets gloo for CPU tensors and NCCL for CUDA ones (gradients, DeepSpeed's partitions).
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def process_group_backend(use_gpu: bool) -> str:
+    """The torch.distributed backend of a training run's process group."""
+    return GPU_BACKEND if use_gpu else "gloo"
 
 
 def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = None) -> object:
@@ -30,7 +39,7 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
     worker raised are re-raised here as the original AmaError.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     run = RunDir(cfg.run_dir)
     unit = run.unit(*spec.out_unit)
@@ -42,6 +51,7 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
         train_loop_config=spec.to_dict(),
         datasets=datasets,
         dataset_config=data_config(datasets),
+        torch_config=TorchConfig(backend=process_group_backend(scaling.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,

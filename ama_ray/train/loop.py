@@ -95,7 +95,8 @@ class Job:
         if "engine" not in kw:  # a bare model, optimizer and scheduler (one process, e.g. benchmarks)
             model = kw.pop("model")
             kw["engine"] = Engine(module=model, bare=checkpointing.unwrap(model), optimizer=kw.pop("optimizer"),
-                                  scheduler=kw.pop("scheduler"), max_grad_norm=kw["optim"].max_grad_norm)
+                                  scheduler=kw.pop("scheduler"), max_grad_norm=kw["optim"].max_grad_norm,
+                                  rank=kw["rank"], world=kw["world"])
         self.__dict__.update(kw)
 
     @classmethod
@@ -223,12 +224,14 @@ class Job:
     def train_step(self, step: int, alpha: np.ndarray) -> dict[str, float]:
         torch.manual_seed(_seed(self.spec.seed, step, self.rank))
         waited = time.perf_counter()
-        labels = self.sample_labels(step, alpha)
+        labels, step_counts, total = self.sample_labels(step, alpha)
         examples, labels = draw_batch(self.streams, labels)
         waited = time.perf_counter() - waited
         task_ids = torch.as_tensor(labels)
-        step_counts = torch.bincount(task_ids, minlength=self.k)
         loss_weights = self.policy.loss_weights(alpha)
+        # The objective is normalised by the step's counts: this worker's, or with a global batch
+        # the whole step's, times the world size because DDP and DeepSpeed average gradients.
+        scale = self.world if self.optim.global_batch_size else 1
         sums = torch.zeros(len(ROW), self.k, dtype=torch.float64)
         chunks = np.array_split(np.arange(len(examples)), self.optim.grad_accum)
         engine = self.engine
@@ -240,7 +243,7 @@ class Job:
                     out = per_example(engine.module, rows, self.loss_cfg, self.pad_id)
                 spec_loss = specialist_losses(rows, out["loss"])
                 e = self.policy.objective(out["loss"], spec_loss)
-                engine.backward(batch_objective(e, task_ids[idx], loss_weights, step_counts, len(labels)), last)
+                engine.backward(scale * batch_objective(e, task_ids[idx], loss_weights, step_counts, total), last)
             sums += task_sums(out, task_ids[idx], spec_loss, self.k)
         if self.world > 1:
             torch.distributed.all_reduce(sums)
@@ -276,10 +279,22 @@ class Job:
                 fix="lower the learning rate (or use float32), check those tasks' data, then rerun (it resumes from the last checkpoint)",
             )
 
-    def sample_labels(self, step: int, alpha: np.ndarray) -> np.ndarray:
-        """Task index per example of this worker's batch for step `step` (stateless, replayable)."""
-        rng = np.random.default_rng(_seed(self.spec.seed, "labels", step, self.rank))
-        return self.policy.labels(alpha, self.optim.batch_size, rng)
+    def sample_labels(self, step: int, alpha: np.ndarray) -> tuple[np.ndarray, torch.Tensor, int]:
+        """Task index per example of this worker's batch for step `step` (stateless, replayable),
+        with the per-task counts and the size of the batch the objective is normalised by.
+
+        Per-worker batches (`optim.batch_size`) are drawn per rank and normalised by themselves.
+        A global batch (`optim.global_batch_size`) is drawn once for the step (the same on every
+        rank and for any number of workers) and dealt round-robin, rank r taking r::world; its
+        counts are the whole step's.
+        """
+        if not self.optim.global_batch_size:
+            rng = np.random.default_rng(_seed(self.spec.seed, "labels", step, self.rank))
+            labels = self.policy.labels(alpha, self.optim.batch_size, rng)
+            return labels, torch.bincount(torch.as_tensor(labels), minlength=self.k), len(labels)
+        rng = np.random.default_rng(_seed(self.spec.seed, "labels", step))
+        everyone = self.policy.labels(alpha, self.optim.global_batch_size, rng)
+        return everyone[self.rank :: self.world], torch.bincount(torch.as_tensor(everyone), minlength=self.k), len(everyone)
 
     def evaluate(self) -> dict[str, float]:
         with self.engine.autocast():
@@ -301,12 +316,15 @@ class Job:
         (0 when data parallelism is correct; absent under ZeRO-3, whose ranks hold different shards);
         `check/alpha_agree` is 1 when every worker hashed the same sequence of alphas since this
         attempt started; `check/resumed_at_step` is the checkpoint step this attempt started from;
-        `check/peak_rss_mb` is this worker's peak resident memory (rank 0's is reported).
+        `check/peak_rss_mb` is this worker's peak resident memory (rank 0's is reported);
+        `check/loaded_param_share` the share of the model's weights rank 0 held right after
+        loading (1/world under ZeRO-3, which constructs the model partitioned; else 1).
         """
         params = self.engine.replica_params()
         digests = _all_gather_obj(self.alpha_digest.hexdigest(), self.world)
         out = {"check/alpha_agree": float(len(set(digests)) == 1), "check/resumed_at_step": self.state.resumed_at,
-               "check/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+               "check/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "check/loaded_param_share": self.engine.loaded_share}
         if params is None:  # ZeRO-3: each rank holds a different shard, there is no replica to compare
             return out
         diff = torch.zeros((), dtype=torch.float64)
@@ -366,7 +384,7 @@ def _barrier(world: int) -> None:
 def _all_gather_obj(obj: Any, world: int) -> list[Any]:
     if world == 1:
         return [obj]
-    out: list[Any] = [None] * world
+    out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
 
