@@ -11,6 +11,7 @@ model FLOPs per step = 6 * params * tokens + 12 * layers * hidden * seq_len * to
 count: forward + backward, attention included; padded positions count, they are computed).
 
     python benchmarks/gpu_step.py                       # on a GPU: SmolLM2-135M shapes, bf16
+    python benchmarks/gpu_step.py --shapes llama1b      # Llama-3.2-1B's shapes (1.24B parameters)
     python benchmarks/gpu_step.py --tiny --device cpu   # seconds on a CPU: proves the script runs
 Writes `gpu_step.json` into $OUT when that variable is set.
 """

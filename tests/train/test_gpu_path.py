@@ -182,3 +182,16 @@ def test_global_batch_must_split_into_workers_and_micro_batches(minimal_cfg):
     apply_override(raw, "generalist.optim.global_batch_size=8")
     cfg = validate(raw)
     assert cfg.generalist.optim.worker_batch(2) == 4 and cfg.specialists.optim.worker_batch(2) == cfg.specialists.optim.batch_size
+
+
+def test_a_reserved_gpu_that_torch_cannot_use_is_an_error(monkeypatch):
+    """Inference and evaluation given a GPU compute on it; a CPU-only torch there is refused, not
+    silently slow (the scorer used to reserve a GPU and compute on the CPU)."""
+    from ama_ray.errors import ResourceError
+    from ama_ray.models.loading import compute_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device(False) == torch.device("cpu")
+    with pytest.raises(ResourceError) as err:
+        compute_device(True)
+    assert "CUDA build" in err.value.fix

@@ -4,8 +4,10 @@ Each run trains on a copy of the session's `tiny_run` (its prepared data, refere
 and scores). Checks: training lowers the loss and lifts held-out `logps/accuracies` above the
 base's; the saved `save_pretrained` model reproduces the eval metrics the run logged at the
 step it was saved from (TensorBoard); LoRA's adapter on the base equals the merged model; a
-ZeRO-2 run killed mid-way resumes from its checkpoint and then follows the same trajectory
-as an uninterrupted run (weights, Adam moments and schedule restored).
+ZeRO-3 run constructs the model partitioned (each rank holds about half of it right after
+loading), is killed mid-way, resumes from its sharded checkpoint and then follows the same
+trajectory as an uninterrupted, unpartitioned ZeRO-2 run (weights, Adam moments and schedule
+restored), and its consolidated save equals that run's.
 """
 
 from __future__ import annotations
@@ -126,15 +128,24 @@ def test_lora_specialist(tiny_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def zero3_run(tiny_run, tmp_path_factory):
-    cfg = _config(tiny_run, tmp_path_factory.mktemp("zero3"), ["scaling.deepspeed.zero_stage=3"])
-    return cfg, _train_specialist(cfg)
+    """ZeRO-3 with rank 1 killed at step 13: the run restarts from the step-10 sharded checkpoint."""
+    cfg = _config(tiny_run, tmp_path_factory.mktemp("zero3"), ["scaling.deepspeed.zero_stage=3", "scaling.max_failures=1"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AMA_RAY_FAULT", "kill:rank=1:step=13")
+        return cfg, _train_specialist(cfg)
 
 
 @pytest.mark.timeout(900)
 def test_zero3_specialist(zero3_run):
     cfg, manifest = zero3_run
+    final = manifest["final_metrics"]
+    assert list((Path(cfg.run_dir) / "_faults").iterdir()), "the fault never fired"
+    assert final["check/resumed_at_step"] == 10 and final["step"] == STEPS
+    # Constructed partitioned: right after from_pretrained rank 0 held half the weights (plus
+    # DeepSpeed's padding), not the whole model.
+    assert 0.45 < final["check/loaded_param_share"] < 0.55, final["check/loaded_param_share"]
     _check_specialist(cfg, manifest, lockstep=True)
-    assert "check/replica_max_diff" not in manifest["final_metrics"]  # shards, not replicas
+    assert "check/replica_max_diff" not in final  # shards, not replicas
     engine = Path(cfg.run_dir) / "_checkpoints" / "specialists" / TASK / f"step_{STEPS:06d}" / "engine"
     assert sorted(p.name for p in engine.iterdir()) == [
         f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")
@@ -142,24 +153,27 @@ def test_zero3_specialist(zero3_run):
 
 
 @pytest.mark.timeout(900)
-def test_zero2_resumes_from_its_checkpoint(zero3_run, tiny_run, tmp_path, monkeypatch):
-    """Rank 1 is killed at step 13; the run restarts from the step-10 checkpoint and finishes.
-
-    After the restart its losses follow the uninterrupted ZeRO-3 run (same data, init and
-    optimizer; only reduction order differs): fresh Adam moments or a restarted schedule would not.
-    """
-    monkeypatch.setenv("AMA_RAY_FAULT", "kill:rank=1:step=13")
-    cfg = _config(tiny_run, tmp_path, ["scaling.deepspeed.zero_stage=2", "scaling.max_failures=1"])
+def test_zero2_matches_the_resumed_zero3_run(zero3_run, tiny_run, tmp_path):
+    """An uninterrupted, unpartitioned ZeRO-2 run and the killed-and-resumed ZeRO-3 run follow one
+    trajectory (same data, init and optimizer; only reduction order differs): fresh Adam moments
+    or a restarted schedule after the resume would not. ZeRO-3's consolidated save then equals
+    the ZeRO-2 model."""
+    cfg = _config(tiny_run, tmp_path, ["scaling.deepspeed.zero_stage=2"])
     manifest = _train_specialist(cfg)
     final = manifest["final_metrics"]
-    assert list((Path(cfg.run_dir) / "_faults").iterdir()), "the fault never fired"
-    assert final["check/resumed_at_step"] == 10 and final["step"] == STEPS
+    assert final["check/resumed_at_step"] == 0 and final["check/loaded_param_share"] == 1.0
     assert final["check/replica_max_diff"] == 0.0
     _check_specialist(cfg, manifest)
-    resumed = _scalars(cfg, f"specialists/{TASK}", "train/loss/mean")
-    uninterrupted = _scalars(zero3_run[0], f"specialists/{TASK}", "train/loss/mean")
-    diffs = [abs(resumed[s] - uninterrupted[s]) for s in range(11, STEPS + 1)]
+    unpartitioned = _scalars(cfg, f"specialists/{TASK}", "train/loss/mean")
+    resumed = _scalars(zero3_run[0], f"specialists/{TASK}", "train/loss/mean")
+    diffs = [abs(resumed[s] - unpartitioned[s]) for s in range(1, STEPS + 1)]
     assert max(diffs) < 1e-4, diffs
+    best = final["eval/best_step"]
+    assert zero3_run[1]["final_metrics"]["eval/best_step"] == best
+    models = [load_model(str(Path(c.run_dir) / "specialists" / TASK / "model")).state_dict() for c in (cfg, zero3_run[0])]
+    assert models[0].keys() == models[1].keys()
+    worst = max((models[0][k] - models[1][k]).abs().max().item() for k in models[0])
+    assert worst < 1e-4, worst
 
 
 @pytest.mark.timeout(900)
