@@ -121,22 +121,25 @@ def measure(root: str, model_path: str, rows_per_task: int, steps: int) -> dict:
     write_prepared(run, rows_per_task, load_tokenizer(model_path).vocab_size)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     splits = ("train", "validation", "test")
-    with StorePeak() as store:
-        for stage, inp in (("reference", run.prepared), ("score", run.reference)):
-            out = run.reference if stage == "reference" else run.scores
-            for task in TASKS:
-                out(task).begin()
+    phases = {}  # phase -> its StorePeak: where the object store's peak comes from
+    for stage, inp in (("reference", run.prepared), ("score", run.reference)):
+        out = run.reference if stage == "reference" else run.scores
+        for task in TASKS:
+            out(task).begin()
+        with StorePeak() as phases[stage]:
             written = infer(cfg, [Source(t, s, inp(t), out(t)) for t in TASKS for s in splits], model_path,
                             None if stage == "reference" else cfg.dpo.to_dict())
-            for task in TASKS:
-                out(task).commit("benchmark", rows={s: written[f"{task}/{s}"] for s in splits},
-                                 loss=cfg.dpo.to_dict(), dtype="float32", padding_side="right")
+        for task in TASKS:
+            out(task).commit("benchmark", rows={s: written[f"{task}/{s}"] for s in splits},
+                             loss=cfg.dpo.to_dict(), dtype="float32", padding_side="right")
+    with StorePeak() as phases["train"]:
         train_generalist(cfg, "ama_s", 0, model_path, [rows_per_task] * len(TASKS), force=True)
     final = run.generalist("ama_s", 0).manifest()["final_metrics"]
     return {"rows": rows_per_task * len(TASKS), "driver_before_mb": before,
             "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_mb": final["check/peak_rss_mb"], "store_peak_mb": store.peak / 2**20,
-            "store_samples": store.samples, "store_failed_polls": store.failed}
+            "worker_peak_mb": final["check/peak_rss_mb"], "store_peak_mb": max(p.peak for p in phases.values()) / 2**20,
+            **{f"store_peak_mb_{name}": p.peak / 2**20 for name, p in phases.items()},
+            "store_samples": sum(p.samples for p in phases.values()), "store_failed_polls": sum(p.failed for p in phases.values())}
 
 
 def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list[int], steps: int) -> str:
@@ -153,14 +156,42 @@ def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list
     for size in sizes:
         r = results[size]
         ratio = {k: r[k] / max(base[k], 1e-9) for k in ("driver_peak_mb", "worker_peak_mb", "store_peak_mb")}
-        flat = "yes" if max(ratio["driver_peak_mb"], ratio["worker_peak_mb"]) <= FLAT else "NO"
+        flat = "yes" if max(ratio.values()) <= FLAT else "NO"
+        phases = " / ".join(f"{r[f'store_peak_mb_{p}']:.1f}" for p in ("reference", "score", "train"))
         rows.append([f"{size}x", r["rows"], round(r["driver_peak_mb"]), f"{ratio['driver_peak_mb']:.2f}",
                      round(r["worker_peak_mb"]), f"{ratio['worker_peak_mb']:.2f}", round(r["store_peak_mb"], 1),
-                     f"{ratio['store_peak_mb']:.2f}", f"{r['store_samples']}/{r['store_samples'] + r['store_failed_polls']}",
+                     f"{ratio['store_peak_mb']:.2f}", phases, f"{r['store_samples']}/{r['store_samples'] + r['store_failed_polls']}",
                      flat if size != sizes[0] else ""])
     return common.table(["data", "rows (3 tasks)", "driver peak RSS (MB)", f"/ {sizes[0]}x", "worker peak RSS (MB)",
-                         f"/ {sizes[0]}x", "object store peak (MB)", f"/ {sizes[0]}x", "store polls answered",
-                         f"RSS flat (<= {FLAT})"], rows)
+                         f"/ {sizes[0]}x", "object store peak (MB)", f"/ {sizes[0]}x", "store peak: reference / score / train (MB)",
+                         "store polls answered", f"all flat (<= {FLAT})"], rows)
+
+
+def window_table(groups: list[int], budgets_mb: list[float | None]) -> str:
+    """The object store's peak while one streamed read (`parquet_dataset`) of a file of N row
+    groups is consumed slowly, per read budget (None: the library's `stream_budget`)."""
+    from unittest import mock
+
+    from ama_ray.cluster import ensure_ray
+    from ama_ray.storage import RunDir
+    from ama_ray.train import data
+
+    ensure_ray(num_cpus=2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run, rng = RunDir(str(Path(tmp) / "run")), np.random.default_rng(0)
+        for n in groups:
+            unit = run.prepared(f"t{n}")
+            unit.begin()
+            unit.write_parquet(unit.split_file("train"), prepared_table("t", n * 1024, 400, rng))
+            unit.commit("benchmark", rows={"train": n * 1024})
+            for budget in budgets_mb:
+                patch = mock.patch.object(data, "stream_budget", lambda files, b=budget: int(b * 2**20)) if budget else mock.MagicMock()
+                with patch, StorePeak(0.05) as store:
+                    for _ in data.parquet_dataset([(unit, "train")]).iter_batches(batch_format="pyarrow", batch_size=None):
+                        time.sleep(0.02)
+                rows.append([n, "stream_budget" if budget is None else budget, round(store.peak / 2**20, 2)])
+    return common.table(["row groups in the file", "read budget (MB)", "object store peak (MB)"], rows)
 
 
 # -- speed -----------------------------------------------------------------------------------------
@@ -276,6 +307,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--length", type=int, default=512, help="tokens per sequence in the SmolLM2-shape wait check")
     parser.add_argument("--wait-steps", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory table")
+    parser.add_argument("--window", action="store_true", help="only the read-ahead window table (one file, growing)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -283,6 +316,10 @@ def main(argv: list[str] | None = None) -> str:
         common.quiet()
         print(json.dumps(measure(args.measure, args.model_path, args.rows_per_task, args.steps)))
         return ""
+    if args.window:
+        out = window_table([40, 120, 360], [None]) + "\n\n" + window_table([360], [0.25, 4, 100])
+        print(out)
+        return out
     if args.quick:
         args.rows_per_task, args.sizes, args.reps, args.block, args.steps = 60, "1,2", 1, 2, 3
         args.length, args.wait_steps = 32, 1
@@ -292,10 +329,11 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         model_path = common.model_dir("tiny", Path(tmp))
         memory = memory_table(model_path, Path(tmp), args.rows_per_task, sizes, args.steps)
-        steps = step_table(model_path, Path(tmp), 40 if args.quick else 300, args.reps, args.block)
-        wait = wait_table(Path(tmp), args.length, 2 if args.quick else 4, args.wait_steps)
+        if not args.memory_only:
+            steps = step_table(model_path, Path(tmp), 40 if args.quick else 300, args.reps, args.block)
+            wait = wait_table(Path(tmp), args.length, 2 if args.quick else 4, args.wait_steps)
     out = common.header("Growth: memory vs data size; streamed rows vs in memory", rows_per_task_1x=args.rows_per_task)
-    out += "\n" + memory + "\n\n" + steps + "\n\n" + wait
+    out += "\n" + memory + ("" if args.memory_only else "\n\n" + steps + "\n\n" + wait)
     print(out)
     return out
 

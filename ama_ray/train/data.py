@@ -149,7 +149,10 @@ def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None,
         groups = pq.ParquetFile(path, filesystem=unit.fs).metadata.num_row_groups  # the footer only
         uri = unit.run.uri if not unit.run.is_local else ""
         items += [{"path": path, "uri": uri, "group": g, "tag": tags[i] if tags else ""} for g in range(groups)]
-    blocks = max(1, min(len(items), 64))
+    # One row group per block: a read task turns its whole input block into one output block, so
+    # with a fixed number of blocks each block (and what one read puts in the object store) would
+    # grow with the file, past any budget (measured: benchmarks/growth.py, docs/performance.md).
+    blocks = max(1, len(items))
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         _read_row_groups, fn_kwargs={"tagged": tags is not None, "drop": drop}, batch_size=1, batch_format="pyarrow",
         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, blocks)),
