@@ -78,31 +78,83 @@ def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right"
     return pad_sequences(sequences, starts, pad_token_id, padding_side)
 
 
+LOGIT_CHUNK_ELEMENTS = 2**24  # float32 logits (64 MB) the log-softmax holds at once
+
+
 def sequence_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Sum of log pi(token) over each row's completion tokens.
 
     Returns float32 tensors of shape (N,): summed log-probs (differentiable), the number of
     completion tokens, and the mean logit over completion tokens (detached; TRL's
     `logits/chosen` metric). Prompt and padding tokens contribute nothing.
+
+    Logits are computed only from the first position any row's completion needs (the model's
+    `logits_to_keep`), and the float32 log-softmax runs over row chunks of at most
+    LOGIT_CHUNK_ELEMENTS logits, each recomputed in backward (activation checkpointing), so the
+    full-vocabulary float32 logits of the micro-batch never exist at once (at 2 x 4 rows of
+    1,024 tokens and a 152k vocabulary they were 5 GB, held for backward; now the model-dtype
+    logits plus one 64 MB chunk).
     """
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
+    mask = batch["completion_mask"].to(device)[:, 1:].bool()
+    length = input_ids.shape[1]
+    used = mask.any(dim=0).nonzero()
+    first = int(used[0]) if len(used) else length - 2  # the first position whose logits predict a completion token
+    keep = length - first  # positions first .. length-1; the last predicts nothing and is dropped
+    extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
     logits = model(
         input_ids=input_ids,
         attention_mask=batch["attention_mask"].to(device),
         position_ids=batch["position_ids"].to(device),
         use_cache=False,
-    ).logits[:, :-1].float()
-    labels = input_ids[:, 1:]
-    mask = batch["completion_mask"].to(device)[:, 1:].bool()
+        **extra,
+    ).logits
+    logits = logits[:, logits.shape[1] - keep : -1]  # a model that ignored logits_to_keep returned every position
+    labels, mask = input_ids[:, first + 1 :], mask[:, first:]
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
+    sums, means = [], []
+    for start in range(0, logits.shape[0], rows):
+        part = (logits[start : start + rows], labels[start : start + rows], mask[start : start + rows])
+        if torch.is_grad_enabled() and logits.requires_grad:
+            total, mean = torch.utils.checkpoint.checkpoint(_chunk_logps, *part, use_reentrant=False)
+        else:
+            total, mean = _chunk_logps(*part)
+        sums.append(total)
+        means.append(mean.detach())
+    n_tokens = mask.sum(dim=1).float()
+    return torch.cat(sums), n_tokens, torch.cat(means) / n_tokens.clamp(min=1.0)
+
+
+def _chunk_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: the summed float32 log-probs of the masked tokens, and the summed mean logit there."""
+    logits = logits.float()
     token_logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
     # where(), not a product: padded positions may hold NaN logits (fully masked attention rows).
-    token_logps = torch.where(mask, token_logps, torch.zeros_like(token_logps))
-    n_tokens = mask.sum(dim=1).float()
-    with torch.no_grad():
-        mean_logit = torch.where(mask, logits.mean(dim=-1), torch.zeros_like(token_logps)).sum(dim=1)
-        mean_logit = mean_logit / n_tokens.clamp(min=1.0)
-    return token_logps.sum(dim=1), n_tokens, mean_logit
+    zeros = torch.zeros_like(token_logps)
+    return torch.where(mask, token_logps, zeros).sum(dim=1), torch.where(mask, logits.detach().mean(dim=-1), zeros).sum(dim=1)
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM under DDP / DeepSpeed / PEFT wrappers takes `logits_to_keep`
+    (every transformers 5 causal LM does; remote code may not)."""
+    import inspect
+
+    bare = model
+    for _ in range(4):
+        if hasattr(bare, "get_base_model"):
+            bare = bare.get_base_model()
+        elif hasattr(bare, "module") and isinstance(bare.module, torch.nn.Module):
+            bare = bare.module
+        else:
+            break
+    kind = type(bare)
+    if kind not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(bare.forward).parameters
+    return _LOGITS_TO_KEEP[kind]
 
 
 def _vector(values: Tensor | np.ndarray | Sequence[float], device: torch.device) -> Tensor:

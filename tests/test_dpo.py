@@ -349,3 +349,44 @@ def test_loss_backpropagates_to_the_policy(models, tokenizer):
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum().item() for g in grads) > 0
     assert not out["chosen_logps"].requires_grad
+
+
+def _plain_sequence_logps(model, batch):
+    """The straightforward computation: float32 log-softmax over every position's full logits."""
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits[:, :-1].float()
+    mask = batch["completion_mask"][:, 1:].bool()
+    token = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    return torch.where(mask, token, torch.zeros_like(token)).sum(dim=1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_logps_skip_prompt_logits_and_chunk_the_log_softmax(models, tokenizer, arch, padding_side, chunk, monkeypatch):
+    """Only positions from the first completion token on get logits (`logits_to_keep`), the
+    float32 log-softmax runs in row chunks (chunk=1: one row at a time), and values and
+    gradients equal the plain full-vocabulary computation."""
+    import copy
+
+    import ama_ray.dpo as dpo_module
+
+    if chunk is not None:
+        monkeypatch.setattr(dpo_module, "LOGIT_CHUNK_ELEMENTS", chunk)
+    policy = copy.deepcopy(models[0] if arch == "llama" else _gpt2(tokenizer)).eval()  # eval: no dropout between the two passes
+    batch = collate(_tokenize(tokenizer, _rows(6, seed=9)), tokenizer.pad_token_id, padding_side)
+    asked = []
+    forward = policy.forward
+    monkeypatch.setattr(policy, "forward", lambda *a, **kw: asked.append(kw.get("logits_to_keep")) or forward(*a, **kw))
+    got, _, _ = sequence_logps(policy, batch)
+    got.sum().backward()
+    got_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    want = _plain_sequence_logps(policy, batch)
+    want.sum().backward()
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=1e-5)
+    for g, w in zip(got_grads, (p.grad for p in policy.parameters())):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    first = int(batch["completion_mask"][:, 1:].any(dim=0).nonzero()[0])
+    assert asked[0] == batch["input_ids"].shape[1] - first and first > 0  # prompt positions got no logits
