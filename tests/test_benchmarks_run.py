@@ -20,6 +20,7 @@ EXPECTED = {
     "mixing_overhead": (True, ["| fixed |", "| ama_s |", "| ama_s+actor |", "ama_s / fixed", "get_alpha round trip"]),
     "inference": (True, ["| loop-1t |", "| ray-2a |", "ray-2a / ray-1a", "bucketed in windows"]),
     "growth": (True, ["| 1x |", "| 2x |", "| in memory |", "| streamed |", "SmolLM2-135M shapes", "store peak: reference / score / train"]),
+    "logits_memory": (False, ["| 64 |", "sequence_logps: peak above model (MB)"]),
     "profile_step": (False, ["whole step (train_step)", "whole batch (LogpScorer.__call__)", "torch op"]),
 }
 
