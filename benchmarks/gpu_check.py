@@ -92,6 +92,16 @@ def _rows(tokenizer, n_per_task: int = 24) -> list[dict]:
     return rows
 
 
+def _scored_tasks(tokenizer) -> list[list[dict]]:
+    """`_rows` with a specialist loss and an example id, dealt into three tasks."""
+    rows = _rows(tokenizer)
+    by_task = [rows[t::3] for t in range(3)]
+    for t, task_rows in enumerate(by_task):
+        for i, row in enumerate(task_rows):
+            row.update(specialist_loss=0.6, example_id=f"t{t}-{i}")
+    return by_task
+
+
 def check_scorer(path: str, device: str) -> dict:
     from ama_ray.dpo import DPOLossConfig
     from ama_ray.models.loading import load_tokenizer
@@ -126,10 +136,7 @@ def check_evaluation(path: str, device: str) -> dict:
     from ama_ray.train.metrics import evaluate_rows, metrics_from_sums
 
     tokenizer = load_tokenizer(path)
-    rows = _rows(tokenizer)
-    for row in rows:
-        row["specialist_loss"] = 0.6
-    tasks = [rows[i::3] for i in range(3)]
+    tasks = _scored_tasks(tokenizer)
     dtype = "bfloat16"  # the CPU fallback too: the tolerance check runs there
     net = load_model(path, dtype=dtype).to(device)
     cpu = load_model(path, dtype="float32")
@@ -163,13 +170,7 @@ def check_collectives(path: str, device: str, tmp: Path) -> dict:
     dist.init_process_group(backend, init_method=f"file://{tmp / 'pg'}", rank=0, world_size=1)
     try:
         tokenizer = load_tokenizer(path)
-        rows = _rows(tokenizer)
-        for row in rows:
-            row["specialist_loss"] = 0.6
-        by_task = [rows[i::3] for i in range(3)]
-        for t, task_rows in enumerate(by_task):
-            for i, row in enumerate(task_rows):
-                row["example_id"] = f"t{t}-{i}"
+        by_task = _scored_tasks(tokenizer)
         model = load_model(path).to(device).train()
         # world=2: the job runs every collective it makes with more than one worker; the group has one rank
         job = common.make_job(model, tokenizer.pad_token_id, by_task, "ama_s", 8, rank=0, world=2)

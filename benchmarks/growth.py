@@ -170,6 +170,7 @@ def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list
 def window_table(groups: list[int], budgets_mb: list[float | None]) -> str:
     """The object store's peak while one streamed read (`parquet_dataset`) of a file of N row
     groups is consumed slowly, per read budget (None: the library's `stream_budget`)."""
+    import contextlib
     from unittest import mock
 
     from ama_ray.cluster import ensure_ray
@@ -186,7 +187,7 @@ def window_table(groups: list[int], budgets_mb: list[float | None]) -> str:
             unit.write_parquet(unit.split_file("train"), prepared_table("t", n * 1024, 400, rng))
             unit.commit("benchmark", rows={"train": n * 1024})
             for budget in budgets_mb:
-                patch = mock.patch.object(data, "stream_budget", lambda files, b=budget: int(b * 2**20)) if budget else mock.MagicMock()
+                patch = mock.patch.object(data, "stream_budget", lambda files, b=budget: int(b * 2**20)) if budget else contextlib.nullcontext()
                 with patch, StorePeak(0.05) as store:
                     for _ in data.parquet_dataset([(unit, "train")]).iter_batches(batch_format="pyarrow", batch_size=None):
                         time.sleep(0.02)
