@@ -138,6 +138,10 @@ class DataConfig(Section):
     max_prompt_length: int = Field(64, ge=1, description="Prompt tokens kept (left-truncated: the end of the prompt is kept).")
     max_completion_length: int = Field(64, ge=1, description="Completion tokens allowed; longer pairs are dropped and counted.")
     arithmetic_flagged_share: float = Field(0.3, ge=0.0, le=1.0, description="Benchmark: share of arithmetic prompts with flagged-looking words.")
+    benchmark_chat: bool = Field(
+        False, description="Benchmark tasks as chat turns (user: the prompt, assistant: the completion) rendered with the model's "
+        "chat template, and generation judged on content (the sum, refusing or not, the closing brackets) rather than exact text."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -134,7 +134,7 @@ def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> dict[s
         "loss": cfg.dpo.to_dict(), "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
         "revision": cfg.model.revision,
         "batch_size": cfg.reference.batch_size, "generation_examples": cfg.eval.generation_examples,
-        "max_new_tokens": cfg.eval.max_new_tokens, "use_gpu": cfg.scaling.use_gpu,
+        "max_new_tokens": cfg.eval.max_new_tokens, "use_gpu": cfg.scaling.use_gpu, "benchmark_chat": cfg.data.benchmark_chat,
     }
     pending = {remote.remote(run_dir.uri, asdict(m), tasks, settings): m.key for m in models}
     results: dict[str, dict] = {}
@@ -196,7 +196,8 @@ def generation_accuracy(net, tokenizer, benchmark: str, rows: list[dict], settin
     """Share of prompts whose greedy completion the benchmark verifier accepts.
 
     Left-padded batches (so every row's new tokens start at the same column), decoding stops at
-    the tokenizer's eos, and only the new tokens are decoded.
+    the tokenizer's eos or the model's declared end tokens, and only the new tokens are decoded. With `benchmark_chat` the verifier
+    judges the answer's content, not its wording (`ama_ray.data.benchmark.verify`).
     """
     import torch
     from transformers import GenerationConfig
@@ -204,9 +205,13 @@ def generation_accuracy(net, tokenizer, benchmark: str, rows: list[dict], settin
     from ama_ray import dpo
     from ama_ray.data.benchmark import verify
 
-    eos = tokenizer.eos_token_id
+    # Stop at the tokenizer's eos or any end token the model's generation config names (a chat
+    # model's end-of-turn may not be its eos).
+    declared = getattr(getattr(net, "generation_config", None), "eos_token_id", None)
+    stops = [tokenizer.eos_token_id] + [i for i in (declared if isinstance(declared, list) else [declared])
+                                        if i is not None and i != tokenizer.eos_token_id]
     gen_cfg = GenerationConfig(
-        max_new_tokens=settings["max_new_tokens"], do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+        max_new_tokens=settings["max_new_tokens"], do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id
     )
     correct = 0
     device = next(net.parameters()).device
@@ -219,9 +224,9 @@ def generation_accuracy(net, tokenizer, benchmark: str, rows: list[dict], settin
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), generation_config=gen_cfg
             )
         for row, new in zip(chunk, out[:, batch["input_ids"].shape[1]:].tolist()):
-            if eos in new:
-                new = new[: new.index(eos)]
-            correct += verify(benchmark, row["prompt"], tokenizer.decode(new, skip_special_tokens=True))
+            new = new[: min((new.index(i) for i in stops if i in new), default=len(new))]
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            correct += verify(benchmark, row["prompt"], text, by_content=settings.get("benchmark_chat", False))
     return correct / len(rows) if rows else math.nan
 
 

@@ -88,6 +88,9 @@ def raw_rows(cfg: Config, task: TaskConfig) -> Iterator[tuple[str, dict]]:
         opts = {"flagged_share": cfg.data.arithmetic_flagged_share} if task.benchmark == "arithmetic" else {}
         seed = cfg.data.seed * 1000 + _stable_int(task.name) % 1000
         for i, row in enumerate(benchmark.generate(task.benchmark, task.size, seed=seed, **opts)):
+            if cfg.data.benchmark_chat:  # what a user sends an instruct model: turns, through its chat template
+                row = {"prompt": [{"role": "user", "content": row["prompt"]}],
+                       **{k: [{"role": "assistant", "content": row[k].strip()}] for k in ("chosen", "rejected")}}
             yield f"benchmark:{task.benchmark}#{i}", {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
         return
     from ama_ray.data import readers
@@ -210,8 +213,9 @@ class Tokenize:
         out = {k: batch[k] for k in (TAG, "example_id", "prompt", "chosen", "rejected") if k in batch}
         out["prompt_truncated"] = np.array([len(p) > self.max_prompt for p in prompts])
         prompts = [p[-self.max_prompt :] for p in prompts]  # keep the end: the question sits there
-        chosen = [c + [eos] for c in chosen]
-        rejected = [r + [eos] for r in rejected]
+        # A chat template's assistant turn already ends with its end-of-turn (often the eos, then a
+        # newline): a second eos would teach the model to emit two.
+        chosen, rejected = ([c if eos in c[-2:] else c + [eos] for c in side] for side in (chosen, rejected))
         out["too_long"] = np.array([max(len(c), len(r)) > self.max_completion for c, r in zip(chosen, rejected)])
         out["prompt_input_ids"], out["chosen_input_ids"], out["rejected_input_ids"] = prompts, chosen, rejected
         out["length"] = np.array([len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)])

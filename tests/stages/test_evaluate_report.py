@@ -3,6 +3,8 @@ unit tests of the verdict, the aggregates, the specialist flag and greedy-genera
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import csv
 import io
 import json
@@ -136,13 +138,15 @@ def _greedy_correct(model, tok, run: Path, task: str, n: int, max_new_tokens: in
     from ama_ray.data.benchmark import verify
 
     rows = pq.read_table(run / "prepared" / task / "test.parquet").sort_by("example_id").slice(0, n).to_pylist()
+    declared = model.generation_config.eos_token_id  # the tiny model also ends a chat turn
+    stops = {tok.eos_token_id, *(declared if isinstance(declared, list) else [declared])}
     correct = 0
     for row in rows:
         ids, new = list(row["prompt_input_ids"]), []
         with torch.no_grad():
-            while len(new) < max_new_tokens and (not new or new[-1] != tok.eos_token_id):
+            while len(new) < max_new_tokens and (not new or new[-1] not in stops):
                 new.append(int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
-        text = tok.decode([i for i in new if i != tok.eos_token_id], skip_special_tokens=True)
+        text = tok.decode([i for i in new if i not in stops], skip_special_tokens=True)
         correct += verify(task, row["prompt"], text)
     return correct
 
@@ -264,14 +268,17 @@ class _Tok:
 class _EchoModel(torch.nn.Module):
     """`generate` appends a fixed completion per prompt (then eos and junk) and checks left padding."""
 
+    END_OF_TURN = 99  # an end token the model declares besides the tokenizer's eos (chat models)
+
     def __init__(self, completions):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.completions = completions
+        self.generation_config = SimpleNamespace(eos_token_id=[1, self.END_OF_TURN])
 
     def generate(self, input_ids, attention_mask, generation_config):
         assert bool((attention_mask[:, -1] == 1).all()), "prompts must be left-padded"
-        assert generation_config.do_sample is False and generation_config.eos_token_id == 1
+        assert generation_config.do_sample is False and generation_config.eos_token_id == [1, self.END_OF_TURN]
         rows = []
         for ids in input_ids.tolist():
             key = tuple(i for i in ids if i != 0)
@@ -287,7 +294,9 @@ def test_generation_accuracy_decodes_new_tokens_until_eos():
     prompts = ["add 1 2 and 3 4 =", "add 5 and 6 =", "add 1 0 and 2 =", "add 9 and 9 ="]
     answers = ["the answer is 4 6 .", "the answer is 1 1 .", "the answer is 1 2 .", "the answer is 1 9 ."]  # last is wrong (18)
     rows = [{"prompt": p, "prompt_input_ids": tok.encode(p)} for p in prompts]
-    model = _EchoModel({tuple(tok.encode(p)): tok.encode(a) for p, a in zip(prompts, answers)})
+    completions = {tuple(tok.encode(p)): tok.encode(a) for p, a in zip(prompts, answers)}
+    completions[tuple(tok.encode(prompts[1]))] += [_EchoModel.END_OF_TURN, tok.vocab["7"]]  # "... 1 1 . 7" if not cut there
+    model = _EchoModel(completions)
     acc = evaluate.generation_accuracy(model, tok, "arithmetic", rows, {"max_new_tokens": 8, "batch_size": 3})
     assert acc == pytest.approx(0.75)
 

@@ -49,3 +49,32 @@ def test_prepare_writes_every_layout(ray_session, model_cache, tmp_path):
             assert row["chosen"] != row["rejected"]
         if any(layout in task.layout for layout in ("hh_rlhf", "ultrafeedback", "codeultrafeedback")) or "chat" in task.name:
             assert "<|im_start|>" in table["prompt"][0].as_py(), task.name  # rendered with the chat template
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_as_chat_turns(ray_session, model_cache, tmp_path):
+    """`data.benchmark_chat`: benchmark rows become a user turn and assistant turns, rendered with
+    the model's chat template, ending with one end of turn and one eos (not two), and the
+    verifier finds the task's prompt inside the rendering."""
+    from ama_ray.data.benchmark import verify
+    from ama_ray.models.loading import load_tokenizer, resolve_model_path
+
+    cfg = validate({
+        "data": {"tasks": [{"name": "sums", "benchmark": "arithmetic", "size": 40}], "benchmark_chat": True,
+                 "validation_fraction": 0.2, "test_fraction": 0.2, "min_heldout_examples": 2},
+        "storage": {"path": str(tmp_path / "runs"), "run_name": "chat"},
+        "model": {"cache_dir": model_cache},
+    })
+    prepare.run(cfg)
+    tok = load_tokenizer(resolve_model_path("tiny", model_cache, cfg.model.tiny))
+    rows = RunDir(cfg.run_dir).unit("prepared", "sums").read_parquet("train.parquet").to_pylist()
+    assert len(rows) == 24
+    for row in rows:
+        assert row["prompt"].startswith("<|im_start|>user\n") and row["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert row["chosen"].startswith("the answer is ") and row["chosen"].endswith(" .<|im_end|>\n")
+        assert verify("arithmetic", row["prompt"], row["chosen"], by_content=True)
+        assert not verify("arithmetic", row["prompt"], row["rejected"], by_content=True)
+        for side in ("chosen", "rejected"):
+            ids = row[f"{side}_input_ids"]
+            assert ids == tok(row[side], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert ids.count(tok.eos_token_id) == 1
