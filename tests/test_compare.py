@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 import statistics
 
@@ -47,7 +49,9 @@ def test_table_means_stds_and_reference_rows():
 
 def test_paired_differences_per_seed():
     line = compare.paired([("r1", RUN1)], "excess_loss", "r1 ama_s", "r1 balanced")
-    assert "seed 0: -0.100" in line and "seed 1: +0.100" in line and "(1 of 2 seeds lower)" in line
+    assert "seed 0: -0.100" in line and "seed 1: +0.100" in line and "1 of 2 seeds lower" in line
+    # mean 0; resampled means of (-0.1, +0.1) are -0.1, 0, +0.1: the interval spans 0
+    assert "0.000, 95% bootstrap CI [-0.100, +0.100]" in line and "sign test p = 1: not separated" in line
     from ama_ray.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no row 'r1 fixed'"):
@@ -67,3 +71,25 @@ def test_cli_reads_committed_evaluations(tmp_path, capsys):
     assert "`excess_loss` (test split; mean ± std over seeds)" in out  # every table names its split
     # an uncommitted run directory is a one-line user error
     assert main(["compare", str(tmp_path / "missing")]) == 2
+
+
+def test_paired_verdict_by_hand():
+    """Against hand computations: the sign test is the exact binomial tail, the interval the
+    bootstrap of the mean difference, 'separated' only when the interval excludes 0."""
+    from ama_ray.report.stats import paired
+
+    five = paired([0.10, 0.12, 0.15, 0.11, 0.09], [0.20, 0.25, 0.22, 0.30, 0.21])
+    assert five.diffs == pytest.approx((-0.10, -0.13, -0.07, -0.19, -0.12))
+    assert five.mean == pytest.approx(-0.122) and (five.below, five.above) == (5, 0)
+    assert five.sign_p == pytest.approx(2 * 0.5**5)  # both tails of 5 of 5
+    assert -0.19 <= five.low < five.mean < five.high <= -0.07 and five.separated
+    mixed = paired([0.1, 0.3, 0.1, 0.2, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2])  # -0.1, +0.1, -0.1, 0, -0.1
+    assert (mixed.below, mixed.above) == (3, 1) and mixed.sign_p == pytest.approx(2 * 5 / 16)  # ties dropped: 3 of 4
+    assert mixed.low < 0 < mixed.high and not mixed.separated
+    one = paired([0.1], [0.3])
+    assert math.isnan(one.low) and not one.separated and "no interval (one seed)" in one.describe()
+    same = paired([0.5, 0.5], [0.25, 0.25])  # every resample has mean +0.25
+    assert same.low == same.high == 0.25 and same.separated
+    assert "1 of 5 seeds higher" in mixed.describe(lower_is_better=False)
+    with pytest.raises(ValueError, match="same seeds"):
+        paired([0.1, 0.2], [0.1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 
 from ama_ray.errors import ConfigError
+from ama_ray.report import stats
 from ama_ray.report.render import fmt, to_markdown
 from ama_ray.report.schema import flat_metrics, model_aggregates
 
@@ -68,7 +69,8 @@ def table(runs: list[tuple[str, dict]], metric: str, references: bool = True) ->
 
 
 def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
-    """One line: the per-seed differences a - b of `metric` on the worst task, over common seeds."""
+    """One line: the per-seed differences a - b of `metric` on the worst task, over common seeds,
+    and their verdict (`ama_ray.report.stats.paired`: bootstrap interval, sign test)."""
     rows: dict[str, dict] = {}
     for label, doc in runs:
         rows.update(rows_of(label, doc))
@@ -77,10 +79,12 @@ def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
             raise ConfigError(f"no row '{name}'", where="--paired", fix=f"use row names from the table: {', '.join(rows)}")
     seeds = sorted(set(rows[a]["per_seed"]) & set(rows[b]["per_seed"]))
     key = f"{metric}/worst"
-    diffs = [rows[a]["per_seed"][s][key] - rows[b]["per_seed"][s][key] for s in seeds]
-    shown = ", ".join(f"seed {s}: {d:+.3f}" for s, d in zip(seeds, diffs))
-    wins = sum(d < 0 for d in diffs)
-    return f"{a} − {b}, worst-task {metric}: {shown} ({wins} of {len(diffs)} seeds lower)"
+    if not seeds:
+        raise ConfigError(f"'{a}' and '{b}' share no seed", where="--paired", fix="pair rows trained on the same generalist.seeds")
+    result = stats.paired([rows[a]["per_seed"][s][key] for s in seeds], [rows[b]["per_seed"][s][key] for s in seeds])
+    shown = ", ".join(f"seed {s}: {d:+.3f}" for s, d in zip(seeds, result.diffs))
+    lower = set().union(*(doc.get("lower_is_better", ()) for _, doc in runs))
+    return f"{a} − {b}, worst-task {metric}: {shown}; {result.describe(lower_is_better=metric in lower)}"
 
 
 def split_of(runs: list[tuple[str, dict]]) -> str:

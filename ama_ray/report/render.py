@@ -12,6 +12,8 @@ import html
 import math
 import re
 
+from ama_ray.report import stats
+
 # (flat key, words, lower is better): the verdict's criteria, most important first.
 CRITERIA = (
     ("excess_loss/worst", "worst-task excess loss", True),
@@ -37,8 +39,9 @@ def fmt(value: float | None, std: float | None = None, n: int | None = None) -> 
 def verdict(doc: dict) -> tuple[str, list[str]]:
     """(headline, one line per criterion) computed from the per-algorithm aggregates.
 
-    With several seeds the values are mean ± sample std, and a lead within the larger of the
-    two spreads is called "not separated".
+    With several seeds the values are mean ± sample std, and a lead is "separated" only when the
+    paired per-seed differences' bootstrap interval excludes 0 (`ama_ray.report.stats.paired`,
+    the same verdict as `ama-ray compare --paired`).
     """
     algos = doc["aggregates"]["algorithms"]
     if not algos:
@@ -53,15 +56,23 @@ def verdict(doc: dict) -> tuple[str, list[str]]:
         if len(ranked) > 1:
             second = ranked[1]
             gap = abs(algos[best]["mean"][key] - algos[second]["mean"][key])
-            spread = max(algos[best]["std"].get(key, 0.0), algos[second]["std"].get(key, 0.0))
             if gap < 1e-12:
                 caveats[key] = f"tied with {second}"
                 line = f"Best {words}: a tie between **{best}** and **{second}** ({_cell(algos[best], key)})"
             else:
                 line += f", next {second} ({_cell(algos[second], key)})"
-                if len(algos[best]["seeds"]) > 1 and gap <= spread:
-                    caveats[key] = f"not separated from {second}: the lead is within the seed spread"
+                result = _paired(algos[best], algos[second], key)
+                if result is None:
+                    if len(algos[best]["seeds"]) > 1:
+                        caveats[key] = f"not separated from {second}: no seeds in common to pair"
+                elif len(result.diffs) == 1:
+                    caveats[key] = f"one seed: not tested against {second}"
+                elif not result.separated:
+                    caveats[key] = f"not separated from {second}: {result.describe(lower)}"
+                if key in caveats:
                     line += "; " + caveats[key]
+                elif result is not None and len(result.diffs) > 1:
+                    line += f"; paired over seeds: {result.describe(lower)}"
         lines.append(line + ".")
     if len(algos) == 1:
         only = next(iter(algos))
@@ -73,6 +84,17 @@ def verdict(doc: dict) -> tuple[str, list[str]]:
     if mean_best and mean_best != winners[key]:
         headline += f"; **{mean_best}** has the lowest average excess loss"
     return headline + ".", lines
+
+
+def _paired(a: dict, b: dict, key: str):
+    """The paired comparison of two algorithms' aggregates on `key` over their shared seeds;
+    None when they share none (or the aggregates predate per-seed values)."""
+    if "per_seed" not in a or "per_seed" not in b:
+        return None
+    va, vb = dict(zip(a["seeds"], a["per_seed"].get(key, []))), dict(zip(b["seeds"], b["per_seed"].get(key, [])))
+    seeds = [s for s in sorted(set(va) & set(vb)) if va[s] is not None and vb[s] is not None
+             and not math.isnan(va[s]) and not math.isnan(vb[s])]
+    return stats.paired([va[s] for s in seeds], [vb[s] for s in seeds]) if seeds else None
 
 
 def _cell(agg: dict, key: str) -> str:

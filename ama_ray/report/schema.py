@@ -39,7 +39,8 @@ def flat_metrics(entry: dict) -> dict[str, float]:
 
 
 def aggregate_algorithms(models: dict[str, dict]) -> dict[str, dict]:
-    """Per algorithm across its seeds: {"seeds": [...], "mean": {key: v}, "std": {key: v}}.
+    """Per algorithm across its seeds: {"seeds": [...], "mean": {key: v}, "std": {key: v},
+    "per_seed": {key: [v per seed, in "seeds" order]}} (per_seed: for the paired verdicts).
 
     Keys are `flat_metrics` keys; std is the sample standard deviation (0 with one seed).
     """
@@ -57,6 +58,7 @@ def aggregate_algorithms(models: dict[str, dict]) -> dict[str, dict]:
             "seeds": [e["seed"] for e in entries],
             "mean": {k: sum(v) / len(v) for k, v in values.items() if v},
             "std": {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items() if v},
+            "per_seed": {k: [f.get(k) for f in flats] for k in keys},
         }
     return out
 
