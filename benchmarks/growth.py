@@ -1,8 +1,9 @@
 """Growth: memory as the data grows 1x -> 10x -> 30x; step time and data wait, streamed vs in memory.
 
-Memory. For each data size a fresh driver process (its own local Ray) builds a run directory
-with committed prepared units of synthetic token ids (lengths like the benchmark's; only their
-number matters), runs the reference and score passes (`ama_ray.stages.inference.infer`: Ray Data
+Memory. For each data size one process commits prepared units of synthetic token ids (lengths
+like the benchmark's; only their number matters; validation and test capped at
+data.max_heldout_examples, as prepare caps them), then a fresh driver process (its own local Ray)
+runs the reference and score passes (`ama_ray.stages.inference.infer`: Ray Data
 in, Parquet out) and then one generalist unit (`train_generalist`: a `TorchTrainer` whose worker
 streams every task's rows from its Ray Data shard), and reports the driver's peak RSS, the
 training worker's peak RSS (`check/peak_rss_mb`) and the object store's peak use (polled from the
@@ -60,10 +61,11 @@ def prepared_table(task: str, n: int, vocab: int, rng: np.random.Generator, prom
     })
 
 
-def write_prepared(run, rows_per_task: int, vocab: int, seed: int = 0) -> None:
-    """Committed prepared units (all three splits) of synthetic rows for TASKS under `run`."""
+def write_prepared(run, rows_per_task: int, vocab: int, held: int, seed: int = 0) -> None:
+    """Committed prepared units of synthetic rows for TASKS under `run`: `rows_per_task` training
+    rows and `held` validation and test rows each (prepare caps those at data.max_heldout_examples,
+    whatever the size of the data)."""
     rng = np.random.default_rng(seed)
-    held = max(1, rows_per_task // 10)
     for task in TASKS:
         unit = run.prepared(task)
         unit.begin()
@@ -112,22 +114,35 @@ class StorePeak:
         return float(np.percentile(self.polls, 95)) if self.polls else 0.0
 
 
-def measure(root: str, model_path: str, rows_per_task: int, steps: int) -> dict:
-    """One size, in this (fresh) process: inference passes and a generalist unit; MB figures."""
-    from ama_ray.cluster import ensure_ray
+def _config(root: str, model_path: str, steps: int):
     from ama_ray.config import load_config
+
+    return load_config(common.JOB_FILE, [f"storage.path={root}", f"model.name={model_path}", f"generalist.optim.steps={steps}",
+                                         f"generalist.optim.checkpoint_every={steps}", "eval.every_n_steps=100000",
+                                         "eval.max_examples=16", "generalist.optim.batch_size=8", "reference.batch_size=64"])
+
+
+def write_data(root: str, model_path: str, rows_per_task: int) -> None:
+    """The prepared units of one size (run in its own process, so that building the synthetic
+    tables does not count in the measured driver's peak RSS)."""
+    from ama_ray.models.loading import load_tokenizer
+    from ama_ray.storage import RunDir
+
+    cfg = _config(root, model_path, 1)
+    write_prepared(RunDir(cfg.run_dir), rows_per_task, load_tokenizer(model_path).vocab_size, held=cfg.data.max_heldout_examples)
+
+
+def measure(root: str, model_path: str, rows_per_task: int, steps: int) -> dict:
+    """One size, in this (fresh) process, on the units `write_data` committed: inference passes
+    and a generalist unit; MB figures."""
+    from ama_ray.cluster import ensure_ray
     from ama_ray.stages.generalist import train_generalist
     from ama_ray.stages.inference import Source, infer
     from ama_ray.storage import RunDir
 
     ensure_ray(num_cpus=2)
-    cfg = load_config(common.JOB_FILE, [f"storage.path={root}", f"model.name={model_path}", f"generalist.optim.steps={steps}",
-                                        f"generalist.optim.checkpoint_every={steps}", "eval.every_n_steps=100000",
-                                        "eval.max_examples=16", "generalist.optim.batch_size=8", "reference.batch_size=64"])
+    cfg = _config(root, model_path, steps)
     run = RunDir(cfg.run_dir)
-    from ama_ray.models.loading import load_tokenizer
-
-    write_prepared(run, rows_per_task, load_tokenizer(model_path).vocab_size)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     splits = ("train", "validation", "test")
     phases = {}  # phase -> its StorePeak: where the object store's peak comes from
@@ -156,9 +171,10 @@ def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list
     results = {}
     for size in sizes:
         root = workdir / f"run-{size}x"
-        cmd = [sys.executable, __file__, "--measure", str(root), "--model-path", model_path,
-               "--rows-per-task", str(rows_per_task * size), "--steps", str(steps)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parent)
+        args = ["--model-path", model_path, "--rows-per-task", str(rows_per_task * size), "--steps", str(steps)]
+        subprocess.run([sys.executable, __file__, "--write-data", str(root), *args], check=True, capture_output=True, cwd=Path(__file__).parent)
+        out = subprocess.run([sys.executable, __file__, "--measure", str(root), *args],
+                             check=True, capture_output=True, text=True, cwd=Path(__file__).parent)
         results[size] = json.loads(out.stdout.strip().splitlines()[-1])
         shutil.rmtree(root, ignore_errors=True)
     base = results[sizes[0]]
@@ -324,8 +340,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--memory-only", action="store_true", help="only the memory table")
     parser.add_argument("--window", action="store_true", help="only the read-ahead window table (one file, growing)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--write-data", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.write_data:
+        write_data(args.write_data, args.model_path, args.rows_per_task)
+        return ""
     if args.measure:
         common.quiet()
         print(json.dumps(measure(args.measure, args.model_path, args.rows_per_task, args.steps)))

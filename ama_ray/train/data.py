@@ -130,53 +130,36 @@ def limited(options, budget: int):
 
 
 def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None, drop: tuple[str, ...] = ()):
-    """Split files (`(unit, split)` pairs) as one lazy Ray Data dataset, read a row group at a
-    time, in file order. With `tags`, each row gets a `TAG` column naming its file (`tags[i]`);
+    """Split files (`(unit, split)` pairs) as one lazy Ray Data dataset, one block per Parquet row
+    group, in file order. With `tags`, each row gets a `TAG` column naming its file (`tags[i]`);
     `drop` names columns not to read on.
 
-    Not `ray.data.read_parquet`: its file-listing step asks for a whole CPU, and inside a training
-    worker Ray Data's CPU budget is what the trainers left, often nothing on a small machine, so
-    the read would wait forever. Reading a row group is I/O: these tasks ask for no CPU, and at
+    A Ray Data datasource (`ama_ray.train.row_groups.RowGroups`) whose read tasks each read one
+    row group. Not `ray.data.read_parquet`: its file-listing step asks for a whole CPU, and inside
+    a training worker Ray Data's CPU budget is what the trainers left, often nothing on a small
+    machine, so the read would wait forever. Reading a row group is I/O: these tasks ask for no CPU, and at
     most READ_TASKS run at once (zero-CPU tasks are otherwise unbounded, and every concurrent task
     is a Python worker process).
     """
     import pyarrow.parquet as pq
     import ray
 
-    items = []
+    from ama_ray.train.row_groups import ParquetFileInfo, RowGroups
+
+    sources = []
     for i, (unit, split) in enumerate(files):
         path = unit.file(unit.split_file(split))
-        groups = pq.ParquetFile(path, filesystem=unit.fs).metadata.num_row_groups  # the footer only
-        uri = unit.run.uri if not unit.run.is_local else ""
-        items += [{"path": path, "uri": uri, "group": g, "tag": tags[i] if tags else ""} for g in range(groups)]
-    # One row group per block: a read task turns its whole input block into one output block, so
-    # with a fixed number of blocks each block (and what one read puts in the object store) would
-    # grow with the file, past any budget (measured: benchmarks/growth.py, docs/performance.md).
-    blocks = max(1, len(items))
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        _read_row_groups, fn_kwargs={"tagged": tags is not None, "drop": drop}, batch_size=1, batch_format="pyarrow",
-        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, blocks)),
-    )
+        meta = pq.ParquetFile(path, filesystem=unit.fs).metadata  # the footer only
+        sources.append(ParquetFileInfo(path, unit.run.uri if not unit.run.is_local else "", tags[i] if tags else None,
+                                       meta.num_row_groups, sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))))
+    blocks = max(1, sum(s.groups for s in sources))
+    ds = ray.data.read_datasource(RowGroups(sources, drop), override_num_blocks=blocks, concurrency=min(READ_TASKS, blocks),
+                                  ray_remote_args={"num_cpus": 0})
     limited(ds.context.execution_options, stream_budget(files))
     return ds
 
 
 TAG = "_ama_source"  # the file a row came from, while it is in flight (`parquet_dataset(tags=...)`)
-
-
-def _read_row_groups(items: pa.Table, tagged: bool, drop: tuple[str, ...]) -> pa.Table:
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    parts = []
-    for item in items.to_pylist():
-        fs = pafs.FileSystem.from_uri(item["uri"])[0] if item["uri"] else pafs.LocalFileSystem()
-        part = pq.ParquetFile(item["path"], filesystem=fs).read_row_group(item["group"])
-        part = part.drop_columns([c for c in drop if c in part.column_names])
-        if tagged:
-            part = part.append_column(TAG, pa.array([item["tag"]] * part.num_rows, pa.string()))
-        parts.append(part)
-    return pa.concat_tables(parts)
 
 
 def data_config(datasets: dict):
