@@ -450,3 +450,57 @@ class Unit:
         tmp = Path(tempfile.mkdtemp(prefix="ama_ray_"))
         pafs.copy_files(self.path, str(tmp), source_filesystem=self.fs)
         return tmp
+
+
+class SplitWriters:
+    """Parquet writers of several unit files (`{key: (unit, split)}`), each written in row groups
+    of exactly ROW_GROUP_ROWS (the last one shorter), whatever the sizes of the tables handed to
+    `add`. A file opens on entry with `schema`, or with its first table's schema when `schema` is
+    None (a file that gets no rows is then not written). `check(key, table)` sees every row group
+    before it is written and may raise; `written[key]` counts the rows written. On an exception
+    the files are closed without their pending rows (the unit is not committed anyway)."""
+
+    def __init__(self, files: dict[str, tuple["Unit", str]], schema: pa.Schema | None = None, check=None):
+        self.files, self.schema, self.check = files, schema, check
+        self.open: dict[str, tuple[Any, pq.ParquetWriter]] = {}
+        self.pending: dict[str, list[pa.Table]] = {key: [] for key in files}
+        self.written: dict[str, int] = {key: 0 for key in files}
+
+    def __enter__(self) -> "SplitWriters":
+        if self.schema is not None:
+            for key in self.files:
+                self._writer(key, self.schema)
+        return self
+
+    def _writer(self, key: str, schema: pa.Schema) -> pq.ParquetWriter:
+        if key not in self.open:
+            unit, split = self.files[key]
+            stream = unit.fs.open_output_stream(unit.file(unit.split_file(split)))
+            self.open[key] = (stream, pq.ParquetWriter(stream, schema))
+        return self.open[key][1]
+
+    def _write(self, key: str, table: pa.Table) -> None:
+        if self.check is not None:
+            self.check(key, table)
+        self._writer(key, table.schema).write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.written[key] += table.num_rows
+
+    def add(self, key: str, table: pa.Table) -> None:
+        self.pending[key].append(table)
+        rows = sum(t.num_rows for t in self.pending[key])
+        if rows >= ROW_GROUP_ROWS:
+            whole = pa.concat_tables(self.pending[key])
+            cut = rows - rows % ROW_GROUP_ROWS
+            self._write(key, whole.slice(0, cut))
+            self.pending[key] = [whole.slice(cut)] if cut < rows else []
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if exc[0] is None:
+                for key, pending in self.pending.items():
+                    if pending:
+                        self._write(key, pa.concat_tables(pending))
+        finally:
+            for stream, writer in self.open.values():
+                writer.close()
+                stream.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ama_ray.errors import StageInputError
-from ama_ray.storage import ROW_GROUP_ROWS, Unit
+from ama_ray.storage import SplitWriters, Unit
 from ama_ray.train.data import TAG, check_finite, parquet_dataset
 
 if TYPE_CHECKING:  # LogpScorer runs without pydantic (benchmarks/gpu_check.py on a bare GPU machine)
@@ -147,33 +147,12 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
     # Rows come back in input order, so the written files (and so training's pass order) are the
     # same on every rerun; the actors still score out of order.
     ds.context.execution_options.preserve_order = True
-    writers: dict[str, tuple[Any, pq.ParquetWriter]] = {}
-    pending: dict[str, list[pa.Table]] = {key: [] for key in by_key}  # rows waiting for a full row group
-    written = {key: 0 for key in by_key}
-
-    def flush(key: str) -> None:
-        table = check_finite(pa.concat_tables(pending[key]), f"{by_key[key].out.path} ({key})")
-        if key not in writers:
-            out = by_key[key].out
-            stream = out.fs.open_output_stream(out.file(out.split_file(by_key[key].split)))
-            writers[key] = (stream, pq.ParquetWriter(stream, table.schema))
-        writers[key][1].write_table(table, row_group_size=ROW_GROUP_ROWS)
-        written[key] += table.num_rows
-        pending[key] = []
-
-    try:
+    check = lambda key, table: check_finite(table, f"{by_key[key].out.path} ({key})")  # noqa: E731
+    with SplitWriters({key: (s.out, s.split) for key, s in by_key.items()}, check=check) as writers:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for key in pc.unique(batch[TAG]).to_pylist():
-                pending[key].append(batch.filter(pc.equal(batch[TAG], key)).drop_columns([TAG]))
-                if sum(t.num_rows for t in pending[key]) >= ROW_GROUP_ROWS:
-                    flush(key)
-        for key in by_key:
-            if pending[key]:
-                flush(key)
-    finally:
-        for stream, writer in writers.values():
-            writer.close()
-            stream.close()
+                writers.add(key, batch.filter(pc.equal(batch[TAG], key)).drop_columns([TAG]))
+    written = writers.written
     for key, source in by_key.items():
         expected = pq.ParquetFile(source.inp.file(source.inp.split_file(source.split)), filesystem=source.inp.fs).metadata.num_rows
         if written[key] != expected:

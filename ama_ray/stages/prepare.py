@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from ama_ray.config import Config, DataConfig, TaskConfig
 from ama_ray.errors import DataError
 from ama_ray.stages import base_model_path, model_identity, needs_work, open_run
-from ama_ray.storage import ROW_GROUP_ROWS, Unit
+from ama_ray.storage import ROW_GROUP_ROWS, SplitWriters, Unit
 from ama_ray.train.data import SPLITS, TAG, parquet_dataset
 
 log = logging.getLogger(__name__)
@@ -259,45 +259,13 @@ def tokenize_all(cfg: Config, model_path: str, units: dict[str, Unit]) -> dict[s
     ).sort([TAG, "example_id"])  # Ray Data sorts in the object store (spilling to disk), not here
     kept = {n: Kept() for n in names}
     schema = pa.schema([*OUTPUT, ("too_long", pa.bool_()), ("prompt_truncated", pa.bool_())])
-    with _Writers({n: (units[n], TOKENIZED) for n in names}, schema) as writers:
+    with SplitWriters({n: (units[n], TOKENIZED) for n in names}, schema) as writers:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for name in pc.unique(batch[TAG]).to_pylist():
                 part = batch.filter(pc.equal(batch[TAG], name)).select(schema.names).cast(schema)
                 kept[name].add(part)
                 writers.add(name, part)
     return kept
-
-
-class _Writers:
-    """Parquet writers of several files, each written in row groups of exactly ROW_GROUP_ROWS
-    (the last one shorter), whatever the sizes of the tables handed to `add`."""
-
-    def __init__(self, files: dict[str, tuple[Unit, str]], schema: pa.Schema):
-        self.files, self.schema = files, schema
-        self.open: dict[str, tuple[Any, pq.ParquetWriter]] = {}
-        self.pending: dict[str, list[pa.Table]] = {key: [] for key in files}
-
-    def __enter__(self) -> "_Writers":
-        for key, (unit, name) in self.files.items():
-            stream = unit.fs.open_output_stream(unit.file(unit.split_file(name)))
-            self.open[key] = (stream, pq.ParquetWriter(stream, self.schema))
-        return self
-
-    def add(self, key: str, table: pa.Table) -> None:
-        self.pending[key].append(table)
-        rows = sum(t.num_rows for t in self.pending[key])
-        if rows >= ROW_GROUP_ROWS:
-            whole = pa.concat_tables(self.pending[key])
-            cut = rows - rows % ROW_GROUP_ROWS
-            self.open[key][1].write_table(whole.slice(0, cut), row_group_size=ROW_GROUP_ROWS)
-            self.pending[key] = [whole.slice(cut)] if cut < rows else []
-
-    def __exit__(self, *exc: Any) -> None:
-        for key, (stream, writer) in self.open.items():
-            if self.pending[key] and exc[0] is None:
-                writer.write_table(pa.concat_tables(self.pending[key]), row_group_size=ROW_GROUP_ROWS)
-            writer.close()
-            stream.close()
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -320,7 +288,7 @@ def _write_task(cfg: Config, unit: Unit, task: TaskConfig, kept: Kept, drops: Co
     rows = {split: int((codes == i).sum()) for i, split in enumerate(SPLITS)}
     tokenized = unit.file(unit.split_file(TOKENIZED))
     offset = 0
-    with _Writers({split: (unit, split) for split in SPLITS}, OUTPUT) as writers:
+    with SplitWriters({split: (unit, split) for split in SPLITS}, OUTPUT) as writers:
         for batch in pq.ParquetFile(tokenized, filesystem=unit.fs).iter_batches(batch_size=ROW_GROUP_ROWS):
             table = pa.Table.from_batches([batch])
             table = table.filter(pc.invert(table["too_long"])).select(OUTPUT.names)
