@@ -85,14 +85,17 @@ def test_a_ray_data_shard_streams_deterministically(ray_session, tmp_path):
         DataContext.get_current().execution_options.preserve_order = True
         return parquet_dataset([(unit, "train")]).iterator()
 
-    one = ShardStream("t", source(), seed=5, rank=0, world=2, shuffle_rows=256, read_rows=64)
-    first = _ids(one.take(600))  # more than one epoch of this rank's ~450 rows
-    saved = one.position()
-    tail = _ids(one.take(100))
-    two = ShardStream("t", source(), seed=5, rank=0, world=2, shuffle_rows=256, read_rows=64)
-    assert _ids(two.take(600)) == first
-    three = ShardStream("t", source(), seed=5, rank=0, world=2, shuffle_rows=256, read_rows=64)
-    three.seek(saved)
-    assert _ids(three.take(100)) == tail
+    streams = [ShardStream("t", source(), seed=5, rank=0, world=2, shuffle_rows=256, read_rows=64) for _ in range(3)]
+    try:
+        one, two, three = streams
+        first = _ids(one.take(600))  # more than one epoch of this rank's ~450 rows
+        saved = one.position()
+        tail = _ids(one.take(100))
+        assert _ids(two.take(600)) == first
+        three.seek(saved)
+        assert _ids(three.take(100)) == tail
+    finally:
+        for stream in streams:  # stop each pass in flight: a Ray Data execution left running
+            stream.close()      # past ray.shutdown() aborts the process at exit
     mine = set(i for i in _table(900)["example_id"].to_pylist() if in_shard([i], 0, 2)[0])
     assert set(first) == mine  # a whole epoch of exactly this rank's rows, then the next one
