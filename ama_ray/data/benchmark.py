@@ -306,10 +306,8 @@ def verify(task: str, prompt: str, completion: str, by_content: bool = False) ->
     unknown task, DataError when the prompt is not of that task.
     """
     _check_task(task)
-    match = None
-    for match in _PROMPT_RE[task].finditer(prompt):
-        pass
-    prompt = match.group(0) if match else prompt
+    found = _PROMPT_RE[task].findall(prompt)
+    prompt = found[-1] if found else prompt
     verifiers = _CONTENT_VERIFIERS if by_content else _VERIFIERS
     return verifiers[task](prompt, _canonical(completion.lower() if by_content else completion))
 

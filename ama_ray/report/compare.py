@@ -77,12 +77,12 @@ def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
     for name in (a, b):
         if name not in rows:
             raise ConfigError(f"no row '{name}'", where="--paired", fix=f"use row names from the table: {', '.join(rows)}")
-    seeds = sorted(set(rows[a]["per_seed"]) & set(rows[b]["per_seed"]))
     key = f"{metric}/worst"
-    if not seeds:
+    va, vb = ({s: m.get(key) for s, m in rows[name]["per_seed"].items()} for name in (a, b))
+    result = stats.paired_over_seeds(va, vb)
+    if result is None:
         raise ConfigError(f"'{a}' and '{b}' share no seed", where="--paired", fix="pair rows trained on the same generalist.seeds")
-    result = stats.paired([rows[a]["per_seed"][s][key] for s in seeds], [rows[b]["per_seed"][s][key] for s in seeds])
-    shown = ", ".join(f"seed {s}: {d:+.3f}" for s, d in zip(seeds, result.diffs))
+    shown = ", ".join(f"seed {s}: {d:+.3f}" for s, d in zip(result.seeds, result.diffs))
     lower = set().union(*(doc.get("lower_is_better", ()) for _, doc in runs))
     return f"{a} − {b}, worst-task {metric}: {shown}; {result.describe(lower_is_better=metric in lower)}"
 

@@ -91,10 +91,7 @@ def _paired(a: dict, b: dict, key: str):
     None when they share none (or the aggregates predate per-seed values)."""
     if "per_seed" not in a or "per_seed" not in b:
         return None
-    va, vb = dict(zip(a["seeds"], a["per_seed"].get(key, []))), dict(zip(b["seeds"], b["per_seed"].get(key, [])))
-    seeds = [s for s in sorted(set(va) & set(vb)) if va[s] is not None and vb[s] is not None
-             and not math.isnan(va[s]) and not math.isnan(vb[s])]
-    return stats.paired([va[s] for s in seeds], [vb[s] for s in seeds]) if seeds else None
+    return stats.paired_over_seeds(dict(zip(a["seeds"], a["per_seed"].get(key, []))), dict(zip(b["seeds"], b["per_seed"].get(key, []))))
 
 
 def _cell(agg: dict, key: str) -> str:

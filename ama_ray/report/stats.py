@@ -11,7 +11,7 @@ interval excludes 0; with fewer than two seeds there is no interval and nothing 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 CONFIDENCE = 0.95
 RESAMPLES = 9999
@@ -26,6 +26,7 @@ class Paired:
     below: int  # seeds where a < b
     above: int  # seeds where a > b
     sign_p: float  # two-sided exact sign test (1.0 when every difference is 0)
+    seeds: tuple = ()  # the seeds of `diffs` (`paired_over_seeds`)
 
     @property
     def separated(self) -> bool:
@@ -61,3 +62,11 @@ def paired(a: list[float], b: list[float], seed: int = 0) -> Paired:
     below, above = int((diffs < 0).sum()), int((diffs > 0).sum())
     sign_p = float(stats.binomtest(below, below + above, 0.5).pvalue) if below + above else 1.0
     return Paired(tuple(float(d) for d in diffs), float(diffs.mean()), low, high, below, above, sign_p)
+
+
+def paired_over_seeds(a: dict, b: dict) -> Paired | None:
+    """`paired` over the seeds both `{seed: value}` maps hold a finite value for; None when
+    there is none."""
+    ok = lambda v: v is not None and not math.isnan(v)  # noqa: E731
+    seeds = [s for s in sorted(set(a) & set(b)) if ok(a[s]) and ok(b[s])]
+    return replace(paired([a[s] for s in seeds], [b[s] for s in seeds]), seeds=tuple(seeds)) if seeds else None
