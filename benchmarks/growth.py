@@ -226,12 +226,18 @@ def window_table(groups: list[int], budgets_mb: list[float | None]) -> str:
 
 # -- speed -----------------------------------------------------------------------------------------
 def ray_source(path: Path):
-    """A Ray Data iterator over one Parquet file in file order: what `get_dataset_shard` gives a worker."""
-    import ray
+    """A Ray Data iterator over one Parquet file in file order, read as training reads a task
+    (`train.data.parquet_dataset`): what `get_dataset_shard` gives a worker."""
     from ray.data import DataContext
 
+    from ama_ray.storage import ROW_GROUP_ROWS, RunDir
+    from ama_ray.train.data import parquet_dataset
+
+    unit = RunDir(str(path.parent / "streams")).scores(path.stem)
+    unit.begin()
+    pq.write_table(pq.read_table(path), unit.file(unit.split_file("train")), row_group_size=ROW_GROUP_ROWS)
     DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.read_parquet(str(path), ray_remote_args={"num_cpus": 0.05}).iterator()
+    return parquet_dataset([(unit, "train")]).iterator()
 
 
 def step_table(model_path: str, workdir: Path, rows_per_task: int, reps: int, block: int) -> str:
@@ -338,6 +344,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--wait-steps", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="only the memory table")
+    parser.add_argument("--speed-only", action="store_true", help="only the step and data-wait tables")
     parser.add_argument("--window", action="store_true", help="only the read-ahead window table (one file, growing)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--write-data", help=argparse.SUPPRESS)
@@ -362,12 +369,12 @@ def main(argv: list[str] | None = None) -> str:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model_path = common.model_dir("tiny", Path(tmp))
-        memory = memory_table(model_path, Path(tmp), args.rows_per_task, sizes, args.steps)
+        memory = "" if args.speed_only else memory_table(model_path, Path(tmp), args.rows_per_task, sizes, args.steps)
         if not args.memory_only:
             steps = step_table(model_path, Path(tmp), 40 if args.quick else 300, args.reps, args.block)
             wait = wait_table(Path(tmp), args.length, 2 if args.quick else 4, args.wait_steps)
     out = common.header("Growth: memory vs data size; streamed rows vs in memory", rows_per_task_1x=args.rows_per_task)
-    out += "\n" + memory + ("" if args.memory_only else "\n\n" + steps + "\n\n" + wait)
+    out += "\n" + "\n\n".join(t for t in (memory, "" if args.memory_only else steps + "\n\n" + wait) if t)
     print(out)
     return out
 

@@ -130,12 +130,12 @@ def limited(options, budget: int):
 
 
 def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None, drop: tuple[str, ...] = ()):
-    """Split files (`(unit, split)` pairs) as one lazy Ray Data dataset, one block per Parquet row
-    group, in file order. With `tags`, each row gets a `TAG` column naming its file (`tags[i]`);
-    `drop` names columns not to read on.
+    """Split files (`(unit, split)` pairs) as one lazy Ray Data dataset in file order, in blocks of
+    at most ~1 MB of rows or one Parquet row group (`row_groups.READ_TASK_BYTES`). With `tags`,
+    each row gets a `TAG` column naming its file (`tags[i]`); `drop` names columns not to read on.
 
-    A Ray Data datasource (`ama_ray.train.row_groups.RowGroups`) whose read tasks each read one
-    row group. Not `ray.data.read_parquet`: its file-listing step asks for a whole CPU, and inside
+    A Ray Data datasource (`ama_ray.train.row_groups.RowGroups`) whose read tasks each read a run
+    of row groups. Not `ray.data.read_parquet`: its file-listing step asks for a whole CPU, and inside
     a training worker Ray Data's CPU budget is what the trainers left, often nothing on a small
     machine, so the read would wait forever. Reading a row group is I/O: these tasks ask for no CPU, and at
     most READ_TASKS run at once (zero-CPU tasks are otherwise unbounded, and every concurrent task
@@ -152,10 +152,14 @@ def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None,
         meta = pq.ParquetFile(path, filesystem=unit.fs).metadata  # the footer only
         sources.append(ParquetFileInfo(path, unit.run.uri if not unit.run.is_local else "", tags[i] if tags else None,
                                        meta.num_row_groups, sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))))
-    blocks = max(1, sum(s.groups for s in sources))
-    ds = ray.data.read_datasource(RowGroups(sources, drop), override_num_blocks=blocks, concurrency=min(READ_TASKS, blocks),
-                                  ray_remote_args={"num_cpus": 0})
+    source = RowGroups(sources, drop)
+    blocks = max(1, len(source.spans()))
+    ds = ray.data.read_datasource(source, override_num_blocks=blocks, concurrency=min(READ_TASKS, blocks),
+                                  num_cpus=0)
     limited(ds.context.execution_options, stream_budget(files))
+    # Blocks of about one row group: a read task's run would otherwise become one block (Ray Data
+    # merges a task's outputs up to its 128 MB default), and what is in flight grows with the run.
+    ds.context.target_max_block_size = max(1, max((s.size // max(1, s.groups) for s in sources), default=1))
     return ds
 
 

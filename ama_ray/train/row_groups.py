@@ -1,17 +1,22 @@
-"""A Ray Data datasource over Parquet row groups: one read task, and one block, per row group of
-each file, in file order (`ama_ray.train.data.parquet_dataset` builds it; the reason it is not
-`ray.data.read_parquet` is there).
+"""A Ray Data datasource over Parquet row groups: each read task reads a run of consecutive row
+groups of one file (about READ_TASK_BYTES of them, at least one), in file order
+(`ama_ray.train.data.parquet_dataset` builds it; the reason it is not `ray.data.read_parquet` is
+there).
 
 It holds the files, not their row groups, so what a dataset's plan carries does not grow with
-the data, and nothing reaches the object store before a read task runs. The reader it replaced
-(`ray.data.from_items` of one item per row group, then `map_batches`) kept every item in the
-object store for the whole read, ~1 KB per row group: at 1.5 M rows the store's level during
-training grew 2.9x from 50 k rows (benchmarks/growth.py, docs/performance.md).
+the data, and nothing reaches the object store before a read task runs. Ray Data keeps every read
+task in the object store for the whole read (`ray.put` in its read planner), ~0.5 KB each: with a
+task per row group that was a term growing with the number of row groups (1,440 of them at 1.5 M
+short rows: +1.4 MB on a 2.7 MB level, docs/performance.md section 4). A task per ~1 MB of rows
+bounds that term to ~0.05% of the bytes read, and a task's run (<= READ_TASK_BYTES or one row
+group) bounds what a running task can put ahead of the read budget. The reader before that
+(`ray.data.from_items` of one item per row group) kept ~1 KB per row group as well.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -33,28 +38,40 @@ class ParquetFileInfo:
     size: int  # uncompressed bytes of all row groups
 
 
+READ_TASK_BYTES = 2**20  # (uncompressed) rows one read task reads, in whole row groups, at least one
+
+
 class RowGroups(Datasource):
-    """One read task per row group of each file, in file order; a read task asks for no CPU."""
+    """Read tasks over runs of consecutive row groups of each file, in file order; a read task
+    asks for no CPU and yields its row groups one table at a time."""
 
     def __init__(self, files: list[ParquetFileInfo], drop: tuple[str, ...] = ()):
         self.files, self.drop = list(files), tuple(drop)
+
+    def spans(self) -> list[tuple[ParquetFileInfo, int, int]]:
+        """(file, first row group, row groups) of each read task: runs of about READ_TASK_BYTES."""
+        out = []
+        for info in self.files:
+            run = max(1, READ_TASK_BYTES * info.groups // max(1, info.size))
+            out += [(info, start, min(run, info.groups - start)) for start in range(0, info.groups, run)]
+        return out
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(f.size for f in self.files)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         tasks = []
-        for info in self.files:
-            for group in range(info.groups):
-                # A module-level function, not a closure: Ray Data keeps every read task in the
-                # object store for the whole read, and a pickled lambda is ~1 KB, this ~0.3 KB.
-                meta = BlockMetadata(num_rows=None, size_bytes=info.size // max(1, info.groups), exec_stats=None)
-                tasks.append(ReadTask(functools.partial(_one_block, info, group, self.drop), meta))
+        for info, start, count in self.spans():
+            # A module-level function, not a closure: Ray Data keeps every read task in the
+            # object store for the whole read, and a pickled closure is twice the size.
+            meta = BlockMetadata(num_rows=None, size_bytes=info.size * count // max(1, info.groups), exec_stats=None)
+            tasks.append(ReadTask(functools.partial(_run_of_groups, info, start, count, self.drop), meta))
         return tasks
 
 
-def _one_block(info: ParquetFileInfo, group: int, drop: tuple[str, ...]) -> list[pa.Table]:
-    return [read_row_group(info, group, drop)]
+def _run_of_groups(info: ParquetFileInfo, start: int, count: int, drop: tuple[str, ...]) -> Iterator[pa.Table]:
+    for group in range(start, start + count):
+        yield read_row_group(info, group, drop)
 
 
 def read_row_group(info: ParquetFileInfo, group: int, drop: tuple[str, ...] = ()) -> pa.Table:
