@@ -232,6 +232,33 @@ class GeneralistConfig(Section):
         return algos
 
 
+MERGE_METHODS = ("average", "task_arithmetic", "ties")
+
+
+class MergingConfig(Section):
+    methods: list[Literal["average", "task_arithmetic", "ties"]] = Field(
+        default_factory=list,
+        description="Merged-specialist baselines to build and evaluate beside the generalists (docs/merging.md): "
+        "average (uniform weight averaging), task_arithmetic (base + λ·Σ task vectors), ties (TIES-merging of the task vectors).")
+    lambdas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1,
+                                 description="task_arithmetic and ties: the λ grid; the λ with the lowest worst-task validation excess loss is kept.")
+    density: float = Field(0.5, gt=0.0, le=1.0, description="ties: share of each task vector's largest-magnitude entries kept.")
+
+    @field_validator("methods")
+    @classmethod
+    def _once(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"a method is listed twice: {methods}")
+        return methods
+
+    @field_validator("lambdas")
+    @classmethod
+    def _positive(cls, lambdas: list[float]) -> list[float]:
+        if any(not (0.0 < x <= 10.0) for x in lambdas):
+            raise ValueError(f"every λ must be in (0, 10], got {lambdas}")
+        return lambdas
+
+
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0: plain DDP).")
     offload_optimizer: bool = Field(False, description="Offload optimizer state to CPU (compiles cpu_adam; slow first run).")
@@ -283,6 +310,7 @@ class Config(Section):
     specialists: SpecialistsConfig = Field(default_factory=SpecialistsConfig, description="Per-task specialists.")
     generalist: GeneralistConfig = Field(default_factory=GeneralistConfig, description="The mixed generalist.")
     mixing: MixingSettings = Field(default_factory=MixingSettings, description="Mixing-policy settings (`ama_ray.mixing.MixingSettings`).")
+    merging: MergingConfig = Field(default_factory=MergingConfig, description="Merged-specialist baselines (the merge stage).")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and resources.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Where the run directory lives.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")

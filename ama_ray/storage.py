@@ -49,7 +49,7 @@ _HELD: dict[str, object] = {}  # run roots this process writes: the open lock fi
 # Where each stage writes (stage name -> top-level folder): the names differ for history's sake.
 FOLDERS = {
     "prepare": "prepared", "reference": "reference", "specialists": "specialists", "score": "scores",
-    "generalist": "generalist", "tune": "tune", "evaluate": "eval", "report": "report",
+    "generalist": "generalist", "merge": "merged", "tune": "tune", "evaluate": "eval", "report": "report",
 }
 ROW_GROUP_ROWS = 1024  # Parquet row group: what a streaming reader holds at a time
 MODEL_DIR = "model"
@@ -128,6 +128,10 @@ class RunDir:
         if trial is None:
             return self.unit(FOLDERS["generalist"], algorithm, f"seed{seed}")
         return self.unit(FOLDERS["tune"], trial, algorithm, f"seed{seed}")
+
+    def merged(self, method: str) -> "Unit":
+        """`merged/<method>`: the specialists merged by `method` (the merge stage)."""
+        return self.unit(FOLDERS["merge"], method)
 
     def tune(self, trial: str | None = None) -> "Unit":
         """The study (`tune/`) or one trial's folder (`tune/<trial>/`)."""

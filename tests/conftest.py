@@ -64,13 +64,14 @@ def minimal_cfg(tmp_path_factory, model_cache):
 
 @pytest.fixture(scope="session")
 def tiny_run(ray_session, minimal_cfg):
-    """A finished minimal pipeline through the generalist stage, built once per session.
+    """A finished minimal pipeline through the merge stage (every trained or merged model), built
+    once per session.
 
     Returns (cfg, run_dir path). Tests must not modify it; copy it first (shutil.copytree).
     """
     from ama_ray import pipeline
 
-    pipeline.run(minimal_cfg, through="generalist")
+    pipeline.run(minimal_cfg, through="merge")
     return minimal_cfg, Path(minimal_cfg.run_dir)
 
 

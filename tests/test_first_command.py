@@ -34,6 +34,7 @@ specialists:
 generalist:
   algorithms: [ama_s]
   optim: {steps: 8, lr: 2.0e-3, batch_size: 16, warmup_steps: 2, checkpoint_every: 8}
+merging: {methods: [average, ties], lambdas: [1.0]}
 scaling: {num_workers: 1, cpus_per_worker: 0.5}
 eval: {every_n_steps: 6, log_every_n_steps: 4, max_examples: 40, generation_examples: 4}
 storage: {path: ./runs, run_name: first}
@@ -73,6 +74,9 @@ def test_run_from_another_directory_with_relative_paths(user_dir, tmp_path_facto
     run_dir = user_dir / "runs" / "first"
     assert (run_dir / "report" / "report.html").is_file()
     assert (run_dir / "generalist" / "ama_s" / "seed0" / "model" / "model.safetensors").is_file()
+    for method in ("average", "ties"):  # merged in a Ray task, in its own process and directory
+        assert (run_dir / "merged" / method / "model" / "model.safetensors").is_file()
+    assert "merge_ties (one model)" in (run_dir / "report" / "report.md").read_text()
     # Manifests and the console show the absolute paths the relative ones meant.
     prepared = json.loads((run_dir / "prepared" / "sums" / "_manifest.json").read_text())
     assert prepared["task"]["path"] == str(user_dir / "data" / "sums.jsonl")

@@ -30,7 +30,8 @@ def label_runs(args: list[str]) -> list[tuple[str, str]]:
 def rows_of(label: str, doc: dict) -> dict[str, dict]:
     """Row name -> {"reference": bool, "per_seed": {seed: flat metrics}} (`schema.flat_metrics`
     keys): the base and the specialists on their own tasks (references), then each generalist
-    algorithm with one entry per seed."""
+    algorithm with one entry per seed, then each merged model (`"deterministic": True`: its one
+    value under every generalist seed, so `--paired` tests a generalist's seeds against it)."""
     rows: dict[str, dict] = {}
     models = doc["models"]
     if "base" in models:
@@ -43,6 +44,11 @@ def rows_of(label: str, doc: dict) -> dict[str, dict]:
         if entry["kind"] == "generalist":
             row = rows.setdefault(f"{label} {entry['algorithm']}", {"reference": False, "per_seed": {}})
             row["per_seed"][entry["seed"]] = flat_metrics(entry)
+    seeds = sorted({e["seed"] for e in models.values() if e["kind"] == "generalist"}) or [0]
+    for entry in models.values():
+        if entry["kind"] == "merged":  # one model, no seed: a fixed value beside every generalist seed
+            rows[f"{label} {entry['algorithm']}"] = {"reference": False, "deterministic": True,
+                                                     "per_seed": {s: flat_metrics(entry) for s in seeds}}
     return rows
 
 
@@ -61,10 +67,12 @@ def table(runs: list[tuple[str, dict]], metric: str, references: bool = True) ->
             if row["reference"] and not (references and i == 0):
                 continue
             cells = []
+            seeds = list(row["per_seed"].values())[:1] if row.get("deterministic") else row["per_seed"].values()
             for col in (*tasks, "mean", "worst"):
-                vals = [v[f"{metric}/{col}"] for v in row["per_seed"].values() if v.get(f"{metric}/{col}") is not None]
+                vals = [v[f"{metric}/{col}"] for v in seeds if v.get(f"{metric}/{col}") is not None]
                 cells.append(fmt(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals)) if vals else "–")
-            body.append([name, *cells, "" if row["reference"] else str(len(row["per_seed"]))])
+            count = "one model" if row.get("deterministic") else str(len(row["per_seed"]))
+            body.append([name, *cells, "" if row["reference"] else count])
     return header, body
 
 

@@ -95,7 +95,7 @@ def _paired(a: dict, b: dict, key: str):
 
 
 def _cell(agg: dict, key: str) -> str:
-    return fmt(agg["mean"].get(key), agg["std"].get(key), len(agg["seeds"]))
+    return fmt(agg["mean"].get(key), agg["std"].get(key), 1 if agg.get("deterministic") else len(agg["seeds"]))
 
 
 def metric_table(doc: dict, metric: str) -> tuple[list[str], list[list[str]]]:
@@ -104,7 +104,7 @@ def metric_table(doc: dict, metric: str) -> tuple[list[str], list[list[str]]]:
     header = ["model", *tasks, "mean", "worst"]
     rows = []
     for key, entry in doc["models"].items():
-        if entry["kind"] == "generalist":
+        if entry["kind"] in ("generalist", "merged"):  # rows per arm below
             continue
         cells = [fmt(entry["per_task"].get(t, {}).get(metric)) for t in tasks]
         if entry["kind"] == "specialist":
@@ -113,7 +113,7 @@ def metric_table(doc: dict, metric: str) -> tuple[list[str], list[list[str]]]:
         rows.append([key, *cells, *(fmt(entry["aggregates"][s].get(metric)) for s in ("mean", "worst"))])
     for algo, agg in doc["aggregates"]["algorithms"].items():
         n = len(agg["seeds"])
-        label = f"{algo} ({n} seed{'s' if n > 1 else ''})"
+        label = f"{algo} (one model)" if agg.get("deterministic") else f"{algo} ({n} seed{'s' if n > 1 else ''})"
         rows.append([label, *(_cell(agg, f"{metric}/{s}") for s in (*tasks, "mean", "worst"))])
     return header, rows
 

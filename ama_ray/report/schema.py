@@ -42,13 +42,24 @@ def aggregate_algorithms(models: dict[str, dict]) -> dict[str, dict]:
     """Per algorithm across its seeds: {"seeds": [...], "mean": {key: v}, "std": {key: v},
     "per_seed": {key: [v per seed, in "seeds" order]}} (per_seed: for the paired verdicts).
 
-    Keys are `flat_metrics` keys; std is the sample standard deviation (0 with one seed).
+    Keys are `flat_metrics` keys; std is the sample standard deviation (0 with one seed). A merged
+    model (`merge_<method>`) is an arm too, marked `"deterministic": true`: it has no seed, so its
+    one value stands beside every generalist seed, and pairing a generalist with it tests the
+    generalist's seeds against that fixed value.
     """
     by_algo: dict[str, list[dict]] = {}
     for entry in models.values():
         if entry["kind"] == "generalist":
             by_algo.setdefault(entry["algorithm"], []).append(entry)
     out = {}
+    seeds = sorted({e["seed"] for entries in by_algo.values() for e in entries})
+    for entry in models.values():
+        if entry["kind"] == "merged":  # one model, no seed: a fixed value beside every generalist seed
+            flat = flat_metrics(entry)
+            out[entry["algorithm"]] = {
+                "seeds": seeds, "deterministic": True, "mean": dict(flat), "std": {k: 0.0 for k in flat},
+                "per_seed": {k: [v] * len(seeds) for k, v in flat.items()},
+            }
     for algo, entries in by_algo.items():
         entries.sort(key=lambda e: e["seed"])
         flats = [flat_metrics(e) for e in entries]

@@ -21,6 +21,7 @@ STAGES = {
     "specialists": "one DPO specialist per task, trained concurrently (Ray Train)",
     "score": "per-example specialist losses (Ray Data)",
     "generalist": "the mixed generalist for each algorithm and seed (Ray Train + mixing actor)",
+    "merge": "the specialists merged into one model per merging.methods (baselines)",
     "evaluate": "per-task test-split metrics for base, specialists and generalists",
     "report": "report.md and report.html from the saved files",
 }

@@ -1,4 +1,4 @@
-"""evaluate: per-task held-out metrics for the base, every specialist and every generalist.
+"""evaluate: per-task held-out metrics for the base, every specialist, generalist and merged model.
 
 Each model is one Ray task (`num_cpus=1`, torch on one thread), so on a cluster the models are
 evaluated in parallel. Every model runs on every task's `test` split (what reports; validation
@@ -46,7 +46,7 @@ class ModelRef:
     """One model to evaluate: `key` is its name in metrics.json (`base`, `specialist/<task>`, ...)."""
 
     key: str
-    kind: str  # base | specialist | generalist
+    kind: str  # base | specialist | generalist | merged
     unit: tuple[str, ...] | None  # run-dir unit holding `model/`; None for the base
     path: str  # the base's directory or hub id; the unit path otherwise
     committed_at: str | None
@@ -89,7 +89,7 @@ def warn(flags: list[dict]) -> None:
 
 
 def find_models(cfg: Config, run_dir: RunDir) -> tuple[list[ModelRef], list[str]]:
-    """The base, committed specialists and committed configured generalists; and the missing keys."""
+    """The base, committed specialists, configured generalists and merged models; and the missing keys."""
     for task in cfg.task_names:
         require_split_unit(run_dir, "score", task)
     models = [ModelRef("base", "base", None, base_model_path(cfg), None)]
@@ -98,6 +98,7 @@ def find_models(cfg: Config, run_dir: RunDir) -> tuple[list[ModelRef], list[str]
         (f"generalist/{a}/seed{s}", "generalist", run_dir.generalist(a, s), dict(algorithm=a, seed=s))
         for a in cfg.generalist.algorithms for s in cfg.generalist.seeds
     ]
+    wanted += [(f"merged/{m}", "merged", run_dir.merged(m), dict(algorithm=merged_arm(m))) for m in cfg.merging.methods]
     missing = []
     for key, kind, unit, extra in wanted:
         man = unit.manifest()
@@ -106,6 +107,11 @@ def find_models(cfg: Config, run_dir: RunDir) -> tuple[list[ModelRef], list[str]
             continue
         models.append(ModelRef(key, kind, unit.parts, unit.path, man.get("committed_at"), **extra))
     return models, missing
+
+
+def merged_arm(method: str) -> str:
+    """The arm name of a merged model in aggregates, reports and compare (`merge_<method>`)."""
+    return f"merge_{method}"
 
 
 def evaluate_hash(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> str:

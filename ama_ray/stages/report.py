@@ -137,7 +137,7 @@ def metric_bars(doc: dict, metric: str, label: str) -> bytes | None:
         series.append({
             "label": algo, "color": plots.algorithm_color(algo),
             "values": [agg["mean"].get(f"{metric}/{g}") for g in groups],
-            "errors": [agg["std"].get(f"{metric}/{g}") for g in groups] if len(agg["seeds"]) > 1 else None,
+            "errors": [agg["std"].get(f"{metric}/{g}") for g in groups] if len(agg["seeds"]) > 1 and not agg.get("deterministic") else None,
         })
     if all(v is None for s in series for v in s["values"]):
         return None

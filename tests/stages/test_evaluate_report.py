@@ -59,7 +59,8 @@ def test_metrics_schema_and_csv(evaluated):
     assert [t["name"] for t in doc["tasks"]] == tasks and all(t["verifier"] for t in doc["tasks"])
     expected = {"base", *(f"specialist/{t}" for t in tasks)}
     expected |= {f"generalist/{a}/seed{s}" for a in cfg.generalist.algorithms for s in cfg.generalist.seeds}
-    assert set(doc["models"]) == expected
+    expected |= {f"merged/{m}" for m in cfg.merging.methods}
+    assert cfg.merging.methods and set(doc["models"]) == expected
     for key, entry in doc["models"].items():
         assert set(entry["per_task"]) == set(tasks), key  # specialists too: every model on every task
         for task in tasks:
@@ -67,7 +68,7 @@ def test_metrics_schema_and_csv(evaluated):
         worst = max(entry["per_task"][t]["excess_loss"] for t in tasks)
         assert entry["aggregates"]["worst"]["excess_loss"] == pytest.approx(worst)
         assert entry["aggregates"]["worst"]["logps/accuracies"] == pytest.approx(min(entry["per_task"][t]["logps/accuracies"] for t in tasks))
-    assert set(doc["aggregates"]["algorithms"]) == set(cfg.generalist.algorithms)
+    assert set(doc["aggregates"]["algorithms"]) == {*cfg.generalist.algorithms, *(f"merge_{m}" for m in cfg.merging.methods)}
     rows = list(csv.DictReader(io.StringIO((run / "eval" / "metrics.csv").read_text())))
     n_values = sum(len(m) for e in doc["models"].values() for m in e["per_task"].values())
     n_values += sum(len(m) for e in doc["models"].values() for m in e["aggregates"].values())
@@ -76,6 +77,49 @@ def test_metrics_schema_and_csv(evaluated):
     assert float(row["value"]) == pytest.approx(doc["models"]["specialist/refusal"]["per_task"]["arithmetic"]["loss"])
     assert row["own_task"] == "refusal" and row["kind"] == "specialist"
     assert (run / "eval" / "_manifest.json").exists()
+
+
+@pytest.mark.timeout(120)
+def test_merged_models_are_built_selected_on_validation_and_reported(evaluated, tmp_path):
+    """The merge stage's units (λ kept = the lowest validation worst-task excess of its grid; the
+    average is the specialists' mean), then the merged arms in metrics.json, the report and compare."""
+    from safetensors.torch import load_file
+
+    from ama_ray.report import compare
+
+    cfg, run, doc = evaluated
+    for method in cfg.merging.methods:
+        man = json.loads((run / "merged" / method / "_manifest.json").read_text())
+        assert man["method"] == method and man["selected_on"] == "validation" and man["lora"] is False
+        grid = [c["lambda"] for c in man["candidates"]]
+        assert grid == ([None] if method == "average" else cfg.merging.lambdas)
+        best = min(man["candidates"], key=lambda c: c["eval/excess_loss/worst"])
+        assert man["lambda"] == best["lambda"]
+        entry = doc["models"][f"merged/{method}"]
+        assert entry["kind"] == "merged" and entry["algorithm"] == f"merge_{method}" and "seed" not in entry
+        arm = doc["aggregates"]["algorithms"][f"merge_{method}"]
+        assert arm["deterministic"] and arm["seeds"] == cfg.generalist.seeds
+        assert arm["mean"]["excess_loss/worst"] == pytest.approx(entry["aggregates"]["worst"]["excess_loss"])
+    merged = load_file(run / "merged" / "average" / "model" / "model.safetensors")
+    tuned = [load_file(run / "specialists" / t / "model" / "model.safetensors") for t in cfg.task_names]
+    assert len(merged) > 5 and set(merged) == set(tuned[0])
+    for name, tensor in merged.items():
+        assert torch.allclose(tensor, sum(t[name] for t in tuned) / len(tuned), atol=1e-6), name
+    assert any(not torch.equal(merged[n], tuned[0][n]) for n in merged)
+    report.run(cfg)
+    text = (run / "report" / "report.md").read_text()
+    assert "merge_average (one model)" in text and "merge_ties (one model)" in text
+    runs = [("r", doc)]
+    header, body = compare.table(runs, "excess_loss")
+    row = next(r for r in body if r[0] == "r merge_task_arithmetic")
+    assert row[-1] == "one model" and "±" not in row[-2]
+    line = compare.paired(runs, "excess_loss", "r ama_s", "r merge_average")
+    diff = doc["aggregates"]["algorithms"]["ama_s"]["mean"]["excess_loss/worst"] - arm_value(doc, "merge_average")
+    assert f"seed 0: {diff:+.3f}" in line
+
+
+def arm_value(doc: dict, arm: str) -> float:
+    return doc["aggregates"]["algorithms"][arm]["mean"]["excess_loss/worst"]
 
 
 @pytest.mark.timeout(60)
