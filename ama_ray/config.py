@@ -299,6 +299,7 @@ class TuneConfig(Section):
     grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial may be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA reduction factor.")
     max_concurrent_trials: int = Field(0, ge=0, description="Trials at once (0: from cluster resources).")
+    seeds_per_trial: int = Field(1, ge=1, description="Seeds each trial trains at once; its objective is their mean at every evaluation (docs/tune.md). Trial seeds are 1000, 1001, ...: never a reported seed.")
     search_space: dict[str, Any] = Field(default_factory=dict, description="Dotted keys under generalist./mixing./eval./scaling. (or `algorithm`) to Tune domains {choice|grid|uniform|loguniform|randint: [...]}, e.g. {mixing.eta_alpha: {loguniform: [0.01, 1]}}.")
 
 

@@ -68,7 +68,7 @@ def test_study_stops_the_bad_trial_and_writes_a_runnable_best_config(tiny_run, t
     manifest = json.loads((study / "_manifest.json").read_text())
     assert manifest["best_trial"] == best_row["trial_id"] and bad["trial_id"] in manifest["stopped_early"]
     for r in rows:
-        unit = study / r["trial_id"] / "ama_s" / "seed0"
+        unit = study / r["trial_id"] / "ama_s" / "seed1000"  # trial seeds are never reported seeds
         assert (unit / "_manifest.json").exists() == (r["status"] == "completed"), r
         assert (study / r["trial_id"] / "config.yaml").exists()
     # The generalist stage's own units were not touched by the study.
@@ -162,3 +162,47 @@ def test_best_row_prefers_completed_trials_and_respects_the_mode():
     ]
     assert best_row(rows, "eval/excess_loss/worst")["trial_id"] == "c"  # b is lower but did not finish
     assert best_row(rows, "eval/rewards/accuracies/mean")["trial_id"] == "a"  # max mode
+
+
+@pytest.mark.timeout(420)
+def test_a_trial_reports_the_mean_of_its_seeds_in_lockstep(tiny_run, tmp_path):
+    """tune.seeds_per_trial = 2: both seeds train at once, Tune sees one result per evaluation
+    (steps 5, 10, 15 once each, not one per seed), and the final objective is the seeds' mean."""
+    from ama_ray.stages import tune
+
+    cfg0, run_dir = tiny_run
+    shutil.copytree(run_dir, tmp_path / run_dir.name)
+    cfg = _study_cfg(tmp_path, cfg0, **{"tune.seeds_per_trial": 2, "tune.search_space": "{generalist.optim.lr: {grid: [0.003]}}"})
+    written = tune.run(cfg)
+    with open(written[0], newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    study = tmp_path / run_dir.name / "tune"
+    finals = [json.loads((study / row["trial_id"] / "ama_s" / f"seed{s}" / "_manifest.json").read_text())["final_metrics"]
+              for s in (1000, 1001)]
+    metric = "eval/excess_loss/worst"
+    assert finals[0][metric] != finals[1][metric]  # two different runs
+    assert float(row[metric]) == pytest.approx((finals[0][metric] + finals[1][metric]) / 2)
+    assert row["status"] == "completed" and int(row["evaluations"]) == 4
+    (progress,) = list((tmp_path / run_dir.name / "_checkpoints" / "tune").rglob("progress.csv"))
+    with open(progress, newline="") as f:
+        steps = [float(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_trial_seeds_are_never_reported_seeds(minimal_cfg):
+    from ama_ray.stages.tune import trial_seeds
+
+    cfg = minimal_cfg.model_copy(deep=True)
+    cfg.tune.seeds_per_trial = 3
+    assert trial_seeds(cfg) == [1000, 1001, 1002]
+    cfg.generalist.seeds = [0, 1001]
+    with pytest.raises(ConfigError, match="tune on a reported seed") as err:
+        trial_seeds(cfg)
+    assert err.value.where == "generalist.seeds"
+
+
+def test_mean_metrics_averages_what_every_seed_reported():
+    from ama_ray.stages.tune import mean_metrics
+
+    out = mean_metrics([{"a": 1.0, "b": 2, "s": "x", "only": 1.0}, {"a": 3.0, "b": 4, "s": "y"}])
+    assert out == {"a": 2.0, "b": 3.0}

@@ -24,8 +24,11 @@ TASK_COLORS = plt.get_cmap("Dark2").colors
 DPI = 110
 
 
+MERGE_COLORS = {"merge_average": "tab:brown", "merge_task_arithmetic": "tab:pink", "merge_ties": "tab:gray"}
+
+
 def algorithm_color(algorithm: str) -> str:
-    return ALGORITHM_COLORS.get(algorithm, "tab:brown")
+    return ALGORITHM_COLORS.get(algorithm) or MERGE_COLORS.get(algorithm, "tab:brown")
 
 
 def _png(fig) -> bytes:

@@ -93,8 +93,8 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
         ("h2", "Verdict"), ("p", headline), ("list", lines),
         ("h2", "Flags"), flags_block(doc),
         ("h2", f"Metrics per task ({split} split)"),
-        ("p", "Bars: the base, each task's specialist on its own task, and each generalist (mean over seeds, error bar: "
-              "std). Excess loss is the mean clipped excess of the training loss (DPO + `dpo.sft_weight` × NLL) over the "
+        ("p", "Bars: the base, each task's specialist on its own task, each generalist (mean over seeds, error bar: "
+              "std) and each merged model (`merge_<method>`, one model: docs/merging.md). Excess loss is the mean clipped excess of the training loss (DPO + `dpo.sft_weight` × NLL) over the "
               "specialist's on the same example (0 = as good as the specialist). In the tables a specialist is shown on every task; its own task is marked (own)."),
     ]
     for metric, label in BAR_METRICS:

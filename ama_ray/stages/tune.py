@@ -1,10 +1,12 @@
 """tune: a Ray Tune study over the generalist's settings, reusing one run's specialists and scores.
 
-Each trial trains one generalist unit (`tune/<trial_id>/<algorithm>/seed<k>/`, its own mixing
-actor) from the run's prepared data, reference log-probs and specialist scores, so a study
-costs only generalist training. Under Ray Train V2 a trial is a Tune *function trainable*
-(a 0.01-CPU share) that builds and fits the unit's `TorchTrainer` with a report callback
-forwarding every held-out evaluation to Tune; ASHA stops trials whose objective lags at a rung.
+Each trial trains one generalist unit per trial seed (`tune/<trial_id>/<algorithm>/seed<k>/`,
+k = 1000, 1001, ... for `tune.seeds_per_trial` seeds, each with its own mixing actor) from the
+run's prepared data, reference log-probs and specialist scores, so a study costs only
+generalist training. Under Ray Train V2 a trial is a Tune *function trainable* (a 0.01-CPU
+share) that fits the seeds' `TorchTrainer`s at once, each with a callback sending its held-out
+evaluations to the trial, which reports their mean to Tune once every seed has made that
+evaluation; ASHA stops trials whose objective lags at a rung.
 
 Outputs in the run directory: `tune/results.csv` (one row per trial: `trial_id`, the sampled
 keys, `eval/excess_loss/worst`, `eval/rewards/accuracies/mean`, `status`, `steps`,
@@ -21,10 +23,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.train.v2.api.callback import UserCallback
 
 from ama_ray.config import Config, dump_yaml
-from ama_ray.errors import AmaError
+from ama_ray.errors import AmaError, ConfigError
 from ama_ray.search_space import check_search_space, max_evaluations, trial_config
 from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.generalist import train_generalist, train_sizes
@@ -39,22 +41,44 @@ REPORTED = ("eval/excess_loss/worst", "eval/rewards/accuracies/mean")
 TRIAL_CPU = 0.01  # the trainable only waits on its TorchTrainer; {"cpu": 0} is rejected by Tune
 
 
-class EvaluationReport(TuneReportCallback):
-    """Tune's Ray Train report callback, forwarding the held-out evaluations before the last step.
+TRIAL_SEEDS_FROM = 1000  # trial seeds are 1000, 1001, ...: a study never tunes on a reported seed
+
+
+class EvaluationReport(UserCallback):
+    """A Ray Train callback (on the seed's Train controller) that sends each held-out evaluation
+    before the last step to the trial, as `(seed index, metrics)` on `queue`.
 
     The training loop also reports train-only metrics between evaluations; Tune refuses results
     without the objective, and ASHA's rungs should count evaluations, not report calls. The
-    last evaluation is held back: `train_trial` reports it once the unit is committed, because
-    a STOP decision on it would kill the trial while it saves.
+    last evaluation is held back: `train_trial` reports it once every seed's unit is committed,
+    because a STOP decision on it would kill the trial while it saves.
     """
 
-    def __init__(self, metric: str, last_step: int):
-        super().__init__()
-        self.metric, self.last_step = metric, last_step
+    def __init__(self, queue, index: int, metric: str, last_step: int):
+        self.queue, self.index, self.metric, self.last_step = queue, index, metric, last_step
 
     def after_report(self, run_context, metrics, checkpoint):
         if metrics and self.metric in metrics[0] and metrics[0].get("step", 0) < self.last_step:
-            super().after_report(run_context, metrics, checkpoint)
+            self.queue.put((self.index, dict(metrics[0])))
+
+
+def trial_seeds(cfg: Config) -> list[int]:
+    """The seeds every trial trains (`tune.seeds_per_trial` of them from TRIAL_SEEDS_FROM); a
+    ConfigError if one is also a reported seed (`generalist.seeds`)."""
+    seeds = list(range(TRIAL_SEEDS_FROM, TRIAL_SEEDS_FROM + cfg.tune.seeds_per_trial))
+    shared = sorted(set(seeds) & set(cfg.generalist.seeds))
+    if shared:
+        raise ConfigError(f"generalist.seeds {shared} are also trial seeds ({seeds[0]}-{seeds[-1]}): a study would tune on a reported seed",
+                          where="generalist.seeds", fix=f"report seeds below {TRIAL_SEEDS_FROM}")
+    return seeds
+
+
+def mean_metrics(results: list[dict]) -> dict:
+    """The mean of every numeric metric the seeds' results all have (one result per seed)."""
+    keys = set.intersection(*(set(r) for r in results))
+    out = {k: sum(r[k] for r in results) / len(results) for k in keys
+           if all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for r in results)}
+    return dict(sorted(out.items()))
 
 
 def study_hash(cfg: Config) -> str:
@@ -78,7 +102,8 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     pipeline.run(cfg, force, through="score")
     check_scores_match(run_dir, cfg)
     ensure_ray()
-    check_unit_resources(cfg, 1, STAGE)
+    trial_seeds(cfg)  # a study that would tune on a reported seed fails before anything runs
+    check_unit_resources(cfg, cfg.tune.seeds_per_trial, STAGE)
     study.begin()
     _drop_stale_study(study)
     results = _fit_study(cfg, space, _trial_base(cfg), base_model_path(cfg), train_sizes(run_dir, cfg))
@@ -119,19 +144,47 @@ def _trial_base(cfg: Config) -> dict:
 # --- the study --------------------------------------------------------------------------
 
 def train_trial(params: dict, *, base: dict, model_path: str, sizes: list[int], metric: str) -> None:
-    """Tune function trainable: train one generalist unit with the sampled settings."""
+    """Tune function trainable: train the sampled settings on every trial seed at once, reporting
+    the seeds' mean in lockstep (evaluation n once every seed has made its n-th), so ASHA always
+    compares complete means."""
+    import threading
+
     from ray import tune
+    from ray.util.queue import Empty, Queue
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params)
     cfg.require_resolved("a Tune trial")
     run = RunDir(cfg.run_dir)
     _write_text(run.tune(trial_id), TRIAL_CONFIG, dump_yaml(cfg))
-    algorithm, seed, steps = cfg.generalist.algorithms[0], cfg.generalist.seeds[0], cfg.generalist.optim.steps
-    train_generalist(cfg, algorithm, seed, model_path, sizes, force=True, trial=trial_id,
-                     callbacks=[EvaluationReport(metric, steps)])
-    final = run.generalist(algorithm, seed, trial_id).manifest()["final_metrics"]
-    tune.report({k: v for k, v in final.items() if isinstance(v, (int, float))})
+    algorithm, steps, seeds = cfg.generalist.algorithms[0], cfg.generalist.optim.steps, trial_seeds(cfg)
+    queue, errors = Queue(actor_options={"num_cpus": 0}), []  # a 1-CPU default could wait behind the trainers
+
+    def train(index: int, seed: int) -> None:
+        try:
+            train_generalist(cfg, algorithm, seed, model_path, sizes, force=True, trial=trial_id,
+                             callbacks=[EvaluationReport(queue, index, metric, steps)])
+        except BaseException as err:  # noqa: BLE001 - re-raised in the trial's thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=train, args=(i, s), daemon=True) for i, s in enumerate(seeds)]
+    for thread in threads:
+        thread.start()
+    evaluations: list[list[dict]] = [[] for _ in seeds]
+    reported = 0
+    while any(t.is_alive() for t in threads) or not queue.empty():
+        try:
+            index, metrics = queue.get(timeout=1.0)
+        except Empty:  # nothing yet: look at the threads again
+            continue
+        evaluations[index].append(metrics)
+        while reported < min(len(e) for e in evaluations):
+            tune.report(mean_metrics([e[reported] for e in evaluations]))
+            reported += 1
+    if errors:
+        raise errors[0]
+    finals = [run.generalist(algorithm, seed, trial_id).manifest()["final_metrics"] for seed in seeds]
+    tune.report({**mean_metrics(finals), "seeds": len(seeds)})
 
 
 def _fit_study(cfg: Config, space: dict, base: dict, model_path: str, sizes: list[int]):
@@ -175,9 +228,10 @@ def concurrent_trials(cfg: Config) -> int:
 
     total = ray.cluster_resources()
     workers = cfg.scaling.num_workers
-    fits = [total.get("CPU", 0.0) // (workers * cfg.scaling.cpus_per_worker + TRIAL_CPU)]
+    seeds = cfg.tune.seeds_per_trial  # a trial trains its seeds at once
+    fits = [total.get("CPU", 0.0) // (seeds * workers * cfg.scaling.cpus_per_worker + TRIAL_CPU)]
     if cfg.scaling.use_gpu:
-        fits.append(total.get("GPU", 0.0) // workers)
+        fits.append(total.get("GPU", 0.0) // (seeds * workers))
     return max(1, int(min(fits)))
 
 

@@ -27,7 +27,7 @@ SHRINK = [  # the job's own settings otherwise: model, LoRA, chat turns, loss, l
     "specialists.optim.steps=2", "specialists.optim.checkpoint_every=2", "specialists.optim.warmup_steps=0",
     "generalist.algorithms=[ama_s]", "generalist.optim.steps=2", "generalist.optim.checkpoint_every=2",
     "generalist.optim.warmup_steps=0", "eval.every_n_steps=2", "eval.max_examples=8",
-    "eval.generation_examples=2", "eval.max_new_tokens=6",
+    "eval.generation_examples=2", "eval.max_new_tokens=6", "merging.methods=[task_arithmetic]", "merging.lambdas=[1.0]",
 ]
 
 pytestmark = pytest.mark.timeout(900)
@@ -116,10 +116,28 @@ def test_merged_lora_specialist_reloads_with_from_pretrained(lora_run, smollm2):
         torch.testing.assert_close(peft_merged[name], ours[name], atol=1e-5, rtol=0)
 
 
+def test_merged_lora_adapters_equal_the_sum_of_the_specialists_updates(lora_run, smollm2):
+    """Task arithmetic at λ = 1 from the LoRA adapters (PEFT's `cat` combination) is the base plus
+    every specialist's own change, as the merged specialists on disk show it."""
+    from safetensors.torch import load_file
+
+    _, run = lora_run
+    man = json.loads((run / "merged" / "task_arithmetic" / "_manifest.json").read_text())
+    assert man["lora"] is True and man["lambda"] == 1.0
+    merged = load_file(str(run / "merged" / "task_arithmetic" / "model" / "model.safetensors"))
+    base = load_file(str(smollm2 / "model.safetensors"))
+    tuned = [load_file(str(run / "specialists" / t / "model" / "model.safetensors")) for t in TASKS]
+    changed = [n for n in merged if not torch.equal(merged[n], base[n])]
+    assert changed and all("proj" in n for n in changed)
+    for name in changed:
+        want = base[name].float() + sum(t[name].float() - base[name].float() for t in tuned)
+        torch.testing.assert_close(merged[name].float(), want, atol=2e-5, rtol=0)
+
+
 def test_every_model_is_evaluated_with_generation(lora_run):
     _, run = lora_run
     doc = json.loads((run / "eval" / "metrics.json").read_text())
-    assert set(doc["models"]) == {"base", *(f"specialist/{t}" for t in TASKS), "generalist/ama_s/seed0"}
+    assert set(doc["models"]) == {"base", *(f"specialist/{t}" for t in TASKS), "generalist/ama_s/seed0", "merged/task_arithmetic"}
     for entry in doc["models"].values():
         for task in TASKS:
             metrics = entry["per_task"][task]
