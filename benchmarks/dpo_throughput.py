@@ -10,7 +10,8 @@ batch size, float32, no activation checkpointing, one torch thread, AdamW at the
       ours+log     the same plus `Job._log` each step (TensorBoard scalars, as `Job.train` does);
       ours+log/10  the proposed change, as a local patch: TensorBoard scalars every 10th step only;
   (d) floor        forward + token cross-entropy + backward + AdamW step on pre-collated batches
-                   of the same 2B rows: what any trainer must do per step.
+                   of the same 2B rows, logits only from the first completion position: what any
+                   trainer must do per step.
 TRL arms are timed between consecutive `on_step_end` callbacks (data loading, collation,
 forward, backward, clipping, optimizer, logging: everything inside `train()`'s loop); ours and
 the floor time whole steps. Arms alternate in blocks (see common.alternate); ratios are medians
@@ -86,24 +87,33 @@ def log_every_n_steps(job, n: int) -> None:
 
 
 def floor_arm(model, pad_id: int, rows: list[dict], batch: int, lr: float):
-    """Forward, cross-entropy on completion tokens, backward, AdamW, on pre-collated batches."""
+    """Forward, cross-entropy on completion tokens, backward, AdamW, on pre-collated batches.
+
+    Logits only from the first position any row's completion needs (`logits_to_keep`, as our
+    step asks for them): what a DPO step cannot avoid. A floor over every position's logits was
+    slower than our step on a 49k vocabulary (issue 17), so it was not a floor.
+    """
     from ama_ray.dpo import collate
 
     batches = []
     for start in range(0, len(rows) - batch + 1, batch):
         b = collate(rows[start : start + batch], pad_id)
-        labels = b["input_ids"][:, 1:].masked_fill(b["completion_mask"][:, 1:] == 0, -100)
-        batches.append((b, labels))
+        mask = b["completion_mask"][:, 1:].bool()
+        length = b["input_ids"].shape[1]
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else length - 2
+        labels = b["input_ids"][:, first + 1 :].masked_fill(~mask[:, first:], -100)
+        batches.append((b, labels, length - first))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     state = {"i": 0}
 
     def run(n: int) -> tuple[float, float]:
         start = common.clock()
         for _ in range(n):
-            b, labels = batches[state["i"] % len(batches)]
+            b, labels, keep = batches[state["i"] % len(batches)]
             state["i"] += 1
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           position_ids=b["position_ids"], use_cache=False).logits[:, :-1]
+                           position_ids=b["position_ids"], use_cache=False, logits_to_keep=keep).logits[:, :-1]
             F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
