@@ -53,6 +53,7 @@ def _merge_all(cfg: Config, run_dir: RunDir, methods: list[str]) -> None:
     import ray
 
     from ama_ray.cluster import ensure_ray
+    from ama_ray.train.launch import find_user_error
 
     committed = {t: run_dir.specialist(t).require(f"specialist of task '{t}'", fix="run `ama-ray specialists` first")
                  for t in cfg.task_names}
@@ -72,7 +73,10 @@ def _merge_all(cfg: Config, run_dir: RunDir, methods: list[str]) -> None:
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         method = pending.pop(done[0])
-        result = ray.get(done[0])
+        try:
+            result = ray.get(done[0])
+        except Exception as err:  # a user error inside the task (a missing file, a bad model) reads as itself
+            raise find_user_error(err) or err from None
         run_dir.merged(method).commit(
             merge_hash(cfg, method), stage=STAGE, method=method, base_model=settings["base"], lora=settings["lora"],
             dtype=cfg.model.dtype, selected_on=SELECT_SPLIT, selected_by=KEPT[0], **{"lambda": result["lambda"]},
