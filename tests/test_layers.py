@@ -1,7 +1,7 @@
 """The package's import layers: no module imports from a layer above its own (issue 24).
 
     cli -> pipeline/stages/report -> train/cluster -> config/search_space -> models/data
-        -> mixing/dpo/storage/paths -> errors/checks
+        -> mixing/merging/dpo/storage/paths -> errors/checks
 
 Function-local imports count too: a late import that runs back up the layers is still a cycle
 in the design. The pure mixing policies import neither Ray nor torch at module level.
@@ -17,7 +17,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ama_ray"
 LAYERS = [
     ("errors", "checks"),
-    ("paths", "storage", "dpo", "mixing"),
+    ("paths", "storage", "dpo", "mixing", "merging"),
     ("models", "data"),
     ("config", "search_space"),
     ("train", "cluster"),
