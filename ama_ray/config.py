@@ -254,8 +254,8 @@ class MergingConfig(Section):
     @field_validator("lambdas")
     @classmethod
     def _positive(cls, lambdas: list[float]) -> list[float]:
-        if any(not (0.0 < x <= 10.0) for x in lambdas):
-            raise ValueError(f"every λ must be in (0, 10], got {lambdas}")
+        if any(not (0.0 < x <= 10.0) for x in lambdas) or len(set(lambdas)) != len(lambdas):
+            raise ValueError(f"the λ grid must hold distinct values in (0, 10], got {lambdas}")
         return lambdas
 
 

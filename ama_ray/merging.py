@@ -46,33 +46,45 @@ def weights(method: str, lam: float | None, k: int) -> torch.Tensor:
     return torch.full((k,), 1.0 / k if method == "average" else float(lam), dtype=torch.float32)
 
 
-def merge_tensor(base: torch.Tensor, tuned: list[torch.Tensor], method: str, lam: float | None, density: float) -> torch.Tensor:
-    """One merged tensor: θ₀ + merge(τ₁..τₖ), computed in float32, returned in `base`'s dtype.
-    Tensors that are not floating point (buffers such as position ids) are the base's."""
+def delta_tensor(base: torch.Tensor, tuned: list[torch.Tensor], method: str, density: float) -> torch.Tensor:
+    """merge(τ₁..τₖ) of one tensor at λ = 1 (`average`: weights 1/k), in float32.
+
+    Every method is linear in λ (TIES trims and elects signs on the τᵢ, whatever their common
+    weight), so a candidate λ is θ₀ + λ · this: the task vectors are merged once per method."""
     from peft.utils import merge_utils
 
-    if not base.is_floating_point():
-        return base
     anchor = base.float()
     taus = [t.float() - anchor for t in tuned]
-    w = weights(method, lam, len(taus))
+    w = weights(method, 1.0, len(taus))
     if method == "ties":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT warns once per tensor that density 1 trims nothing
-            delta = merge_utils.ties(taus, w, density, majority_sign_method="total")
-    else:
-        delta = merge_utils.task_arithmetic(taus, w)
-    return (anchor + delta).to(base.dtype)
+            return merge_utils.ties(taus, w, density, majority_sign_method="total")
+    return merge_utils.task_arithmetic(taus, w)
 
 
-def merge_state(base: dict[str, torch.Tensor], specialists: list[dict[str, torch.Tensor]], method: str,
-                lam: float | None, density: float) -> dict[str, torch.Tensor]:
-    """The merged state dict of full-weight specialists (every state dict has the base's names)."""
+def delta_state(base: dict[str, torch.Tensor], specialists: list[dict[str, torch.Tensor]], method: str,
+                density: float) -> dict[str, torch.Tensor]:
+    """`delta_tensor` of every floating-point tensor of the base (every state dict has its names)."""
     for i, state in enumerate(specialists):
         missing = sorted(set(base) - set(state))
         if missing:
             raise ValueError(f"specialist {i} lacks {len(missing)} of the base's tensors, e.g. {missing[:3]}")
-    return {name: merge_tensor(tensor, [s[name] for s in specialists], method, lam, density) for name, tensor in base.items()}
+    return {name: delta_tensor(t, [s[name] for s in specialists], method, density)
+            for name, t in base.items() if t.is_floating_point()}
+
+
+def apply_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], lam: float | None) -> dict[str, torch.Tensor]:
+    """θ₀ + λ · delta (λ None: 1), each tensor in the base's dtype; tensors that are not floating
+    point (buffers such as position ids) are the base's."""
+    scale = 1.0 if lam is None else float(lam)
+    return {name: (t.float() + scale * delta[name]).to(t.dtype) if name in delta else t for name, t in base.items()}
+
+
+def merge_state(base: dict[str, torch.Tensor], specialists: list[dict[str, torch.Tensor]], method: str,
+                lam: float | None, density: float) -> dict[str, torch.Tensor]:
+    """The merged state dict of full-weight specialists at one λ."""
+    return apply_delta(base, delta_state(base, specialists, method, density), lam)
 
 
 def add_lora_candidates(model, adapters: list[str], method: str, lambdas: list[float], density: float) -> dict[str, float | None]:

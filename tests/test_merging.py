@@ -13,17 +13,21 @@ from ama_ray import merging
 pytestmark = pytest.mark.timeout(60)
 
 
+def _ties(base, tuned, lam, density):
+    return merging.merge_state({"w": base}, [{"w": t} for t in tuned], "ties", lam, density)["w"]
+
+
 def test_ties_matches_a_hand_computation():
     base = torch.ones(4)
     tau1, tau2 = torch.tensor([3.0, -1.0, 0.5, -2.0]), torch.tensor([-4.0, 2.0, 0.1, -1.0])
     # density 0.5 keeps two entries of each: [3, 0, 0, -2] and [-4, 2, 0, 0]. The elected sign is
     # that of the sum [-1, 2, 0, -2] (0 counts as +): [-, +, +, -]. Entries agreeing with it:
     # -4 | 2 | none (zeros have sign 0) | -2; each averaged over the agreeing ones, times λ = 0.5.
-    merged = merging.merge_tensor(base, [base + tau1, base + tau2], "ties", 0.5, density=0.5)
+    merged = _ties(base, [base + tau1, base + tau2], 0.5, density=0.5)
     assert torch.allclose(merged, base + torch.tensor([-2.0, 1.0, 0.0, -1.0]))
     # density 1 trims nothing: the sum [-1, 1, 0.6, -3] elects [-, +, +, -]; entries 0 and 1 keep
     # one value each (-4 and 2), entries 2 and 3 average both (0.3 and -1.5).
-    merged = merging.merge_tensor(base, [base + tau1, base + tau2], "ties", 1.0, density=1.0)
+    merged = _ties(base, [base + tau1, base + tau2], 1.0, density=1.0)
     assert torch.allclose(merged, base + torch.tensor([-4.0, 2.0, 0.3, -1.5]))
 
 
@@ -38,6 +42,11 @@ def test_average_and_task_arithmetic_on_state_dicts():
     assert torch.allclose(arithmetic["w"], base["w"] + 0.3 * sum(t["w"] - base["w"] for t in tuned), atol=1e-6)
     half = {"w": base["w"].half(), "ids": base["ids"]}
     assert merging.merge_state(half, [{**t, "w": t["w"].half()} for t in tuned], "average", None, 0.5)["w"].dtype == torch.float16
+    # Every method is linear in λ: one delta per method serves the whole grid.
+    delta = merging.delta_state(base, tuned, "ties", 0.5)
+    for lam in (0.25, 2.0):
+        assert torch.allclose(merging.apply_delta(base, delta, lam)["w"], merging.merge_state(base, tuned, "ties", lam, 0.5)["w"])
+        assert torch.allclose(merging.apply_delta(base, delta, lam)["w"] - base["w"], lam * delta["w"], atol=1e-6)
     with pytest.raises(ValueError, match="lacks 1 of the base's tensors"):
         merging.merge_state(base, [{"w": base["w"]}], "average", None, 0.5)
 

@@ -185,8 +185,17 @@ def test_a_trial_reports_the_mean_of_its_seeds_in_lockstep(tiny_run, tmp_path):
     assert row["status"] == "completed" and int(row["evaluations"]) == 4
     (progress,) = list((tmp_path / run_dir.name / "_checkpoints" / "tune").rglob("progress.csv"))
     with open(progress, newline="") as f:
-        steps = [float(r["step"]) for r in csv.DictReader(f)]
-    assert steps == [5, 10, 15, 20]
+        reports = list(csv.DictReader(f))
+    assert [float(r["step"]) for r in reports] == [5, 10, 15, 20]
+    # Each intermediate report is the mean of the two seeds' own evaluations at that step.
+    from ama_ray.report.sources import load_scalars
+    from ama_ray.storage import RunDir
+
+    run = RunDir(str(tmp_path / run_dir.name))
+    scalars = [dict(zip(*load_scalars(run, run.generalist("ama_s", s, row["trial_id"]))[metric])) for s in (1000, 1001)]
+    for r in reports[:-1]:
+        step = int(float(r["step"]))
+        assert float(r[metric]) == pytest.approx((scalars[0][step] + scalars[1][step]) / 2, abs=1e-5), step
 
 
 def test_trial_seeds_are_never_reported_seeds(minimal_cfg):

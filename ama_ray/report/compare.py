@@ -86,7 +86,16 @@ def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
         if name not in rows:
             raise ConfigError(f"no row '{name}'", where="--paired", fix=f"use row names from the table: {', '.join(rows)}")
     key = f"{metric}/worst"
+    if rows[a].get("deterministic") and rows[b].get("deterministic"):
+        one, two = (next(iter(rows[n]["per_seed"].values())).get(key) for n in (a, b))
+        return f"{a} − {b}, worst-task {metric}: {fmt(one)} − {fmt(two)}; one model each (merged models have no seeds): not tested"
     va, vb = ({s: m.get(key) for s, m in rows[name]["per_seed"].items()} for name in (a, b))
+    # A merged model's one value stands beside every seed of the other side (its own run's seeds
+    # need not be the other run's).
+    if rows[a].get("deterministic"):
+        va = dict.fromkeys(vb, next(iter(va.values())))
+    elif rows[b].get("deterministic"):
+        vb = dict.fromkeys(va, next(iter(vb.values())))
     result = stats.paired_over_seeds(va, vb)
     if result is None:
         raise ConfigError(f"'{a}' and '{b}' share no seed", where="--paired", fix="pair rows trained on the same generalist.seeds")

@@ -62,7 +62,9 @@ def verdict(doc: dict) -> tuple[str, list[str]]:
             else:
                 line += f", next {second} ({_cell(algos[second], key)})"
                 result = _paired(algos[best], algos[second], key)
-                if result is None:
+                if algos[best].get("deterministic") and algos[second].get("deterministic"):
+                    caveats[key] = f"not tested against {second}: one model each (merged models have no seeds)"
+                elif result is None:
                     if len(algos[best]["seeds"]) > 1:
                         caveats[key] = f"not separated from {second}: no seeds in common to pair"
                 elif len(result.diffs) == 1:

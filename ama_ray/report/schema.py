@@ -55,7 +55,7 @@ def aggregate_algorithms(models: dict[str, dict]) -> dict[str, dict]:
     seeds = sorted({e["seed"] for entries in by_algo.values() for e in entries})
     for entry in models.values():
         if entry["kind"] == "merged":  # one model, no seed: a fixed value beside every generalist seed
-            flat = flat_metrics(entry)
+            flat = {k: v for k, v in flat_metrics(entry).items() if v is not None and not math.isnan(v)}
             out[entry["algorithm"]] = {
                 "seeds": seeds, "deterministic": True, "mean": dict(flat), "std": {k: 0.0 for k in flat},
                 "per_seed": {k: [v] * len(seeds) for k, v in flat.items()},

@@ -309,7 +309,7 @@ def compute_flags(doc: dict, missing: list[str]) -> list[dict]:
         flags.append({
             "kind": "missing_model", "model": key, "task": None, "evidence": {},
             "message": f"{key} is configured but not committed, so it was not evaluated.",
-            "fix": "Run `ama-ray specialists` / `ama-ray generalist` (or `ama-ray run`), then evaluate again.",
+            "fix": "Run `ama-ray specialists` / `ama-ray generalist` / `ama-ray merge` (or `ama-ray run`), then evaluate again.",
         })
     return flags
 

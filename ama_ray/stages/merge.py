@@ -17,6 +17,7 @@ import shutil
 import time
 
 from ama_ray.config import Config, short_hash
+from ama_ray.errors import ConfigError
 from ama_ray.stages import base_model_path, needs_work, open_run
 from ama_ray.stages.score import check_scores_match, score_hash
 from ama_ray.storage import MODEL_DIR, RunDir
@@ -30,15 +31,18 @@ KEPT = ("eval/excess_loss/worst", "eval/excess_loss/mean", "eval/dpo_loss/mean",
 def merge_hash(cfg: Config, method: str) -> str:
     """The specialists and scores it merges, and only the settings `method` reads."""
     settings: dict = {"method": method}
-    if method != "average":
-        settings["lambdas"] = cfg.merging.lambdas
+    if method != "average":  # the λ grid, and the validation rows that choose from it
+        settings.update(lambdas=cfg.merging.lambdas, max_examples=cfg.eval.max_examples)
     if method == "ties":
         settings["density"] = cfg.merging.density
-    return f"{score_hash(cfg)}-{cfg.section_hash('eval.max_examples')}-{short_hash(settings)}"
+    return f"{score_hash(cfg)}-{short_hash(settings)}"
 
 
 def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     """Build every configured merged model not yet committed; returns unit paths."""
+    if cfg.merging.methods and len(cfg.task_names) < 2:
+        raise ConfigError(f"merging needs at least 2 tasks' specialists, this job has {len(cfg.task_names)}",
+                          where="merging.methods", fix="set merging.methods: [] for a one-task job")
     run_dir = open_run(cfg)
     pending = [m for m in cfg.merging.methods if needs_work(run_dir.merged(m), merge_hash(cfg, m), STAGE, force)]
     for method in cfg.merging.methods:
@@ -114,39 +118,48 @@ def merge_method(run_uri: str, method: str, s: dict) -> dict:
         flat = metrics_from_sums(evaluate_rows(net, rows, loss, tokenizer.pad_token_id, s["batch_size"]), tasks, "eval")
         return {k: flat.get(k) for k in KEPT}
 
-    if s["lora"]:
-        from peft import PeftModel
+    def build():
+        if s["lora"]:
+            from peft import PeftModel
 
-        # Adapter names of our own: PEFT refuses names inside its "lora_" prefix (a task named "a").
-        adapters = [f"specialist_{i}" for i in range(len(tasks))]
-        net = PeftModel.from_pretrained(load_model(s["base"], dtype=s["dtype"], **load), str(copies[0] / MODEL_DIR / "adapter"),
-                                        adapter_name=adapters[0])
-        for name, copy in zip(adapters[1:], copies[1:]):
-            net.load_adapter(str(copy / MODEL_DIR / "adapter"), adapter_name=name)
-        names = merging.add_lora_candidates(net, adapters, method, s["lambdas"], s["density"])
-        net = net.to(device)
-        scores = {}
-        for name in names:
-            net.set_adapter(name)
-            scores[name] = score(net)
-        best = merging.best_candidate(scores)
-        merged, lam = net.merge_and_unload(adapter_names=[best]), names[best]
-        candidates = [{"lambda": names[n], **scores[n]} for n in names]
-    else:
-        base = load_model(s["base"], dtype="float32", **load).state_dict()
-        tuned = [load_model(str(c / MODEL_DIR), dtype="float32", **load).state_dict() for c in copies]
-        merged = load_model(s["base"], dtype=s["dtype"], **load).to(device)
-        scores, states = {}, {}
-        for lam in merging.candidates(method, s["lambdas"]):
-            states[lam] = merging.merge_state(base, tuned, method, lam, s["density"])
-            merged.load_state_dict(states[lam])
-            scores[lam] = score(merged)
-        lam = merging.best_candidate(scores)
-        merged.load_state_dict(states[lam])
-        candidates = [{"lambda": c, **v} for c, v in scores.items()]
-    if not run.is_local:
-        for copy in copies:  # downloads from object storage; the weights are in memory now
-            shutil.rmtree(copy, ignore_errors=True)
+            # Adapter names of our own: PEFT refuses names inside its "lora_" prefix (a task named "a").
+            adapters = [f"specialist_{i}" for i in range(len(tasks))]
+            net = PeftModel.from_pretrained(load_model(s["base"], dtype=s["dtype"], **load), str(copies[0] / MODEL_DIR / "adapter"),
+                                            adapter_name=adapters[0])
+            for name, copy in zip(adapters[1:], copies[1:]):
+                net.load_adapter(str(copy / MODEL_DIR / "adapter"), adapter_name=name)
+            names = merging.add_lora_candidates(net, adapters, method, s["lambdas"], s["density"])
+            net = net.to(device)
+            scores = {}
+            for name in names:
+                net.set_adapter(name)
+                scores[name] = score(net)
+            best = merging.best_candidate(scores)
+            merged, lam = net.merge_and_unload(adapter_names=[best]), names[best]
+            candidates = [{"lambda": names[n], **scores[n]} for n in names]
+        else:
+            # The base as the specialists were trained from (model.dtype), so each τᵢ is only what
+            # training changed, not also the rounding of a more precise checkpoint to model.dtype.
+            merged = load_model(s["base"], dtype=s["dtype"], **load)
+            base = {k: v.clone() for k, v in merged.state_dict().items()}
+            delta = merging.delta_state(base, [load_model(str(c / MODEL_DIR), dtype=s["dtype"], **load).state_dict() for c in copies],
+                                        method, s["density"])  # the specialists are freed here: only the delta stays
+            merged = merged.to(device)
+            scores = {}
+            for lam in merging.candidates(method, s["lambdas"]):
+                merged.load_state_dict(merging.apply_delta(base, delta, lam))
+                scores[lam] = score(merged)
+            lam = merging.best_candidate(scores)
+            merged.load_state_dict(merging.apply_delta(base, delta, lam))
+            candidates = [{"lambda": c, **v} for c, v in scores.items()]
+        return merged, lam, candidates
+
+    try:
+        merged, lam, candidates = build()
+    finally:
+        if not run.is_local:
+            for copy in copies:  # downloads from object storage: the weights are in memory (or the task failed)
+                shutil.rmtree(copy, ignore_errors=True)
     with run.merged(method).local_dir() as out:
         merged.to("cpu").save_pretrained(out / MODEL_DIR, safe_serialization=True)
         tokenizer.save_pretrained(out / MODEL_DIR)

@@ -99,10 +99,10 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         log.info("tune: study already committed, skipping (use --force tune to redo it)")
         return outputs
     space = search_space(cfg)
+    trial_seeds(cfg)  # a study that would tune on a reported seed fails before anything runs
     pipeline.run(cfg, force, through="score")
     check_scores_match(run_dir, cfg)
     ensure_ray()
-    trial_seeds(cfg)  # a study that would tune on a reported seed fails before anything runs
     check_unit_resources(cfg, cfg.tune.seeds_per_trial, STAGE)
     study.begin()
     _drop_stale_study(study)
@@ -170,17 +170,22 @@ def train_trial(params: dict, *, base: dict, model_path: str, sizes: list[int], 
     threads = [threading.Thread(target=train, args=(i, s), daemon=True) for i, s in enumerate(seeds)]
     for thread in threads:
         thread.start()
-    evaluations: list[list[dict]] = [[] for _ in seeds]
-    reported = 0
+    # By step, not by arrival: a seed whose worker group restarts from a checkpoint
+    # (scaling.max_failures) evaluates its steps since that checkpoint again.
+    evaluations: list[dict[int, dict]] = [{} for _ in seeds]
+    reported = 0  # the last step reported to Tune
     while any(t.is_alive() for t in threads) or not queue.empty():
+        if errors:  # one seed failed: the trial fails now (the other seeds' trainers die with it)
+            raise errors[0]
         try:
             index, metrics = queue.get(timeout=1.0)
         except Empty:  # nothing yet: look at the threads again
             continue
-        evaluations[index].append(metrics)
-        while reported < min(len(e) for e in evaluations):
-            tune.report(mean_metrics([e[reported] for e in evaluations]))
-            reported += 1
+        evaluations[index][int(metrics["step"])] = metrics
+        for step in sorted(set.intersection(*(set(e) for e in evaluations))):
+            if step > reported:
+                tune.report(mean_metrics([e[step] for e in evaluations]))
+                reported = step
     if errors:
         raise errors[0]
     finals = [run.generalist(algorithm, seed, trial_id).manifest()["final_metrics"] for seed in seeds]

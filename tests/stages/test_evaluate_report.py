@@ -100,6 +100,19 @@ def test_merged_models_are_built_selected_on_validation_and_reported(evaluated, 
         arm = doc["aggregates"]["algorithms"][f"merge_{method}"]
         assert arm["deterministic"] and arm["seeds"] == cfg.generalist.seeds
         assert arm["mean"]["excess_loss/worst"] == pytest.approx(entry["aggregates"]["worst"]["excess_loss"])
+    # The candidates were scored on validation: the first eval.max_examples rows of each task.
+    from ama_ray import dpo
+    from ama_ray.models.loading import load_model, load_tokenizer
+    from ama_ray.train.data import load_task_split, rows_of
+    from ama_ray.train.metrics import evaluate_rows, metrics_from_sums
+
+    path = str(run / "merged" / "average" / "model")
+    net, pad = load_model(path), load_tokenizer(path).pad_token_id
+    kept = json.loads((run / "merged" / "average" / "_manifest.json").read_text())["candidates"][0]["eval/excess_loss/worst"]
+    for split, same in (("validation", True), ("test", False)):
+        rows = [rows_of(load_task_split(RunDir(str(run)), t, split, with_scores=True, limit=cfg.eval.max_examples)) for t in cfg.task_names]
+        flat = metrics_from_sums(evaluate_rows(net, rows, dpo.DPOLossConfig(**cfg.dpo.to_dict()), pad, 64), cfg.task_names, "eval")
+        assert (abs(flat["eval/excess_loss/worst"] - kept) < 1e-5) == same, split
     merged = load_file(run / "merged" / "average" / "model" / "model.safetensors")
     tuned = [load_file(run / "specialists" / t / "model" / "model.safetensors") for t in cfg.task_names]
     assert len(merged) > 5 and set(merged) == set(tuned[0])
@@ -287,6 +300,48 @@ def test_aggregates_and_verdict_by_hand():
     single = {a: aggregate_algorithms({k: v for k, v in models.items() if k.endswith("0")})[a] for a in ("ama_s", "proportional")}
     headline, _ = render.verdict({"run": {"split": "test"}, "aggregates": {"algorithms": single}})
     assert "one seed: not tested against proportional" in headline
+
+
+def _merged_entry(method: str, excess: dict[str, float | None]) -> dict:
+    per_task = {t: {"excess_loss": v} for t, v in excess.items()}
+    return {"kind": "merged", "algorithm": f"merge_{method}", "per_task": per_task,
+            "aggregates": model_aggregates({t: m for t, m in per_task.items() if m["excess_loss"] is not None}, {"excess_loss"})}
+
+
+def test_merged_arms_in_the_aggregates_the_verdict_and_compare():
+    """A merged model is one value beside every generalist seed; two merged models are never
+    "separated" by a test over repeated copies of one number; a missing metric is skipped."""
+    from ama_ray.report import compare
+
+    models = {
+        "a0": _algo_entry("ama_s", 0, {"x": 0.10, "y": 0.20}),
+        "a1": _algo_entry("ama_s", 1, {"x": 0.12, "y": 0.24}),
+        "a2": _algo_entry("ama_s", 2, {"x": 0.11, "y": 0.26}),
+        "m": _merged_entry("average", {"x": 0.05, "y": 0.50}),
+        "t": _merged_entry("ties", {"x": 0.60, "y": None}),
+    }
+    algos = aggregate_algorithms(models)
+    average = algos["merge_average"]
+    assert average["deterministic"] and average["seeds"] == [0, 1, 2]
+    assert average["per_seed"]["excess_loss/worst"] == [0.50] * 3 and average["std"]["excess_loss/worst"] == 0.0
+    assert "excess_loss/y" not in algos["merge_ties"]["mean"]  # null metrics are skipped, not averaged
+    doc = {"run": {"split": "test"}, "tasks": [{"name": "x"}, {"name": "y"}], "lower_is_better": ["excess_loss"],
+           "models": models, "aggregates": {"algorithms": algos, "specialists_own_task": {}}}
+    headline, lines = render.verdict(doc)
+    # ama_s's three seeds against the fixed 0.50: every seed lower (-0.30, -0.26, -0.24).
+    assert lines[0].startswith("Best worst-task excess loss: **ama_s**") and "next merge_average (0.500)" in lines[0]
+    assert "3 of 3 seeds lower" in lines[0]
+    both = {k: algos[k] for k in ("merge_average", "merge_ties")}
+    headline, lines = render.verdict({**doc, "aggregates": {"algorithms": both}})
+    assert "one model each" in lines[0] and "separated" not in lines[0]
+    header, rows = render.metric_table(doc, "excess_loss")
+    assert any(r[0] == "merge_average (one model)" and r[-1] == "0.500" for r in rows)
+    # compare: a merged row pairs with every seed of a generalist of another run
+    other = {**doc, "models": {k: v for k, v in models.items() if k.startswith("a")}}
+    line = compare.paired([("one", {**doc, "models": {"m": models["m"]}}), ("two", other)], "excess_loss", "two ama_s", "one merge_average")
+    assert "seed 0: -0.300" in line and "seed 2: -0.240" in line
+    line = compare.paired([("r", doc)], "excess_loss", "r merge_average", "r merge_ties")
+    assert "one model each" in line and "not tested" in line
 
 
 def test_weak_specialist_thresholds():
