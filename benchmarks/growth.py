@@ -96,9 +96,10 @@ class StorePeak:
         self._thread.join()
 
     def _run(self) -> None:
+        import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        state = get_state_from_address()
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)  # this run's Ray, not the newest one
         while not self._stop.is_set():
             try:
                 reply = get_memory_info_reply(state, timeout_seconds=10.0)

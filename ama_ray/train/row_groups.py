@@ -70,16 +70,21 @@ class RowGroups(Datasource):
 
 
 def _run_of_groups(info: ParquetFileInfo, start: int, count: int, drop: tuple[str, ...]) -> Iterator[pa.Table]:
+    parquet = _open(info)  # once per run, not per row group (a remote file system is a connection)
     for group in range(start, start + count):
-        yield read_row_group(info, group, drop)
+        yield read_row_group(info, group, drop, parquet)
 
 
-def read_row_group(info: ParquetFileInfo, group: int, drop: tuple[str, ...] = ()) -> pa.Table:
+def _open(info: ParquetFileInfo):
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     fs = pafs.FileSystem.from_uri(info.uri)[0] if info.uri else pafs.LocalFileSystem()
-    part = pq.ParquetFile(info.path, filesystem=fs).read_row_group(group)
+    return pq.ParquetFile(info.path, filesystem=fs)
+
+
+def read_row_group(info: ParquetFileInfo, group: int, drop: tuple[str, ...] = (), parquet=None) -> pa.Table:
+    part = (parquet or _open(info)).read_row_group(group)
     part = part.drop_columns([c for c in drop if c in part.column_names])
     if info.tag is not None:
         part = part.append_column(TAG, pa.array([info.tag] * part.num_rows, pa.string()))
