@@ -240,7 +240,7 @@ class MergingConfig(Section):
         default_factory=list,
         description="Merged-specialist baselines to build and evaluate beside the generalists (docs/merging.md): "
         "average (uniform weight averaging), task_arithmetic (base + λ·Σ task vectors), ties (TIES-merging of the task vectors).")
-    lambdas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1,
+    lambdas: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0], min_length=1,
                                  description="task_arithmetic and ties: the λ grid; the λ with the lowest worst-task validation excess loss is kept.")
     density: float = Field(0.5, gt=0.0, le=1.0, description="ties: share of each task vector's largest-magnitude entries kept.")
 

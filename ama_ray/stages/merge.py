@@ -57,7 +57,7 @@ def _merge_all(cfg: Config, run_dir: RunDir, methods: list[str]) -> None:
     import ray
 
     from ama_ray.cluster import ensure_ray
-    from ama_ray.train.launch import find_user_error
+    from ama_ray.train.launch import find_user_error, forwarded_env
 
     committed = {t: run_dir.specialist(t).require(f"specialist of task '{t}'", fix="run `ama-ray specialists` first")
                  for t in cfg.task_names}
@@ -69,7 +69,8 @@ def _merge_all(cfg: Config, run_dir: RunDir, methods: list[str]) -> None:
         "batch_size": cfg.reference.batch_size, "max_examples": cfg.eval.max_examples, "lambdas": cfg.merging.lambdas,
         "density": cfg.merging.density, "use_gpu": cfg.scaling.use_gpu,
     }
-    remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(merge_method)
+    remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0,
+                        runtime_env={"env_vars": forwarded_env(cpu_only=not cfg.scaling.use_gpu)})(merge_method)
     pending = {}
     for method in methods:
         run_dir.merged(method).begin()
@@ -89,6 +90,10 @@ def _merge_all(cfg: Config, run_dir: RunDir, methods: list[str]) -> None:
         )
         chosen = "" if result["lambda"] is None else f" (λ = {result['lambda']:g} of {len(result['candidates'])} on validation)"
         log.info("merge: %s committed%s in %.1f s", method, chosen, result["seconds"])
+        grid = cfg.merging.lambdas
+        if result["lambda"] is not None and len(grid) > 1 and result["lambda"] in (min(grid), max(grid)):
+            log.warning("merge: %s kept λ = %g, the %s end of merging.lambdas %s: the best λ may lie beyond the grid; "
+                        "extend it to see", method, result["lambda"], "low" if result["lambda"] == min(grid) else "high", grid)
 
 
 def merge_method(run_uri: str, method: str, s: dict) -> dict:

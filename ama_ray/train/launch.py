@@ -62,7 +62,7 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
             **run.checkpoint_storage(stage),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": _forwarded_env(cpu_only=not scaling.use_gpu)},
+            worker_runtime_env={"env_vars": forwarded_env(cpu_only=not scaling.use_gpu)},
             callbacks=list(callbacks or []),
             # Ray Train's per-run INFO lines (worker group started, checkpoint saved, ...) only
             # with `ama-ray -v`: the driver prints one progress line per run instead.
@@ -85,7 +85,7 @@ def check_unit_resources(cfg: Config, concurrent: int, stage: str) -> None:
     check_fits(f"{stage}: {concurrent} run(s) of {cfg.scaling.num_workers} worker(s)", bundle, concurrent * cfg.scaling.num_workers, "scaling.cpus_per_worker")
 
 
-def _forwarded_env(cpu_only: bool = False) -> dict[str, str]:
+def forwarded_env(cpu_only: bool = False) -> dict[str, str]:
     """The allow-listed driver variables workers get (never secrets). CPU-only workers also get
     DS_ACCELERATOR=cpu: DeepSpeed would pick the CPU anyway, after a warning on every import."""
     import os

@@ -116,15 +116,15 @@ def test_redact_env_hides_token_key_secret_names(name, hidden):
 
 
 def test_workers_get_only_allowlisted_env(monkeypatch):
-    from ama_ray.train.launch import _forwarded_env
+    from ama_ray.train.launch import forwarded_env
 
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    env = _forwarded_env()
+    env = forwarded_env()
     assert SECRET not in json.dumps(env) and env["HF_HUB_OFFLINE"] == "1"
-    assert "DS_ACCELERATOR" not in env and _forwarded_env(cpu_only=True)["DS_ACCELERATOR"] == "cpu"
+    assert "DS_ACCELERATOR" not in env and forwarded_env(cpu_only=True)["DS_ACCELERATOR"] == "cpu"
 
 
 def test_whole_environment_is_read_only_through_redact_env():
