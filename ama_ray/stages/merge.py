@@ -3,9 +3,10 @@
 The paper compares AMA with merging the specialists as well as with mixing their data. Each
 method is one unit `merged/<method>/` holding `model/` (save_pretrained, with the tokenizer),
 evaluated, reported and compared beside the generalists. A method with a λ grid
-(`task_arithmetic`, `ties`) tries every λ on the validation split (the rows and metrics of
-training's held-out evaluation, at most `eval.max_examples` per task, with the specialists'
-scores) and keeps the lowest worst-task excess loss; the manifest records every candidate.
+(`task_arithmetic`, `ties`) tries every λ on the validation split (the first
+`eval.max_examples` rows of each task in `example_id` order, with the specialists' scores, and
+the metrics of training's held-out evaluation) and keeps the lowest worst-task excess loss; the
+manifest records every candidate.
 Each method is one Ray task (1 CPU, or a GPU with `scaling.use_gpu`), so methods merge in
 parallel. The arithmetic is in `ama_ray.merging` (PEFT's merge functions).
 """
