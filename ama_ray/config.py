@@ -293,8 +293,9 @@ class EvalConfig(Section):
 
 class TuneConfig(Section):
     num_samples: int = Field(4, ge=1, description="Trials.")
-    metric: Literal["eval/excess_loss/worst", "eval/rewards/accuracies/mean"] = Field(
-        "eval/excess_loss/worst", description="Objective (ASHA and best-trial selection)."
+    metric: Literal["eval/excess_loss/worst", "eval/loss/worst", "eval/rewards/accuracies/mean"] = Field(
+        "eval/excess_loss/worst", description="Objective (ASHA and best-trial selection). Without specialists "
+        "(`mixing.excess_target` none or history, no merging) there is no excess: use eval/loss/worst."
     )
     grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial may be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA reduction factor.")
@@ -321,6 +322,16 @@ class Config(Section):
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.data.tasks]
+
+    @property
+    def uses_specialists(self) -> bool:
+        """Whether the run trains and scores specialists: the excess target is their per-example
+        loss, or `merging.methods` merges them. Otherwise (`mixing.excess_target` none or history,
+        no merging) the specialists and score stages are skipped, the generalist reads the
+        reference rows, and nothing reports an excess over a specialist (docs/algorithms.md)."""
+        from ama_ray.mixing.targets import uses_specialists
+
+        return uses_specialists(self.mixing) or bool(self.merging.methods)
 
     @property
     def run_dir(self) -> str:

@@ -9,6 +9,11 @@ Both halves live here so the meaning of `clip` and `excess_target` is defined in
 | none/specialist        | L - s                  | sum_loss_i - sum_specialist_loss_i            |
 | any/none               | L                      | sum_loss_i                                    |
 
+With `excess_target: history` the target s is the task's history target T_i
+(`ama_ray.mixing.targets.HistoryTarget`) for every example of task i, and the table's
+`specialist` rows apply unchanged (the training loop passes T_i where a specialist loss would go,
+so `sum_specialist_loss_i` is n_i T_i).
+
 `per_task_mean` clips the task's batch mean (count_i * max(mean L - mean s, 0) is the same
 sum): it only changes alpha's statistic; theta's gradient is that of L - s, i.e. of L.
 """
@@ -32,13 +37,14 @@ def clipped_excess(loss: "torch.Tensor", specialist_loss: "torch.Tensor", clip: 
     per_example: relu(loss - specialist_loss). Where loss <= specialist_loss the value and the
     gradient are 0 but the example stays in the graph (masked, never dropped), so every DDP
     worker runs backward even when its whole batch has zero excess.
-    per_task_mean / none: loss - specialist_loss. excess_target none: loss itself.
+    per_task_mean / none: loss - specialist_loss. excess_target none: loss itself. `history`: as
+    `specialist`, with the task's history target in `specialist_loss`.
     """
     import torch
 
     if excess_target == "none":
         return loss
-    if excess_target != "specialist":
+    if excess_target not in ("specialist", "history"):
         raise ValueError(f"unknown excess_target {excess_target!r}")
     diff = loss - specialist_loss.to(loss.dtype)
     if clip == "per_example":

@@ -19,6 +19,8 @@ USED_SETTINGS = {
     "ama_r": ("eta_alpha", "smoothing", "clip", "excess_target", "initial_weights"),
     "ama_s": ("eta_alpha", "smoothing", "clip", "excess_target", "initial_weights", "g_bound"),
 }
+# `history_window` is read only with `excess_target: history` (`used_by` adds it then), so the
+# hashes of units trained with the other targets do not change with it.
 """The `MixingSettings` fields each algorithm reads. Changing any other field cannot change its
 run, so a committed generalist unit stays valid (its hash covers only these)."""
 
@@ -30,7 +32,7 @@ STAT_KEYS = ("sum_loss", "sum_specialist_loss", "sum_clipped_excess", "count")
 """
 
 CLIP_MODES = ("per_example", "per_task_mean", "none")
-EXCESS_TARGETS = ("specialist", "none")
+EXCESS_TARGETS = ("specialist", "none", "history")
 BASELINE_OBJECTIVES = ("loss", "excess")
 
 
@@ -51,7 +53,12 @@ class MixingSettings:
     clip: str = "per_example"
     """Which excess drives alpha: per_example | per_task_mean | none (see docs/algorithms.md)."""
     excess_target: str = "specialist"
-    """specialist: excess = loss - specialist loss; none: excess = raw loss (plain Group-DRO/EXP3)."""
+    """What the excess is measured against, per task: specialist (each example's specialist loss),
+    none (0: the raw loss, plain Group-DRO/EXP3) or history (the generalist's own smoothed best
+    loss on the task; no specialists are trained). See docs/algorithms.md, "Targets"."""
+    history_window: float = 64.0
+    """excess_target history: the task loss is smoothed over about this many of the task's
+    training examples (an EMA with decay 1 - 1/W per example) before its running minimum is taken."""
     g_bound: float = 100.0
     """AMA-S clips each importance-weighted estimate g_hat_i to [-g_bound, g_bound].
 
@@ -71,6 +78,7 @@ class MixingSettings:
         check_number("mixing.eta_alpha", self.eta_alpha, low=0.0)
         check_number("mixing.smoothing", self.smoothing, low=0.0, high=1.0)
         check_number("mixing.g_bound", self.g_bound, low=0.0, low_open=True)
+        check_number("mixing.history_window", self.history_window, low=1.0)
         check_choice("mixing.clip", self.clip, CLIP_MODES)
         check_choice("mixing.excess_target", self.excess_target, EXCESS_TARGETS)
         check_choice("mixing.baseline_objective", self.baseline_objective, BASELINE_OBJECTIVES)
@@ -86,7 +94,10 @@ class MixingSettings:
 
     def used_by(self, algorithm: str) -> dict:
         """The fields `algorithm` reads (USED_SETTINGS), as a plain dict."""
-        return {k: v for k, v in self.to_dict().items() if k in USED_SETTINGS[algorithm]}
+        used = {k: v for k, v in self.to_dict().items() if k in USED_SETTINGS[algorithm]}
+        if self.excess_target == "history":
+            used["history_window"] = self.history_window
+        return used
 
 
 def weights_vector(key: str, weights: dict[str, float], tasks: Sequence[str], *,

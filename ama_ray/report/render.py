@@ -23,6 +23,13 @@ CRITERIA = (
     ("generation/accuracy/worst", "worst-task generation accuracy", False),
     ("generation/accuracy/mean", "mean generation accuracy", False),
 )
+# Without specialists (`mixing.excess_target` none or history, no merging) there is no excess:
+# the worst task's held-out loss leads instead.
+LOSS_CRITERIA = (
+    ("loss/worst", "worst-task loss", True),
+    ("loss/mean", "mean loss", True),
+    *CRITERIA[2:],
+)
 Block = tuple
 
 
@@ -47,7 +54,8 @@ def verdict(doc: dict) -> tuple[str, list[str]]:
     if not algos:
         return "No generalist was evaluated: nothing to compare.", []
     lines, caveats, winners = [], {}, {}
-    for key, words, lower in CRITERIA:
+    with_excess = any("excess_loss/worst" in a["mean"] for a in algos.values())
+    for key, words, lower in CRITERIA if with_excess else LOSS_CRITERIA:
         ranked = sorted((a for a in algos if key in algos[a]["mean"]), key=lambda a: algos[a]["mean"][key], reverse=not lower)
         if not ranked:
             continue
@@ -79,12 +87,17 @@ def verdict(doc: dict) -> tuple[str, list[str]]:
     if len(algos) == 1:
         only = next(iter(algos))
         return f"Only one algorithm was trained (**{only}**): no comparison; see the tables against the base and specialists.", lines
-    key = "excess_loss/worst"
-    headline = f"**{winners[key]}** keeps the worst task closest to its specialist (lowest worst-task {doc['run']['split']}-split excess loss"
+    split = doc["run"]["split"]
+    if with_excess:
+        key, mean_key, mean_words = "excess_loss/worst", "excess_loss/mean", "average excess loss"
+        headline = f"**{winners[key]}** keeps the worst task closest to its specialist (lowest worst-task {split}-split excess loss"
+    else:
+        key, mean_key, mean_words = "loss/worst", "loss/mean", "average loss"
+        headline = f"**{winners[key]}** has the lowest worst-task {split}-split loss (no specialists in this run, so no excess"
     headline += f"; {caveats[key]})" if key in caveats else ")"
-    mean_best = winners.get("excess_loss/mean")
+    mean_best = winners.get(mean_key)
     if mean_best and mean_best != winners[key]:
-        headline += f"; **{mean_best}** has the lowest average excess loss"
+        headline += f"; **{mean_best}** has the lowest {mean_words}"
     return headline + ".", lines
 
 

@@ -89,11 +89,15 @@ def warn(flags: list[dict]) -> None:
 
 
 def find_models(cfg: Config, run_dir: RunDir) -> tuple[list[ModelRef], list[str]]:
-    """The base, committed specialists, configured generalists and merged models; and the missing keys."""
+    """The base, committed specialists, configured generalists and merged models; and the missing keys.
+
+    A run without specialists (`Config.uses_specialists`) lists none and needs the reference
+    log-probs only; with them, the scores (each example's specialist loss: the excess)."""
     for task in cfg.task_names:
-        require_split_unit(run_dir, "score", task)
+        require_split_unit(run_dir, "score" if cfg.uses_specialists else "reference", task)
     models = [ModelRef("base", "base", None, base_model_path(cfg), None)]
-    wanted = [("specialist/" + t, "specialist", run_dir.specialist(t), dict(own_task=t)) for t in cfg.task_names]
+    wanted = [("specialist/" + t, "specialist", run_dir.specialist(t), dict(own_task=t))
+              for t in cfg.task_names if cfg.uses_specialists]
     wanted += [
         (f"generalist/{a}/seed{s}", "generalist", run_dir.generalist(a, s), dict(algorithm=a, seed=s))
         for a in cfg.generalist.algorithms for s in cfg.generalist.seeds
@@ -117,7 +121,7 @@ def merged_arm(method: str) -> str:
 def evaluate_hash(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> str:
     """Settings + the commit times of every evaluated model and its inputs: a retrained model re-evaluates."""
     inputs = {m.key: m.committed_at or model_identity(cfg) for m in models}
-    for stage in ("prepare", "reference", "score"):
+    for stage in ("prepare", "reference", "score") if cfg.uses_specialists else ("prepare", "reference"):
         for task in cfg.task_names:
             unit = run_dir.stage_unit(stage, task)
             inputs[unit.label] = (unit.manifest() or {}).get("committed_at")
@@ -141,6 +145,7 @@ def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> dict[s
         "revision": cfg.model.revision,
         "batch_size": cfg.reference.batch_size, "generation_examples": cfg.eval.generation_examples,
         "max_new_tokens": cfg.eval.max_new_tokens, "use_gpu": cfg.scaling.use_gpu, "benchmark_chat": cfg.data.benchmark_chat,
+        "with_scores": cfg.uses_specialists,
     }
     pending = {remote.remote(run_dir.uri, asdict(m), tasks, settings): m.key for m in models}
     results: dict[str, dict] = {}
@@ -181,9 +186,11 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
         shutil.rmtree(copy, ignore_errors=True)  # a download from object storage; the weights are in memory now
     net = net.to(compute_device(settings.get("use_gpu", False)))
     names = [name for name, _ in tasks]
-    rows = [rows_of(load_task_split(run, name, REPORT_SPLIT, with_scores=True)) for name in names]
+    # Without specialists there is nothing to measure an excess against: no excess_loss at all.
+    with_scores = settings.get("with_scores", True)
+    rows = [rows_of(load_task_split(run, name, REPORT_SPLIT, with_scores=with_scores)) for name in names]
     sums = evaluate_rows(net, rows, dpo.DPOLossConfig(**settings["loss"]), tokenizer.pad_token_id, settings["batch_size"])
-    flat = metrics_from_sums(sums, names, "eval")
+    flat = metrics_from_sums(sums, names, "eval", with_excess=with_scores)
     per_task = {name: {} for name in names}
     for key, value in flat.items():
         metric, _, scope = key.removeprefix("eval/").rpartition("/")
@@ -260,6 +267,7 @@ def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(), "base_model": base_model_path(cfg),
             "dpo": cfg.dpo.to_dict(), "generation_examples": cfg.eval.generation_examples,
             "max_new_tokens": cfg.eval.max_new_tokens, "algorithms": cfg.generalist.algorithms, "seeds": cfg.generalist.seeds,
+            "excess_target": cfg.mixing.excess_target, "specialists": cfg.uses_specialists,
         },
         "tasks": [_task_entry(run_dir, t) for t in cfg.data.tasks],
         "lower_is_better": sorted(LOWER_IS_BETTER),

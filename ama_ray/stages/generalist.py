@@ -18,7 +18,7 @@ from ama_ray.cluster import NAMESPACE
 from ama_ray.config import Config, short_hash
 from ama_ray.errors import AmaError
 from ama_ray.stages import base_model_path, needs_work, open_run, progress_name, run_identity
-from ama_ray.stages.score import check_scores_match, score_hash
+from ama_ray.stages.score import check_rows, rows_hash
 from ama_ray.storage import MIXING_HISTORY, RunDir
 from ama_ray.train.checkpointing import fresh_checkpoints
 from ama_ray.train.data import require_prepared
@@ -34,7 +34,7 @@ def generalist_hash(cfg: Config, algorithm: str, seed: int) -> str:
     count, so e.g. adding a tuned `fixed` arm leaves the committed AMA units valid."""
     mixing = short_hash(cfg.mixing.used_by(algorithm))
     training = cfg.section_hash("generalist.optim", "scaling.num_workers", "model.lora", "scaling.deepspeed")
-    return f"{score_hash(cfg)}-{training}-{mixing}-{algorithm}-{seed}"
+    return f"{rows_hash(cfg)}-{training}-{mixing}-{algorithm}-{seed}"
 
 
 def units(cfg: Config) -> list[tuple[str, int]]:
@@ -51,7 +51,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         if needs_work(run_dir.generalist(a, s), generalist_hash(cfg, a, s), STAGE, force)
     ]
     if pending:
-        check_scores_match(run_dir, cfg)
+        check_rows(run_dir, cfg)
         ensure_ray()
         check_unit_resources(cfg, 1, STAGE)
         model_path = base_model_path(cfg)

@@ -17,7 +17,7 @@ from ama_ray.storage import METRICS_CSV, METRICS_JSON, REPORT_HTML, REPORT_MD, R
 
 log = logging.getLogger(__name__)
 STAGE = "report"
-REPORT_VERSION = 2  # bump when the report text or plots change, so committed reports are rebuilt
+REPORT_VERSION = 3  # bump when the report text or plots change, so committed reports are rebuilt
 # (metric, axis label) of the per-task bar charts, in report order.
 BAR_METRICS = (
     ("excess_loss", "clipped excess loss (lower is better)"),
@@ -94,8 +94,8 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
         ("h2", "Flags"), flags_block(doc),
         ("h2", f"Metrics per task ({split} split)"),
         ("p", "Bars: the base, each task's specialist on its own task, each generalist (mean over seeds, error bar: "
-              "std) and each merged model (`merge_<method>`, one model: docs/merging.md). Excess loss is the mean clipped excess of the training loss (DPO + `dpo.sft_weight` × NLL) over the "
-              "specialist's on the same example (0 = as good as the specialist). In the tables a specialist is shown on every task; its own task is marked (own)."),
+              "std) and each merged model (`merge_<method>`, one model: docs/merging.md). " + excess_words(info) +
+              " In the tables a specialist is shown on every task; its own task is marked (own)."),
     ]
     for metric, label in BAR_METRICS:
         bars = metric_bars(doc, metric, label)
@@ -103,6 +103,8 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
             images[f"bars_{metric.replace('/', '_')}.png"] = bars
             blocks.append(("img", f"bars_{metric.replace('/', '_')}.png", f"{metric} per task ({split} split)."))
     for metric in TABLE_METRICS:
+        if not any(metric in m for e in doc["models"].values() for m in e["per_task"].values()):
+            continue  # e.g. no excess without specialists
         header, rows = render.metric_table(doc, metric)
         blocks += [("h3", f"`{metric}` ({split} split)"), ("table", header, rows)]
     blocks += dynamics(run, doc, tasks, images)
@@ -113,7 +115,22 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
     return blocks, images
 
 
+def excess_words(info: dict) -> str:
+    """What "excess loss" means in this run's tables, or why there is none."""
+    if not info.get("specialists", True):
+        return (f"This run has no specialists (`mixing.excess_target: {info.get('excess_target')}`, no merging), so no "
+                "excess loss is reported: the generalists are compared on their own loss and accuracies.")
+    words = ("Excess loss is the mean clipped excess of the training loss (DPO + `dpo.sft_weight` × NLL) over the "
+             "specialist's on the same example (0 = as good as the specialist).")
+    if info.get("excess_target", "specialist") != "specialist":
+        words += (f" The generalists were trained with `mixing.excess_target: {info['excess_target']}`: the specialists "
+                  "serve as a yardstick here (and for merging), not as their mixing target.")
+    return words
+
+
 def flags_block(doc: dict) -> tuple:
+    if not doc["run"].get("specialists", True) and not doc["flags"]:
+        return ("p", "None (this run has no specialists to check).")
     if not doc["flags"]:
         return ("p", f"None: every specialist clearly beat the base on its own task's {doc['run']['split']} split.")
     return ("list", [f"**WARNING ({f['kind']})**: {f['message']} {f['fix']}" for f in doc["flags"]])
@@ -161,11 +178,15 @@ def dynamics(run: RunDir, doc: dict, tasks: list[str], images: dict[str, bytes])
     if histories:
         images["alpha.png"] = plots.alpha_over_steps(histories, tasks)
         images["excess_over_steps.png"] = plots.excess_over_steps(histories, tasks, gen_scalars)
+        target = doc["run"].get("excess_target", "specialist")
+        against = {"specialist": "the specialist's loss", "none": "0 (the raw loss)",
+                   "history": "the task's history target (docs/algorithms.md)"}.get(target, target)
         blocks += [
             ("img", "alpha.png", "Mixing weight α per task over optimizer steps (AMA-S: sampling distribution; AMA-R: loss "
                                  "weights; baselines: their fixed mix)."),
-            ("img", "excess_over_steps.png", "Per-task clipped excess loss over steps: training batches (smoothed) and "
-                                             "the periodic evaluations on the validation split."),
+            ("img", "excess_over_steps.png", f"Per-task clipped excess loss over steps: training batches (smoothed; over "
+                                             f"{against}, the mixing target) and, where the run has specialists, the periodic "
+                                             "evaluations on the validation split (over the specialist)."),
         ]
     else:
         blocks.append(("p", "No mixing history found (no generalist was trained)."))
@@ -184,6 +205,8 @@ def tune_section(run: RunDir, images: dict[str, bytes]) -> list[tuple]:
     if rows is None:
         return []
     metric = sources.TUNE_OBJECTIVE
+    if rows and not any(isinstance(r.get(metric), float) for r in rows) and "eval/loss/worst" in rows[0]:
+        metric = "eval/loss/worst"  # a study without specialists (tune.metric must be a loss then)
     if not rows or metric not in rows[0]:
         return [("h2", "Tune study"), ("p", f"`tune/results.csv` has no `{metric}` column.")]
     images["tune.png"] = plots.tune_objective(rows, metric)

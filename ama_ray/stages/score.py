@@ -5,7 +5,7 @@ reference log-probs) plus `specialist_loss` (the full per-example training objec
 `ama_ray.dpo`, the number the generalist's loss is compared with) and `specialist_dpo_loss`,
 streamed through the actor pool. These are the rows the generalist trains on and evaluate
 reads. The loss settings, dtype and padding are recorded in the manifest; the generalist
-refuses scores made with other settings.
+refuses scores made with other settings. Skipped, like the specialists, when the run has none.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ama_ray.config import Config
 from ama_ray.errors import StageInputError
 from ama_ray.stages import needs_work, open_run
 from ama_ray.stages.inference import PADDING_SIDE, Source, infer
+from ama_ray.stages.reference import reference_hash
 from ama_ray.stages.specialists import specialist_hash
 from ama_ray.storage import MODEL_DIR
 from ama_ray.train.data import SPLITS, require_split_unit
@@ -30,9 +31,28 @@ def score_hash(cfg: Config) -> str:
     return specialist_hash(cfg)
 
 
+def rows_hash(cfg: Config) -> str:
+    """What the generalist's training rows depend on: the scores, or without specialists the
+    reference log-probs alone."""
+    return score_hash(cfg) if cfg.uses_specialists else reference_hash(cfg)
+
+
+def check_rows(run_dir, cfg: Config) -> None:
+    """Refuse to train a generalist on missing or mismatched rows: the scores when the run has
+    specialists (`check_scores_match`), else every task's reference log-probs."""
+    if cfg.uses_specialists:
+        check_scores_match(run_dir, cfg)
+        return
+    for task in cfg.task_names:
+        require_split_unit(run_dir, "reference", task)
+
+
 def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     """Score every task whose scores are not committed; returns unit paths."""
     run_dir = open_run(cfg)
+    if not cfg.uses_specialists:
+        log.info("score: not needed (no specialists in this run); skipped")
+        return []
     digest = score_hash(cfg)
     for task in cfg.task_names:
         unit = run_dir.scores(task)

@@ -3,6 +3,8 @@
 A specialist is the training loop with k=1 and the plain DPO loss, started from the base model.
 Its best checkpoint on the validation split (lowest DPO loss) is saved with `save_pretrained` to
 `specialists/<task>/model/` and committed on its own, so a crash in one keeps the others.
+Skipped when the run needs no specialists (`Config.uses_specialists`: a target other than the
+specialist's loss and no merging).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     from ama_ray.cluster import ensure_ray
 
     run_dir = open_run(cfg)
+    if not cfg.uses_specialists:
+        log.info("specialists: not needed (mixing.excess_target=%s, no merging.methods); skipped", cfg.mixing.excess_target)
+        return []
     digest = specialist_hash(cfg)
     pending = [t for t in cfg.data.tasks if needs_work(run_dir.specialist(t.name), digest, STAGE, force)]
     for t in cfg.data.tasks:

@@ -30,14 +30,14 @@ from ama_ray.errors import AmaError, ConfigError
 from ama_ray.search_space import check_search_space, max_evaluations, trial_config
 from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.generalist import train_generalist, train_sizes
-from ama_ray.stages.score import check_scores_match, score_hash
+from ama_ray.stages.score import check_rows, rows_hash
 from ama_ray.stages.tune_groups import OrphanedGroupCleanup
 from ama_ray.storage import BEST_YAML, RESULTS_CSV, TRIAL_CONFIG, RunDir, Unit
 
 log = logging.getLogger(__name__)
 STAGE = "tune"
-MODES = {"eval/excess_loss/worst": "min", "eval/rewards/accuracies/mean": "max"}
-REPORTED = ("eval/excess_loss/worst", "eval/rewards/accuracies/mean")
+MODES = {"eval/excess_loss/worst": "min", "eval/loss/worst": "min", "eval/rewards/accuracies/mean": "max"}
+REPORTED = tuple(MODES)
 TRIAL_CPU = 0.01  # the trainable only waits on its TorchTrainer; {"cpu": 0} is rejected by Tune
 
 
@@ -81,8 +81,18 @@ def mean_metrics(results: list[dict]) -> dict:
     return dict(sorted(out.items()))
 
 
+def check_metric(cfg: Config) -> None:
+    """A study without specialists cannot optimise an excess over them: ConfigError."""
+    if "excess" in cfg.tune.metric and not cfg.uses_specialists:
+        raise ConfigError(
+            f"tune.metric {cfg.tune.metric} needs specialists, and this run has none "
+            f"(mixing.excess_target={cfg.mixing.excess_target}, no merging.methods)",
+            where="tune.metric", fix="set tune.metric=eval/loss/worst (the worst task's held-out loss)",
+        )
+
+
 def study_hash(cfg: Config) -> str:
-    return score_hash(cfg) + "-" + cfg.section_hash("generalist", "mixing", "eval", "scaling", "tune", "seed")
+    return rows_hash(cfg) + "-" + cfg.section_hash("generalist", "mixing", "eval", "scaling", "tune", "seed")
 
 
 def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
@@ -99,9 +109,10 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         log.info("tune: study already committed, skipping (use --force tune to redo it)")
         return outputs
     space = search_space(cfg)
+    check_metric(cfg)
     trial_seeds(cfg)  # a study that would tune on a reported seed fails before anything runs
     pipeline.run(cfg, force, through="score")
-    check_scores_match(run_dir, cfg)
+    check_rows(run_dir, cfg)
     ensure_ray()
     check_unit_resources(cfg, cfg.tune.seeds_per_trial, STAGE)
     study.begin()

@@ -44,7 +44,7 @@ def fit_unit(cfg: Config, spec: UnitSpec, stage: str, callbacks: list | None = N
     run = RunDir(cfg.run_dir)
     unit = run.unit(*spec.out_unit)
     scaling = cfg.scaling
-    with_scores = spec.kind == "generalist"
+    with_scores = spec.reads_scores(cfg)
     datasets = {task: task_dataset(run, task, with_scores) for task in spec.tasks}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -29,7 +29,8 @@ import torch
 
 from ama_ray.config import Config, OptimConfig
 from ama_ray.errors import NumericalError, StorageError
-from ama_ray.mixing import LocalMixer, batch_objective
+from ama_ray.mixing import LocalMixer, MixingSettings, batch_objective
+from ama_ray.mixing.targets import make_target
 from ama_ray.storage import MODEL_DIR, RunDir, Unit
 from ama_ray.train import checkpointing
 from ama_ray.train.data import SELECT_SPLIT, ShardStream, draw_batch, load_task_split, rows_of
@@ -108,7 +109,7 @@ class Job:
         engine = build_engine(cfg, optim_cfg, spec.model_path, spec.steps, rank, world)
         import ray.train
 
-        with_scores = spec.kind == "generalist"
+        with_scores = spec.reads_scores(cfg)
         # Each task's training rows stream from its Ray Data dataset (`fit_unit` passes them).
         streams = [ShardStream(t, ray.train.get_dataset_shard(t), spec.seed, rank, world) for t in spec.tasks]
         per_worker_eval = math.ceil(cfg.eval.max_examples / world)
@@ -118,6 +119,7 @@ class Job:
             for t in spec.tasks
         ])
         policy = spec.policy()
+        settings = MixingSettings(**spec.settings)
         if spec.actor_name:
             from ama_ray.mixing.actor import RayMixer
 
@@ -130,7 +132,15 @@ class Job:
             eval_rows=eval_rows, loss_cfg=cfg.dpo, policy=policy, mixer=mixer, progress=ProgressClient(spec.progress_name, unit.label, rank),
             pad_id=tokenizer.pad_token_id, state=WorkerState(), writer=_tensorboard(run, unit, rank),
             tasks=list(spec.tasks), k=len(spec.tasks), best_dir=run.best_dir(unit),
+            target=make_target(settings, len(spec.tasks)),
+            # Excess metrics only against a specialist: eval rows carry its losses (yardstick) when
+            # the run has specialists; training batches when the target is the specialist's loss.
+            eval_excess=with_scores, train_excess=with_scores and settings.excess_target != "history",
         )
+
+    # Defaults for jobs built by hand (benchmarks, tests): a specialist-loss target, excess metrics.
+    target = None  # HistoryTarget with mixing.excess_target history
+    eval_excess = train_excess = True
 
     # -- resume and checkpoints ----------------------------------------------------------------
     checkpoint_suffix = ""  # appended to checkpoint folder names after resuming past a corrupt one
@@ -161,6 +171,8 @@ class Job:
         for stream in self.streams:
             stream.seek(self.state.positions[stream.task])
         self.mixer.restore(saved.get("mixer"), self.state.step)
+        if self.target is not None:
+            self.target.load_state_dict(saved["target"])
         if tried:
             # Later checkpoints get new folder names: re-reporting a skipped one's name would make Ray
             # Train's checkpoint manager delete the folder of the new one with the old (rank 0's
@@ -184,6 +196,7 @@ class Job:
                     "best_step": self.state.best_step,
                     "positions": {str(r): p for r, p in enumerate(all_positions)},
                     "mixer": self.mixer.state(),
+                    "target": None if self.target is None else self.target.state_dict(),
                 })
             checkpoint = None
             if wrote or self.rank == 0:
@@ -233,6 +246,7 @@ class Job:
         # the whole step's, times the world size because DDP and DeepSpeed average gradients.
         scale = self.world if self.optim.global_batch_size else 1
         sums = torch.zeros(len(ROW), self.k, dtype=torch.float64)
+        targets = None if self.target is None else torch.as_tensor(self.target.targets())
         chunks = np.array_split(np.arange(len(examples)), self.optim.grad_accum)
         engine = self.engine
         for j, idx in enumerate(chunks):
@@ -241,7 +255,8 @@ class Job:
                 rows = [examples[i] for i in idx]
                 with engine.autocast():
                     out = per_example(engine.module, rows, self.loss_cfg, self.pad_id)
-                spec_loss = specialist_losses(rows, out["loss"])
+                spec_loss = (specialist_losses(rows, out["loss"]) if targets is None
+                             else targets.to(out["loss"].dtype)[task_ids[idx]].to(out["loss"].device))
                 e = self.policy.objective(out["loss"], spec_loss)
                 engine.backward(scale * batch_objective(e, task_ids[idx], loss_weights, step_counts, total), last)
             sums += task_sums(out, task_ids[idx], spec_loss, self.k)
@@ -251,12 +266,16 @@ class Job:
         # before a non-finite statistic reaches the mixing policy (which would stall the others).
         self.check_finite(step, sums)
         self.mixer.report(step, mixing_stats(sums))
+        if self.target is not None:  # the same all-reduced sums on every rank: the copies agree
+            self.target.update(sums[ROW["loss"]].numpy(), sums[ROW["count"]].numpy())
         # Ask for alpha_{t+1} now: the actor answers once step t's report is applied, which
         # overlaps clipping and the optimizer step.
         self.mixer.prefetch(step + 1)
         grad_norm = engine.step(on_nonfinite=lambda norm: self._nonfinite_gradient(step, norm))
-        metrics = metrics_from_sums(sums, self.tasks, "train", with_excess=self.spec.kind == "generalist")
+        metrics = metrics_from_sums(sums, self.tasks, "train", with_excess=self.train_excess)
         metrics.update({f"mix/alpha/{t}": float(a) for t, a in zip(self.tasks, alpha)})
+        if targets is not None:
+            metrics.update({f"mix/target/{t}": float(v) for t, v in zip(self.tasks, targets.tolist())})
         metrics.update({f"mix/count/{t}": float(c) for t, c in zip(self.tasks, sums[ROW["count"]].tolist())})
         metrics.update({"step": step + 1, "train/grad_norm": grad_norm, "train/lr": engine.lr(), "train/data_seconds": waited})
         return metrics
@@ -301,7 +320,7 @@ class Job:
             sums = evaluate_rows(self.engine.bare, self.eval_rows, self.loss_cfg, self.pad_id, self.cfg.reference.batch_size)
         if self.world > 1:
             torch.distributed.all_reduce(sums)
-        metrics = metrics_from_sums(sums, self.tasks, "eval", with_excess=self.spec.kind == "generalist")
+        metrics = metrics_from_sums(sums, self.tasks, "eval", with_excess=self.eval_excess)
         score = metrics["eval/dpo_loss/mean"]
         if self.spec.kind == "specialist" and score < self.state.best_eval:
             self.state.best_eval, self.state.best_step = score, self.state.step

@@ -31,6 +31,11 @@ class UnitSpec:
 
         return make_policy(self.algorithm, self.tasks, self.sizes or [1] * len(self.tasks), MixingSettings(**self.settings))
 
+    def reads_scores(self, cfg) -> bool:
+        """Whether this unit trains on the score stage's rows (with each example's specialist
+        loss) rather than the reference stage's: generalists of a run that has specialists."""
+        return self.kind == "generalist" and cfg.uses_specialists
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 

@@ -103,7 +103,7 @@ def test_mixing_package_imports_without_ray_or_torch():
 OTHER_VALUE = {
     "eta_alpha": 0.9, "smoothing": 0.4, "clip": "none", "excess_target": "none", "g_bound": 0.05,
     "initial_weights": {"math": 5.0, "safety": 1.0, "code": 1.0}, "fixed_weights": {"math": 1.0, "safety": 2.0, "code": 3.0},
-    "baseline_objective": "excess",
+    "baseline_objective": "excess", "history_window": 10.0,
 }
 
 
