@@ -86,7 +86,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from ama_ray.storage import RunDir
 
         runs = [(label, load_metrics(RunDir(absolute(path, os.getcwd())))) for label, path in compare.label_runs(args.runs)]
-        sys.stdout.write(compare.render(runs, args.metric or list(compare.DEFAULT_METRICS), [tuple(p) for p in args.paired]))
+        sys.stdout.write(compare.render(runs, args.metric or compare.default_metrics(runs), [tuple(p) for p in args.paired]))
         return 0
     if args.command == "verify":
         return verify(args.run_dir)

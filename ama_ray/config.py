@@ -366,6 +366,8 @@ class Config(Section):
         are, so the same files reached by another path reuse committed units.
         """
         dump = content_identity(self.model_dump(mode="json"))
+        if self.mixing.excess_target != "history":  # read by nothing else: hashes made before it existed stay valid
+            dump["mixing"].pop("history_window")
         return short_hash({s: _dig(dump, s) for s in sections})
 
     # -- paths ---------------------------------------------------------------------------

@@ -36,10 +36,14 @@ def check_search_space(cfg) -> dict[str, tuple[str, list]]:
         kind, args = domain_spec(key, spec)
         for value in candidates(kind, args):
             try:
-                trial_config(base, {key: value})
+                trial = trial_config(base, {key: value})
             except ConfigError as err:
                 raise ConfigError(f"value {value!r} does not fit the config: {err.what}", where=f"tune.search_space.{key}",
                                   fix="use a dotted key from docs/configuration.md and values in its range") from None
+            if trial.uses_specialists != cfg.uses_specialists:  # trials share one run's specialists and scores, or none
+                raise ConfigError(f"value {value!r} would {'need' if trial.uses_specialists else 'drop'} the specialists, "
+                                  "which every trial shares with the run", where=f"tune.search_space.{key}",
+                                  fix="compare excess targets with separate runs (`ama-ray compare`), not within one study")
         out[key] = (kind, args)
     return out
 

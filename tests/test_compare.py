@@ -58,6 +58,17 @@ def test_paired_differences_per_seed():
         compare.paired([("r1", RUN1)], "excess_loss", "r1 fixed", "r1 balanced")
 
 
+def test_runs_without_specialists_compare_on_the_loss():
+    doc = json.loads(json.dumps(RUN1))
+    doc["run"]["specialists"] = False
+    assert compare.default_metrics([("r", doc)]) == ["loss", "rewards/accuracies", "generation/accuracy"]
+    assert compare.default_metrics([("r", doc), ("s", RUN1)])[0] == "excess_loss"  # one run has them
+    from ama_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no worst-task loss"):  # not "share no seed"
+        compare.paired([("r1", RUN1)], "loss", "r1 ama_s", "r1 balanced")
+
+
 def test_cli_reads_committed_evaluations(tmp_path, capsys):
     for name, doc in (("one", RUN1), ("two", RUN2)):
         unit = tmp_path / name / "eval"

@@ -120,8 +120,14 @@ def test_search_space_domains_and_errors(minimal_cfg):
         ({"mixing.eta_alpha": {"loguniform": [0.0, 1.0]}}, "tune.search_space.mixing.eta_alpha"),
         ({"mixing.eta_alpha": {"uniform": [1.0, 0.5]}}, "tune.search_space.mixing.eta_alpha"),
         ({"dpo.beta": {"choice": [0.1, 0.5]}}, "tune.search_space.dpo.beta"),  # would make the scores stale
+        # minimal.yaml merges, so it keeps its specialists; without merging, history would drop them
+        ({"mixing.excess_target": {"choice": ["specialist", "history"]}}, None),
     ]:
         cfg.tune.search_space = bad
+        if where is None:
+            search_space(cfg)  # allowed while merging keeps the specialists in every trial
+            cfg.merging.methods = []
+            where = "tune.search_space.mixing.excess_target"
         with pytest.raises(ConfigError) as err:
             search_space(cfg)
         assert err.value.where == where

@@ -16,6 +16,13 @@ from ama_ray.report.render import fmt, to_markdown
 from ama_ray.report.schema import flat_metrics, model_aggregates
 
 DEFAULT_METRICS = ("excess_loss", "rewards/accuracies", "generation/accuracy")
+NO_SPECIALIST_METRICS = ("loss", "rewards/accuracies", "generation/accuracy")  # no excess without specialists
+
+
+def default_metrics(runs: list[tuple[str, dict]]) -> list[str]:
+    """DEFAULT_METRICS, or with the loss first when no run has specialists (hence no excess)."""
+    has_excess = any(doc["run"].get("specialists", True) for _, doc in runs)
+    return list(DEFAULT_METRICS if has_excess else NO_SPECIALIST_METRICS)
 
 
 def label_runs(args: list[str]) -> list[tuple[str, str]]:
@@ -96,6 +103,10 @@ def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
         va = dict.fromkeys(vb, next(iter(va.values())))
     elif rows[b].get("deterministic"):
         vb = dict.fromkeys(va, next(iter(vb.values())))
+    for name, values in ((a, va), (b, vb)):
+        if all(v is None for v in values.values()):
+            raise ConfigError(f"row '{name}' has no worst-task {metric}", where="--paired",
+                              fix="pair on a metric both rows have (--metric; runs without specialists have no excess_loss: use loss)")
     result = stats.paired_over_seeds(va, vb)
     if result is None:
         raise ConfigError(f"'{a}' and '{b}' share no seed", where="--paired", fix="pair rows trained on the same generalist.seeds")

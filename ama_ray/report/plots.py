@@ -126,12 +126,12 @@ def excess_over_steps(histories: list[History], tasks: list[str], held_out: dict
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
-        ax.set_ylabel("clipped excess loss")
+        ax.set_ylabel("clipped excess loss")  # over the run's mixing target (the report's caption names it)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.08))
-    fig.suptitle("Excess loss over the specialist, per task (mean over seeds)", fontsize=11)
+    fig.suptitle("Excess loss over the mixing target, per task (mean over seeds)", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _png(fig)
 

@@ -204,13 +204,12 @@ def tune_section(run: RunDir, images: dict[str, bytes]) -> list[tuple]:
     rows = sources.load_tune(run)
     if rows is None:
         return []
-    metric = sources.TUNE_OBJECTIVE
-    if rows and not any(isinstance(r.get(metric), float) for r in rows) and "eval/loss/worst" in rows[0]:
-        metric = "eval/loss/worst"  # a study without specialists (tune.metric must be a loss then)
+    # The study's own objective (its manifest); older studies without one optimised the excess.
+    metric = (run.tune().manifest() or {}).get("metric", sources.TUNE_OBJECTIVE)
     if not rows or metric not in rows[0]:
         return [("h2", "Tune study"), ("p", f"`tune/results.csv` has no `{metric}` column.")]
     images["tune.png"] = plots.tune_objective(rows, metric)
     usable = [r for r in rows if isinstance(r[metric], float) and r[metric] == r[metric]]
-    best = min(usable, key=lambda r: r[metric]) if usable else None
+    best = (min if "loss" in metric else max)(usable, key=lambda r: r[metric]) if usable else None
     text = f"{len(rows)} trials; best `{best.get('trial_id')}` with {metric} = {best[metric]:.4f}." if best else f"{len(rows)} trials, none finished."
     return [("h2", "Tune study"), ("p", text), ("img", "tune.png", f"{metric} per trial.")]

@@ -32,9 +32,10 @@ def score_hash(cfg: Config) -> str:
 
 
 def rows_hash(cfg: Config) -> str:
-    """What the generalist's training rows depend on: the scores, or without specialists the
-    reference log-probs alone."""
-    return score_hash(cfg) if cfg.uses_specialists else reference_hash(cfg)
+    """What a generalist's training depends on before its own settings: the scores (which cover
+    the DPO loss through the specialists), or without specialists the reference log-probs and
+    the DPO loss."""
+    return score_hash(cfg) if cfg.uses_specialists else reference_hash(cfg) + "-" + cfg.section_hash("dpo")
 
 
 def check_rows(run_dir, cfg: Config) -> None:
@@ -44,7 +45,25 @@ def check_rows(run_dir, cfg: Config) -> None:
         check_scores_match(run_dir, cfg)
         return
     for task in cfg.task_names:
-        require_split_unit(run_dir, "reference", task)
+        check_split_rows(run_dir, "reference", task, "--force reference")
+
+
+def check_split_rows(run_dir, stage: str, task: str, force: str) -> dict:
+    """The committed `stage` unit of `task` (its manifest), refused when a split's file, its
+    manifest and the prepared split disagree on the row count (the data changed after it ran)."""
+    unit = run_dir.stage_unit(stage, task)
+    man = require_split_unit(run_dir, stage, task)
+    prepared = require_split_unit(run_dir, "prepare", task)["rows"]
+    for split in SPLITS:
+        path = unit.file(unit.split_file(split))
+        rows = pq.ParquetFile(path, filesystem=unit.fs).metadata.num_rows  # the footer: cheap at any size
+        if not rows == man["rows"][split] == prepared[split]:
+            raise StageInputError(
+                f"holds {rows} rows (its manifest says {man['rows'][split]}) but the prepared {split} split has {prepared[split]}",
+                where=path,
+                fix=f"the data changed after this stage ran: rerun `ama-ray run {force}` (or --force reference if the data itself changed)",
+            )
+    return man
 
 
 def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
@@ -80,7 +99,7 @@ def check_scores_match(run_dir, cfg: Config) -> None:
     for other data (their row counts differ from the prepared splits')."""
     for task in cfg.task_names:
         unit = run_dir.scores(task)
-        man = require_split_unit(run_dir, STAGE, task)
+        man = check_split_rows(run_dir, STAGE, task, "--force score")
         wanted = {"loss": cfg.dpo.to_dict(), "dtype": cfg.model.dtype, "padding_side": PADDING_SIDE}
         found = {k: man.get(k) for k in wanted}
         if found != wanted:
@@ -90,13 +109,3 @@ def check_scores_match(run_dir, cfg: Config) -> None:
                 where=unit.path,
                 fix="rerun `ama-ray score --force score` (and specialists if the loss changed)",
             )
-        prepared = require_split_unit(run_dir, "prepare", task)["rows"]
-        for split in SPLITS:
-            path = unit.file(unit.split_file(split))
-            rows = pq.ParquetFile(path, filesystem=unit.fs).metadata.num_rows  # the footer: cheap at any size
-            if not rows == man["rows"][split] == prepared[split]:
-                raise StageInputError(
-                    f"holds {rows} rows (its manifest says {man['rows'][split]}) but the prepared {split} split has {prepared[split]}",
-                    where=path,
-                    fix="the data changed after scoring: rerun `ama-ray run --force score` (or --force reference if the data itself changed)",
-                )

@@ -241,6 +241,11 @@ def test_report_tune_section(evaluated, tmp_path):
     assert "## Tune study" in md and "3 trials; best `t1`" in md and "0.1200" in md
     assert images["tune.png"][:4] == b"\x89PNG"
     assert report.tune_section(RunDir(str(run)), {}) == []  # no study, no section
+    # The study's own objective (its manifest), e.g. the loss of a run without specialists.
+    (tmp_path / "r" / "tune" / "results.csv").write_text("trial_id,eval/excess_loss/worst,eval/loss/worst\nt0,,0.5\nt1,,0.4\n")
+    (tmp_path / "r" / "tune" / "_manifest.json").write_text(json.dumps({"config_hash": "x", "metric": "eval/loss/worst"}))
+    md = render.to_markdown(report.tune_section(RunDir(str(tmp_path / "r")), {}))
+    assert "best `t1` with eval/loss/worst = 0.4000" in md
 
 
 @pytest.mark.timeout(90)

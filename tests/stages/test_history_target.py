@@ -89,6 +89,21 @@ def test_history_target_runs_without_specialists_and_resumes(tiny_run, tmp_path,
     assert pq.read_table(gen.file(MIXING_HISTORY)).equals(history)
 
 
+def test_hashes(minimal_cfg, tmp_path):
+    """Without specialists the generalist's hash covers the DPO loss itself (the scores did before);
+    `history_window` counts only for the history target, so older hashes stay valid."""
+    from ama_ray.stages.generalist import generalist_hash
+    from ama_ray.stages.tune import study_hash
+
+    history = _cfg(minimal_cfg, tmp_path)
+    assert generalist_hash(history, "ama_s", 0) != generalist_hash(_cfg(minimal_cfg, tmp_path, "dpo.beta=0.5"), "ama_s", 0)
+    assert generalist_hash(history, "ama_s", 0) != generalist_hash(_cfg(minimal_cfg, tmp_path, "mixing.history_window=8"), "ama_s", 0)
+    plain = minimal_cfg.model_copy(deep=True)
+    other = minimal_cfg.model_copy(deep=True)
+    other.mixing.history_window = 8
+    assert study_hash(plain) == study_hash(other) and plain.section_hash("mixing") == other.section_hash("mixing")
+
+
 def test_a_run_without_specialists_cannot_tune_on_excess(minimal_cfg, tmp_path):
     from ama_ray.stages.tune import check_metric
 
