@@ -21,7 +21,7 @@ from ama_ray.errors import ConfigError
 from ama_ray.mixing.targets import HistoryTarget
 from ama_ray.storage import MIXING_HISTORY, RunDir
 
-OVERRIDES = ("mixing.excess_target=history", "mixing.history_window=16", "merging.methods=[]",
+OVERRIDES = ("mixing.excess_target=history", "mixing.clip=per_task_mean", "mixing.history_window=16", "merging.methods=[]",
              "generalist.optim.steps=24", "generalist.optim.checkpoint_every=8", "eval.every_n_steps=8",
              "eval.generation_examples=4", "scaling.max_failures=1")
 
@@ -87,6 +87,14 @@ def test_history_target_runs_without_specialists_and_resumes(tiny_run, tmp_path,
     assert (root / "_faults").exists()
     assert gen.manifest()["final_metrics"]["check/resumed_at_step"] == 8
     assert pq.read_table(gen.file(MIXING_HISTORY)).equals(history)
+
+
+def test_per_example_clip_against_a_history_target_is_advised_against(minimal_cfg, tmp_path):
+    from ama_ray.stages.generalist import target_advice
+
+    assert target_advice(_cfg(minimal_cfg, tmp_path)) is None
+    assert "mixing.clip=per_task_mean" in target_advice(_cfg(minimal_cfg, tmp_path, "mixing.clip=per_example"))
+    assert target_advice(minimal_cfg) is None  # the specialist's per-example loss: per_example is the default
 
 
 def test_hashes(minimal_cfg, tmp_path):
