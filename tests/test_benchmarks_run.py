@@ -33,8 +33,9 @@ def _load(name: str, monkeypatch):
     return module
 
 
+# growth's quick mode starts Ray stages per data size (~2 min in CI): slow, run with -m slow.
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", list(EXPECTED))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "growth" else n for n in EXPECTED])
 def test_benchmark_quick_mode_prints_every_arm(name, monkeypatch, request):
     needs_ray, expected = EXPECTED[name]
     if needs_ray:
