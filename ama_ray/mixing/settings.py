@@ -19,10 +19,10 @@ USED_SETTINGS = {
     "ama_r": ("eta_alpha", "smoothing", "clip", "excess_target", "initial_weights"),
     "ama_s": ("eta_alpha", "smoothing", "clip", "excess_target", "initial_weights", "g_bound"),
 }
-# `history_window` is read only with `excess_target: history` (`used_by` adds it then), so the
-# hashes of units trained with the other targets do not change with it.
 """The `MixingSettings` fields each algorithm reads. Changing any other field cannot change its
-run, so a committed generalist unit stays valid (its hash covers only these)."""
+run, so a committed generalist unit stays valid (its hash covers only these). `history_window` is
+read only with `excess_target: history` (`used_by` adds it then), so the hashes of units trained
+with the other targets do not change with it."""
 
 STAT_KEYS = ("sum_loss", "sum_specialist_loss", "sum_clipped_excess", "count")
 """Per-task sums one optimizer step sends to the policy (each an array of shape (k,)).

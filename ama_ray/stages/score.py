@@ -53,6 +53,7 @@ def check_split_rows(run_dir, stage: str, task: str, force: str) -> dict:
     manifest and the prepared split disagree on the row count (the data changed after it ran)."""
     unit = run_dir.stage_unit(stage, task)
     man = require_split_unit(run_dir, stage, task)
+    also = "" if stage == "reference" else " (or --force reference if the data itself changed)"
     prepared = require_split_unit(run_dir, "prepare", task)["rows"]
     for split in SPLITS:
         path = unit.file(unit.split_file(split))
@@ -61,7 +62,7 @@ def check_split_rows(run_dir, stage: str, task: str, force: str) -> dict:
             raise StageInputError(
                 f"holds {rows} rows (its manifest says {man['rows'][split]}) but the prepared {split} split has {prepared[split]}",
                 where=path,
-                fix=f"the data changed after this stage ran: rerun `ama-ray run {force}` (or --force reference if the data itself changed)",
+                fix=f"the data changed after this stage ran: rerun `ama-ray run {force}`{also}",
             )
     return man
 

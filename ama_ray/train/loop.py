@@ -29,7 +29,7 @@ import torch
 
 from ama_ray.config import Config, OptimConfig
 from ama_ray.errors import NumericalError, StorageError
-from ama_ray.mixing import LocalMixer, MixingSettings, batch_objective
+from ama_ray.mixing import LocalMixer, batch_objective
 from ama_ray.mixing.targets import make_target
 from ama_ray.storage import MODEL_DIR, RunDir, Unit
 from ama_ray.train import checkpointing
@@ -119,7 +119,7 @@ class Job:
             for t in spec.tasks
         ])
         policy = spec.policy()
-        settings = MixingSettings(**spec.settings)
+        settings = policy.settings
         if spec.actor_name:
             from ama_ray.mixing.actor import RayMixer
 
