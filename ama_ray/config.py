@@ -134,6 +134,11 @@ class DataConfig(Section):
         description="Fewest validation and test examples per task: a small task gets this many; one too small to keep training rows too is an error naming it.",
     )
     max_heldout_examples: int = Field(400, ge=1, description="Cap on validation and on test examples per task.")
+    signal_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Share of each task held out of training as the `signal` split, whose excess drives the `ama_h` "
+        "mixing algorithm (docs/algorithms.md); sized like validation and test (min/max_heldout_examples). 0: no such split.",
+    )
     seed: int = Field(0, description="Seed of benchmark generation and the train/validation/test split.")
     max_prompt_length: int = Field(64, ge=1, description="Prompt tokens kept (left-truncated: the end of the prompt is kept).")
     max_completion_length: int = Field(64, ge=1, description="Completion tokens allowed; longer pairs are dropped and counted.")
@@ -150,8 +155,9 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _heldout_sizes(self) -> "DataConfig":
-        if self.validation_fraction + self.test_fraction >= 1.0:
-            raise ValueError(f"validation_fraction + test_fraction = {self.validation_fraction + self.test_fraction:g} leaves no training data; keep the sum below 1")
+        held = self.validation_fraction + self.test_fraction + self.signal_fraction
+        if held >= 1.0:
+            raise ValueError(f"validation_fraction + test_fraction + signal_fraction = {held:g} leaves no training data; keep the sum below 1")
         if self.min_heldout_examples > self.max_heldout_examples:
             raise ValueError(f"min_heldout_examples {self.min_heldout_examples} is above max_heldout_examples {self.max_heldout_examples}")
         return self
@@ -210,6 +216,12 @@ class ReferenceConfig(Section):
 class SpecialistsConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Specialist training settings.")
     max_concurrent: int = Field(0, ge=0, description="Specialists trained at once (0: all).")
+    on_weak: Literal["stop", "raw_loss", "warn"] = Field(
+        "raw_loss",
+        description="A specialist not clearly better than the base on its task's validation split (checked before the "
+        "generalists train): stop (exit 2 naming the task and its numbers), raw_loss (that task's excess target falls back "
+        "to 0, the raw loss, so AMA cannot starve it) or warn (train on against it). See docs/algorithms.md, \"Weak specialists\".",
+    )
 
 
 class GeneralistConfig(Section):
@@ -334,6 +346,14 @@ class Config(Section):
         return uses_specialists(self.mixing) or bool(self.merging.methods)
 
     @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits prepare writes per task, and reference and score cover: train, validation,
+        test, and `signal` when `data.signal_fraction` > 0."""
+        from ama_ray.train.data import SIGNAL_SPLIT, SPLITS
+
+        return SPLITS + ((SIGNAL_SPLIT,) if self.data.signal_fraction else ())
+
+    @property
     def run_dir(self) -> str:
         return join_uri(self.storage.path, self.storage.run_name)
 
@@ -357,6 +377,14 @@ class Config(Section):
                     f"got {batch}",
                     where=f"generalist.optim.{key}", fix=f"set generalist.optim.{key} >= {policy.min_batch_size}",
                 )
+        if "ama_h" in self.generalist.algorithms:
+            if not self.data.signal_fraction:
+                raise ConfigError("ama_h measures the excess on each task's held-out `signal` split, and there is none",
+                                  where="data.signal_fraction", fix="set data.signal_fraction, e.g. 0.1 (a new prepare)")
+            if self.mixing.excess_target == "history":
+                raise ConfigError("ama_h compares held-out losses with specialists' (or with 0); the history target "
+                                  "is made of training losses", where="mixing.excess_target",
+                                  fix="use excess_target specialist or none with ama_h")
 
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections, for manifests and skip decisions.
@@ -366,8 +394,14 @@ class Config(Section):
         are, so the same files reached by another path reuse committed units.
         """
         dump = content_identity(self.model_dump(mode="json"))
-        if self.mixing.excess_target != "history":  # read by nothing else: hashes made before it existed stay valid
+        # Fields read by nothing at their defaults: hashes made before they existed stay valid.
+        if self.mixing.excess_target != "history":
             dump["mixing"].pop("history_window")
+        if "ama_h" not in self.generalist.algorithms:
+            dump["mixing"].pop("heldout_every")
+        if not self.data.signal_fraction:
+            dump["data"].pop("signal_fraction")
+        dump["specialists"].pop("on_weak")  # a generalist's hash names the tasks it treats as weak instead
         return short_hash({s: _dig(dump, s) for s in sections})
 
     # -- paths ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the Ray actor and its client live in `actor`, which only Ray-facing code imports
 from ama_ray.mixing.excess import batch_objective, clipped_excess, task_excess_sums
 from ama_ray.mixing.policies import (
     POLICIES,
+    AmaH,
     AmaR,
     AmaS,
     Balanced,
@@ -24,6 +25,6 @@ from ama_ray.mixing.settings import ALGORITHMS, STAT_KEYS, USED_SETTINGS, Mixing
 
 __all__ = [
     "ALGORITHMS", "STAT_KEYS", "USED_SETTINGS", "POLICIES", "MixingSettings", "MixingPolicy", "Proportional",
-    "Balanced", "Fixed", "AmaR", "AmaS", "Specialist", "make_policy", "largest_remainder", "draw_tasks",
+    "Balanced", "Fixed", "AmaR", "AmaS", "AmaH", "Specialist", "make_policy", "largest_remainder", "draw_tasks",
     "clipped_excess", "batch_objective", "task_excess_sums", "LocalMixer", "MixingService",
 ]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from ama_ray.mixing.settings import STAT_KEYS
+from ama_ray.mixing.settings import HELDOUT_KEYS, STAT_KEYS
 
 if TYPE_CHECKING:  # torch is imported lazily: the actor process only needs numpy
     import torch
@@ -57,19 +57,23 @@ def clipped_excess(loss: "torch.Tensor", specialist_loss: "torch.Tensor", clip: 
 def check_stats(stats: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
     """Return `stats` as float64 arrays of shape (k,), or raise ValueError (a caller's bug).
 
-    Needs exactly the keys of STAT_KEYS, finite values and counts that are non-negative integers.
+    Needs exactly the keys of STAT_KEYS (a training step's sums), or those and HELDOUT_KEYS (with
+    the held-out sums of a step at which `ama_h` measures them), finite values and counts that are
+    non-negative integers.
     """
-    if set(stats) != set(STAT_KEYS):
-        raise ValueError(f"stats must have keys {STAT_KEYS}, got {sorted(stats)}")
+    keys = STAT_KEYS + (HELDOUT_KEYS if set(HELDOUT_KEYS) & set(stats) else ())
+    if set(stats) != set(keys):
+        raise ValueError(f"stats must have keys {STAT_KEYS} (and optionally {HELDOUT_KEYS}), got {sorted(stats)}")
     out = {}
-    for key in STAT_KEYS:
+    for key in keys:
         value = np.array(stats[key], dtype=np.float64)  # a copy: records must not alias
         if value.shape != (k,) or not np.all(np.isfinite(value)):
             raise ValueError(f"stats[{key!r}] must be {k} finite numbers, got {value!r}")
         out[key] = value
-    count = out["count"]
-    if np.any(count < 0) or np.any(count != np.round(count)):
-        raise ValueError(f"stats['count'] must be non-negative integers, got {count!r}")
+    for key in keys[3::4]:  # the counts
+        count = out[key]
+        if np.any(count < 0) or np.any(count != np.round(count)):
+            raise ValueError(f"stats[{key!r}] must be non-negative integers, got {count!r}")
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from ama_ray.mixing.excess import batch_objective
 from ama_ray.mixing.policies import MixingPolicy
+from ama_ray.mixing.settings import HELDOUT_PREFIX
 
 
 def smallest_enclosing_ball(points: np.ndarray) -> tuple[np.ndarray, float]:
@@ -104,12 +105,14 @@ def triangle_tasks(height: float = 0.93, sigma: float = 0.5) -> QuadraticTasks:
 
 
 def simulate(policy: MixingPolicy, tasks: QuadraticTasks, steps: int, lr: float, batch: int,
-             seed: int, theta0: np.ndarray | None = None) -> np.ndarray:
+             seed: int, theta0: np.ndarray | None = None, heldout: int = 64) -> np.ndarray:
     """Run `steps` SGD steps of theta against `policy`; return the averaged iterate (shape (d,)).
 
     Each step follows the training loop's protocol: labels from `policy.sample`, per-example
     objective from `policy.objective`, reduction by `batch_objective` with the policy's
-    `loss_weights`, one theta step, then `policy.update` with the step's per-task sums.
+    `loss_weights`, one theta step, then `policy.update` with the step's per-task sums, plus, at
+    the steps `policy.wants_heldout` names (`ama_h`), the sums of `heldout` fresh examples per
+    task at the current theta (the population's held-out slice, forward only).
     theta0 defaults to the big task's centre mu_0. The average is over theta_0..theta_{T-1}.
     """
     import torch
@@ -120,6 +123,13 @@ def simulate(policy: MixingPolicy, tasks: QuadraticTasks, steps: int, lr: float,
     theta = torch.tensor(tasks.mu[0] if theta0 is None else theta0, dtype=torch.float64)
     theta_sum = torch.zeros(dim, dtype=torch.float64)
     for _ in range(steps):
+        measured = {}
+        if policy.wants_heldout(policy.step):
+            held = np.repeat(np.arange(k), heldout)
+            eps = rng.standard_normal((len(held), dim)) * tasks.sigma
+            loss = 0.5 * ((theta.numpy() - tasks.mu[held] - eps) ** 2).sum(axis=1)
+            stats = _step_stats(held, loss, 0.5 * (eps**2).sum(axis=1), k)
+            measured = {HELDOUT_PREFIX + key: value for key, value in stats.items()}
         labels = torch.as_tensor(policy.sample(batch, rng))
         eps = torch.as_tensor(rng.standard_normal((batch, dim)) * tasks.sigma)
         theta_sum += theta
@@ -130,7 +140,7 @@ def simulate(policy: MixingPolicy, tasks: QuadraticTasks, steps: int, lr: float,
                                     policy.loss_weights(policy.weights()))
         (grad,) = torch.autograd.grad(objective, theta)
         theta = (theta - lr * grad).detach()
-        policy.update(_step_stats(labels.numpy(), loss.detach().numpy(), specialist.numpy(), k))
+        policy.update({**_step_stats(labels.numpy(), loss.detach().numpy(), specialist.numpy(), k), **measured})
     return (theta_sum / steps).numpy()
 
 

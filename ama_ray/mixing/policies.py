@@ -19,7 +19,9 @@ import numpy as np
 
 from ama_ray.errors import ConfigError
 from ama_ray.mixing.excess import check_stats, clipped_excess, task_excess_sums
-from ama_ray.mixing.settings import ALGORITHMS, MixingSettings, weights_vector
+from ama_ray.mixing.settings import (
+    ALGORITHMS, HELDOUT_KEYS, HELDOUT_PREFIX, STAT_KEYS, MixingSettings, weights_vector,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +80,7 @@ class MixingPolicy:
 
     algorithm = ""
     mode = "sample"
+    uses_heldout = False  # ama_h: alpha moves on held-out sums, sent with the steps `wants_heldout` names
     _state_arrays: tuple[str, ...] = ()  # float64 attributes that `state_dict` carries
 
     def __init__(self, tasks: Sequence[str], settings: MixingSettings):
@@ -107,6 +110,11 @@ class MixingPolicy:
         """Multipliers on per-task means in theta's objective at mixture `alpha`; None: plain mean."""
         return None
 
+    def wants_heldout(self, step: int) -> bool:
+        """Whether step `step`'s report must carry the held-out sums (HELDOUT_KEYS) of the model as
+        it is before that step's update; only `ama_h` ever wants them."""
+        return False
+
     @property
     def min_batch_size(self) -> int:
         """The smallest per-worker batch the algorithm accepts (AMA-R: one example per task)."""
@@ -127,12 +135,20 @@ class MixingPolicy:
         (bool, AMA-S only), the three float sums and `count` (int64). ValueError on bad stats.
         """
         stats = check_stats(stats, self.k)
+        heldout = {key[len(HELDOUT_PREFIX):]: stats.pop(key) for key in HELDOUT_KEYS if key in stats} or None
+        if (heldout is not None) != self.wants_heldout(self.step):
+            raise ValueError(f"{self.algorithm} step {self.step}: held-out sums "
+                             f"{'sent but not wanted' if heldout is not None else 'wanted but not sent'}")
         alpha = self.weights()
         sums = task_excess_sums(stats, self.settings.clip, self.settings.excess_target)
-        g_hat, fired = self._estimate(sums, stats["count"], alpha)
+        g_hat, fired = self._estimate(sums, stats["count"], alpha, heldout)
         self._move(g_hat)
         record = {"step": self.step, "alpha": alpha, "g_hat": g_hat, "bound_fired": fired,
                   **stats, "count": stats["count"].astype(np.int64)}
+        if self.uses_heldout:  # every record has the same fields (zeros where nothing was measured)
+            measured = heldout or {key: np.zeros(self.k) for key in STAT_KEYS}
+            record.update({HELDOUT_PREFIX + key: value for key, value in measured.items()})
+            record[HELDOUT_PREFIX + "count"] = record[HELDOUT_PREFIX + "count"].astype(np.int64)
         self._alpha_sum += alpha
         self.step += 1
         return record
@@ -141,12 +157,10 @@ class MixingPolicy:
         """Mean of alpha_0..alpha_{t-1} over the steps applied so far (alpha_0 before any)."""
         return self._alpha_sum / self.step if self.step else self.weights()
 
-    def _estimate(self, sums: np.ndarray, count: np.ndarray,
-                  alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _estimate(self, sums: np.ndarray, count: np.ndarray, alpha: np.ndarray,
+                  heldout: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         # Mean excess per task in this step; a task absent from the step gets 0 (no evidence).
-        present = count > 0
-        mean = np.divide(sums, count, out=np.zeros(self.k), where=present)
-        return mean, np.zeros(self.k, dtype=bool)
+        return _task_means(sums, count), np.zeros(self.k, dtype=bool)
 
     def _move(self, g_hat: np.ndarray) -> None:
         """Baselines do not move."""
@@ -278,8 +292,8 @@ class AmaS(_LogWeightPolicy):
 
     algorithm = "ama_s"
 
-    def _estimate(self, sums: np.ndarray, count: np.ndarray,
-                  alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _estimate(self, sums: np.ndarray, count: np.ndarray, alpha: np.ndarray,
+                  heldout: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         batch = count.sum()
         if batch <= 0:
             raise ValueError("an AMA-S step needs at least one example (sum of counts is 0)")
@@ -292,6 +306,39 @@ class AmaS(_LogWeightPolicy):
                            self.step, g_hat[fired].tolist(), bound,
                            [self.tasks[i] for i in np.flatnonzero(fired)], self.bound_hits)
         return np.clip(g_hat, -bound, bound), fired
+
+
+class AmaH(_LogWeightPolicy):
+    """AMA-H: AMA-S's sampling and theta objective, with alpha moved by held-out excess.
+
+    Before every m-th step (m = `heldout_every`; steps 0, m, 2m, ...) the loop measures every
+    task's mean excess on its held-out `signal` split with the current model (forward only) and
+    sends the sums with that step's report. The update is full-information exponentiated gradient
+    (every task is measured, so no importance weights and no g_bound): w <- w + eta_alpha m e_i,
+    e_i the held-out mean excess of task i under `clip`/`excess_target` (`task_excess_sums` of the
+    held-out sums over their counts). The factor m keeps alpha's drift per training step that of
+    AMA-S, whose per-step estimate has expectation e_i on the training batches. Between
+    measurements alpha stays put. `g_hat` in the record is m e_i at measured steps, else 0.
+    """
+
+    algorithm = "ama_h"
+    uses_heldout = True
+
+    def wants_heldout(self, step: int) -> bool:
+        return step % int(self.settings.heldout_every) == 0
+
+    def _estimate(self, sums: np.ndarray, count: np.ndarray, alpha: np.ndarray,
+                  heldout: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        fired = np.zeros(self.k, dtype=bool)
+        if heldout is None:
+            return np.zeros(self.k), fired
+        held = task_excess_sums(heldout, self.settings.clip, self.settings.excess_target)
+        return int(self.settings.heldout_every) * _task_means(held, heldout["count"]), fired
+
+
+def _task_means(sums: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """sums / count per task, 0 where the count is 0."""
+    return np.divide(sums, count, out=np.zeros(len(sums)), where=count > 0)
 
 
 def make_policy(algorithm: str, tasks: Sequence[str], sizes: Sequence[int],
@@ -320,7 +367,7 @@ def make_policy(algorithm: str, tasks: Sequence[str], sizes: Sequence[int],
 
 
 POLICIES: dict[str, type[MixingPolicy]] = {
-    cls.algorithm: cls for cls in (Proportional, Balanced, Fixed, AmaR, AmaS, Specialist)
+    cls.algorithm: cls for cls in (Proportional, Balanced, Fixed, AmaR, AmaS, AmaH, Specialist)
 }
 """Every policy by name: the generalist's ALGORITHMS, plus `specialist` (one task, plain loss)."""
 assert set(ALGORITHMS) < set(POLICIES)

@@ -9,7 +9,7 @@ from typing import Sequence
 from ama_ray.checks import check_choice, check_number
 from ama_ray.errors import ConfigError
 
-ALGORITHMS = ("proportional", "balanced", "fixed", "ama_r", "ama_s")
+ALGORITHMS = ("proportional", "balanced", "fixed", "ama_r", "ama_s", "ama_h")
 """Every mixing algorithm `make_policy` knows, in the order reports list them."""
 
 USED_SETTINGS = {
@@ -18,6 +18,7 @@ USED_SETTINGS = {
     "fixed": ("clip", "excess_target", "baseline_objective", "fixed_weights"),
     "ama_r": ("eta_alpha", "smoothing", "clip", "excess_target", "initial_weights"),
     "ama_s": ("eta_alpha", "smoothing", "clip", "excess_target", "initial_weights", "g_bound"),
+    "ama_h": ("eta_alpha", "smoothing", "clip", "excess_target", "initial_weights", "heldout_every"),
 }
 """The `MixingSettings` fields each algorithm reads. Changing any other field cannot change its
 run, so a committed generalist unit stays valid (its hash covers only these). `history_window` is
@@ -30,6 +31,10 @@ STAT_KEYS = ("sum_loss", "sum_specialist_loss", "sum_clipped_excess", "count")
 `sum_clipped_excess` is always the per-example clipped excess max(L - s, 0), whatever
 `clip` says: the policy picks the statistic it needs from these four (see `task_excess_sums`).
 """
+HELDOUT_PREFIX = "heldout_"
+HELDOUT_KEYS = tuple(HELDOUT_PREFIX + key for key in STAT_KEYS)
+"""The same four sums over the held-out `signal` split, sent with the steps at which `ama_h`
+measures them (`MixingPolicy.wants_heldout`), in the same report."""
 
 CLIP_MODES = ("per_example", "per_task_mean", "none")
 EXCESS_TARGETS = ("specialist", "none", "history")
@@ -59,6 +64,9 @@ class MixingSettings:
     history_window: float = 64.0
     """excess_target history: the task loss is smoothed over about this many of the task's
     training examples (an EMA with decay 1 - 1/W per example) before its running minimum is taken."""
+    heldout_every: int = 20
+    """ama_h: measure every task's excess on its held-out `signal` split (forward only) before every
+    m-th optimizer step, m = heldout_every, and move alpha by that measurement (docs/algorithms.md)."""
     g_bound: float = 100.0
     """AMA-S clips each importance-weighted estimate g_hat_i to [-g_bound, g_bound].
 
@@ -79,6 +87,7 @@ class MixingSettings:
         check_number("mixing.smoothing", self.smoothing, low=0.0, high=1.0)
         check_number("mixing.g_bound", self.g_bound, low=0.0, low_open=True)
         check_number("mixing.history_window", self.history_window, low=1.0)
+        check_number("mixing.heldout_every", self.heldout_every, low=1, integer=True)
         check_choice("mixing.clip", self.clip, CLIP_MODES)
         check_choice("mixing.excess_target", self.excess_target, EXCESS_TARGETS)
         check_choice("mixing.baseline_objective", self.baseline_objective, BASELINE_OBJECTIVES)

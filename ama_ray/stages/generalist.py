@@ -18,7 +18,7 @@ from ama_ray.cluster import NAMESPACE
 from ama_ray.config import Config, short_hash
 from ama_ray.errors import AmaError
 from ama_ray.stages import base_model_path, needs_work, open_run, progress_name, run_identity
-from ama_ray.stages.score import check_rows, rows_hash
+from ama_ray.stages.score import check_rows, raw_loss_tasks, rows_hash
 from ama_ray.storage import MIXING_HISTORY, RunDir
 from ama_ray.train.checkpointing import fresh_checkpoints
 from ama_ray.train.data import require_prepared
@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 STAGE = "generalist"
 
 
-def generalist_hash(cfg: Config, algorithm: str, seed: int) -> str:
+def generalist_hash(cfg: Config, algorithm: str, seed: int, raw_tasks: list[str] = ()) -> str:
     """What a generalist unit was trained with; only the mixing settings its algorithm reads
-    count, so e.g. adding a tuned `fixed` arm leaves the committed AMA units valid."""
+    count, so e.g. adding a tuned `fixed` arm leaves the committed AMA units valid. `raw_tasks`
+    (`raw_loss_tasks`: weak specialists measured against the raw loss) count when there are any."""
     mixing = short_hash(cfg.mixing.used_by(algorithm))
     training = cfg.section_hash("generalist.optim", "scaling.num_workers", "model.lora", "scaling.deepspeed")
-    return f"{rows_hash(cfg)}-{training}-{mixing}-{algorithm}-{seed}"
+    raw = f"-raw:{','.join(raw_tasks)}" if raw_tasks else ""
+    return f"{rows_hash(cfg)}-{training}-{mixing}-{algorithm}-{seed}{raw}"
 
 
 def units(cfg: Config) -> list[tuple[str, int]]:
@@ -46,20 +48,22 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     from ama_ray.cluster import ensure_ray
 
     run_dir = open_run(cfg)
+    raw = raw_loss_tasks(run_dir, cfg)
     pending = [
         (a, s) for a, s in units(cfg)
-        if needs_work(run_dir.generalist(a, s), generalist_hash(cfg, a, s), STAGE, force)
+        if needs_work(run_dir.generalist(a, s), generalist_hash(cfg, a, s, raw), STAGE, force)
     ]
     if pending:
         if (advice := target_advice(cfg)) is not None:
             log.warning("generalist: %s", advice)
         check_rows(run_dir, cfg)
+        raw_loss_tasks(run_dir, cfg, announce=True)  # the weak specialists' line, or the stop
         ensure_ray()
         check_unit_resources(cfg, 1, STAGE)
         model_path = base_model_path(cfg)
         sizes = train_sizes(run_dir, cfg)
         jobs = [
-            (f"{a}/seed{s}", functools.partial(train_generalist, cfg, a, s, model_path, sizes, STAGE in force))
+            (f"{a}/seed{s}", functools.partial(train_generalist, cfg, a, s, model_path, sizes, STAGE in force, raw_tasks=raw))
             for a, s in pending
         ]
         run_concurrently(jobs, cfg.generalist.max_concurrent, progress_name=progress_name(cfg, STAGE))
@@ -95,12 +99,13 @@ _CREATED: set[str] = set()  # mixing actors this process created: the only ones 
 
 def train_generalist(
     cfg: Config, algorithm: str, seed: int, model_path: str, sizes: list[int], force: bool,
-    trial: str | None = None, callbacks: list | None = None,
+    trial: str | None = None, callbacks: list | None = None, raw_tasks: list[str] | None = None,
 ) -> str:
     """Train one generalist unit end to end: fresh actor, TorchTrainer, history, manifest.
 
     With `trial` (a Tune trial id) the unit is `tune/<trial>/<algorithm>/seed<k>`; `callbacks`
-    (Ray Train `UserCallback`s, e.g. Tune's report callback) go to the TorchTrainer.
+    (Ray Train `UserCallback`s, e.g. Tune's report callback) go to the TorchTrainer. `raw_tasks`
+    defaults to `raw_loss_tasks` of the run.
     """
     import ray
 
@@ -109,7 +114,8 @@ def train_generalist(
     run_dir = RunDir(cfg.run_dir)
     unit = run_dir.generalist(algorithm, seed, trial)
     stage = STAGE if trial is None else "tune"
-    digest = generalist_hash(cfg, algorithm, seed)
+    raw_tasks = raw_loss_tasks(run_dir, cfg) if raw_tasks is None else raw_tasks
+    digest = generalist_hash(cfg, algorithm, seed, raw_tasks)
     fresh_checkpoints(run_dir, stage, unit, digest, force)
     unit.begin()
     name = actor_name(cfg, algorithm, seed, trial)
@@ -120,7 +126,7 @@ def train_generalist(
     spec = UnitSpec(
         cfg=cfg.model_dump(mode="json"), kind="generalist", tasks=cfg.task_names, algorithm=algorithm, seed=seed,
         steps=cfg.generalist.optim.steps, model_path=model_path, out_unit=list(unit.parts), sizes=list(sizes),
-        settings=settings.to_dict(), actor_name=name, progress_name=progress_name(cfg, STAGE),
+        settings=settings.to_dict(), actor_name=name, progress_name=progress_name(cfg, STAGE), raw_tasks=list(raw_tasks),
     )
     try:
         result = fit_unit(cfg, spec, stage, callbacks=callbacks)
@@ -141,7 +147,7 @@ def train_generalist(
     alphas = np.array([np.asarray(r["alpha"], dtype=float) for r in history]) if history else np.zeros((0, len(sizes)))
     unit.commit(
         digest, stage=STAGE, algorithm=algorithm, seed=seed, steps=spec.steps, base_model=model_path, dtype=cfg.model.dtype,
-        tasks=cfg.task_names, train_sizes=sizes, final_metrics=final,
+        tasks=cfg.task_names, train_sizes=sizes, final_metrics=final, raw_loss_tasks=list(raw_tasks),
         final_alpha=alphas[-1].tolist() if len(alphas) else None, mean_alpha=alphas.mean(axis=0).tolist() if len(alphas) else None,
     )
     log.info("generalist: %s/seed%d committed", algorithm, seed)

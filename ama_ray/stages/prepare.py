@@ -2,7 +2,8 @@
 
 Per task `prepared/<task>/` holds `train.parquet`, `validation.parquet` (what selects: best
 checkpoints, `eval/...` during training, ASHA and Tune) and `test.parquet` (what reports:
-evaluate, the report, `ama-ray compare`), with a stable `example_id` (a hash of the task and
+evaluate, the report, `ama-ray compare`), plus `signal.parquet` with `data.signal_fraction` > 0
+(held out of training; its excess drives `ama_h`), with a stable `example_id` (a hash of the task and
 the example's text), the texts, and `prompt_input_ids`,
 `chosen_input_ids`, `rejected_input_ids` (completions end with EOS). Unusable rows are dropped
 and counted per reason in the manifest; tokenization runs on Ray Data.
@@ -32,7 +33,7 @@ from ama_ray.config import Config, DataConfig, TaskConfig
 from ama_ray.errors import DataError
 from ama_ray.stages import base_model_path, model_identity, needs_work, open_run
 from ama_ray.storage import ROW_GROUP_ROWS, SplitWriters, Unit
-from ama_ray.train.data import SPLITS, TAG, parquet_dataset
+from ama_ray.train.data import ALL_SPLITS, TAG, parquet_dataset
 
 log = logging.getLogger(__name__)
 STAGE = "prepare"
@@ -153,43 +154,48 @@ def _stable_int(text: str) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16)
 
 
-def heldout_sizes(n: int, data: DataConfig, task: str, where: str) -> tuple[int, int]:
-    """(validation, test) sizes of a task with `n` usable rows: each its fraction of n, at least
-    `data.min_heldout_examples` and at most `data.max_heldout_examples`. Raises DataError naming
-    the task when that leaves no training rows."""
+def heldout_sizes(n: int, data: DataConfig, task: str, where: str) -> tuple[int, ...]:
+    """(validation, test) sizes of a task with `n` usable rows, and the `signal` split's when
+    `data.signal_fraction` > 0: each its fraction of n, at least `data.min_heldout_examples` and
+    at most `data.max_heldout_examples`. Raises DataError naming the task when that leaves no
+    training rows."""
     def size(fraction: float) -> int:
         return min(data.max_heldout_examples, max(data.min_heldout_examples, round(fraction * n)))
 
-    n_val, n_test = size(data.validation_fraction), size(data.test_fraction)
-    if n - n_val - n_test < 1:
+    sizes = (size(data.validation_fraction), size(data.test_fraction)) + ((size(data.signal_fraction),) if data.signal_fraction else ())
+    if n - sum(sizes) < 1:
+        named = " and ".join(f"{m} {s}" for m, s in zip(sizes, ("validation", "test", "signal")))
         raise DataError(
-            f"task '{task}' has {n} usable rows: too few for {n_val} validation and {n_test} test examples "
+            f"task '{task}' has {n} usable rows: too few for {named} examples "
             f"(data.min_heldout_examples={data.min_heldout_examples}) and a training split",
             where=where,
             fix="add rows to the task, or lower data.min_heldout_examples (held-out sets under ~50 pairs make selection and reporting noisy)",
         )
-    return n_val, n_test
+    return sizes
 
 
-def assign_splits(example_ids: list[str], seed: int, n_val: int, n_test: int) -> dict[str, str]:
-    """example_id -> 'validation', 'test' or 'train' (`split_codes` as a mapping)."""
-    codes = split_codes(np.array(example_ids, dtype=object), seed, n_val, n_test)
-    return {i: SPLITS[c] for i, c in zip(example_ids, codes)}
+def assign_splits(example_ids: list[str], seed: int, n_val: int, n_test: int, n_signal: int = 0) -> dict[str, str]:
+    """example_id -> 'validation', 'test', 'signal' or 'train' (`split_codes` as a mapping)."""
+    codes = split_codes(np.array(example_ids, dtype=object), seed, n_val, n_test, n_signal)
+    return {i: ALL_SPLITS[c] for i, c in zip(example_ids, codes)}
 
 
-def split_codes(example_ids: np.ndarray, seed: int, n_val: int, n_test: int) -> np.ndarray:
-    """The split of each example, as an index into SPLITS (train, validation, test).
+def split_codes(example_ids: np.ndarray, seed: int, n_val: int, n_test: int, n_signal: int = 0) -> np.ndarray:
+    """The split of each example, as an index into ALL_SPLITS (train, validation, test, signal).
 
     Examples are ranked by a hash of (seed, example_id), independent of row order and of every
-    other task: the first `n_val` are validation, the next `n_test` test, the rest train. Needs
-    only the ids.
+    other task: the first `n_val` are validation, the next `n_test` test, the next `n_signal`
+    signal, the rest train. So adding a signal split takes its rows from training and leaves
+    validation and test as they were. Needs only the ids.
     """
     ids = example_ids.astype(str)
     keys = np.fromiter((_stable_int(f"{seed}:{i}") for i in ids), dtype=np.uint64, count=len(ids))
     order = np.lexsort((ids, keys))  # ties (equal hashes) by id
-    codes = np.full(len(example_ids), SPLITS.index("train"), dtype=np.uint8)
-    codes[order[:n_val]] = SPLITS.index("validation")
-    codes[order[n_val : n_val + n_test]] = SPLITS.index("test")
+    codes = np.full(len(example_ids), ALL_SPLITS.index("train"), dtype=np.uint8)
+    start = 0
+    for split, size in zip(ALL_SPLITS[1:], (n_val, n_test, n_signal)):
+        codes[order[start : start + size]] = ALL_SPLITS.index(split)
+        start += size
     return codes
 
 
@@ -283,19 +289,19 @@ def _write_task(cfg: Config, unit: Unit, task: TaskConfig, kept: Kept, drops: Co
             fix="raise data.max_completion_length",
         )
     where = task.path or task.benchmark or str(task.hf_dataset)
-    n_val, n_test = heldout_sizes(len(ids), cfg.data, task.name, where)
-    codes = split_codes(ids, cfg.data.seed, n_val, n_test)
-    rows = {split: int((codes == i).sum()) for i, split in enumerate(SPLITS)}
+    codes = split_codes(ids, cfg.data.seed, *heldout_sizes(len(ids), cfg.data, task.name, where))
+    splits = cfg.splits
+    rows = {split: int((codes == ALL_SPLITS.index(split)).sum()) for split in splits}
     tokenized = unit.file(unit.split_file(TOKENIZED))
     offset = 0
-    with SplitWriters({split: (unit, split) for split in SPLITS}, OUTPUT) as writers:
+    with SplitWriters({split: (unit, split) for split in splits}, OUTPUT) as writers:
         for batch in pq.ParquetFile(tokenized, filesystem=unit.fs).iter_batches(batch_size=ROW_GROUP_ROWS):
             table = pa.Table.from_batches([batch])
             table = table.filter(pc.invert(table["too_long"])).select(OUTPUT.names)
             part = codes[offset : offset + table.num_rows]
             offset += table.num_rows
-            for i, split in enumerate(SPLITS):
-                writers.add(split, table.filter(pa.array(part == i)))
+            for split in splits:
+                writers.add(split, table.filter(pa.array(part == ALL_SPLITS.index(split))))
     for staged in (NORMALISED, TOKENIZED):
         unit.fs.delete_file(unit.file(unit.split_file(staged)))
     unit.commit(

@@ -56,11 +56,11 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         log.info("reference: %d tasks with %s", len(pending), model_path)
         for task in pending:
             run_dir.reference(task).begin()
-        sources = [Source(t, split, run_dir.prepared(t), run_dir.reference(t)) for t in pending for split in SPLITS]
+        sources = [Source(t, split, run_dir.prepared(t), run_dir.reference(t)) for t in pending for split in cfg.splits]
         written = infer(cfg, sources, model_path, loss_cfg=None, drop=TEXT_COLUMNS)
         for task in pending:
             run_dir.reference(task).commit(
                 digest, stage=STAGE, model=model_path, dtype=cfg.model.dtype, padding_side=PADDING_SIDE,
-                rows={split: written[f"{task}/{split}"] for split in SPLITS},
+                rows={split: written[f"{task}/{split}"] for split in cfg.splits},
             )
     return [run_dir.reference(t).path for t in cfg.task_names]

@@ -11,7 +11,9 @@ refuses scores made with other settings. Skipped, like the specialists, when the
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from ama_ray.config import Config
@@ -21,7 +23,7 @@ from ama_ray.stages.inference import PADDING_SIDE, Source, infer
 from ama_ray.stages.reference import reference_hash
 from ama_ray.stages.specialists import specialist_hash
 from ama_ray.storage import MODEL_DIR
-from ama_ray.train.data import SPLITS, require_split_unit
+from ama_ray.train.data import SELECT_SPLIT, SPLITS, require_split_unit
 
 log = logging.getLogger(__name__)
 STAGE = "score"
@@ -45,18 +47,22 @@ def check_rows(run_dir, cfg: Config) -> None:
         check_scores_match(run_dir, cfg)
         return
     for task in cfg.task_names:
-        check_split_rows(run_dir, "reference", task, "--force reference")
+        check_split_rows(run_dir, "reference", task, "--force reference", cfg.splits)
 
 
-def check_split_rows(run_dir, stage: str, task: str, force: str) -> dict:
+def check_split_rows(run_dir, stage: str, task: str, force: str, splits: tuple[str, ...] = SPLITS) -> dict:
     """The committed `stage` unit of `task` (its manifest), refused when a split's file, its
-    manifest and the prepared split disagree on the row count (the data changed after it ran)."""
+    manifest and the prepared split disagree on the row count (the data changed after it ran),
+    or when one of `splits` is missing."""
     unit = run_dir.stage_unit(stage, task)
     man = require_split_unit(run_dir, stage, task)
     also = "" if stage == "reference" else " (or --force reference if the data itself changed)"
     prepared = require_split_unit(run_dir, "prepare", task)["rows"]
-    for split in SPLITS:
+    for split in splits:
         path = unit.file(unit.split_file(split))
+        if split not in man["rows"] or split not in prepared:
+            raise StageInputError(f"has no {split} split (data.signal_fraction was 0 when it ran)", where=unit.path,
+                                  fix=f"rerun `ama-ray run {force}`{also}")
         rows = pq.ParquetFile(path, filesystem=unit.fs).metadata.num_rows  # the footer: cheap at any size
         if not rows == man["rows"][split] == prepared[split]:
             raise StageInputError(
@@ -85,12 +91,12 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         model_dir = spec_unit.local_copy() / MODEL_DIR
         log.info("score: %s with %s", task, model_dir)
         unit.begin()
-        written = infer(cfg, [Source(task, split, run_dir.reference(task), unit) for split in SPLITS], str(model_dir),
+        written = infer(cfg, [Source(task, split, run_dir.reference(task), unit) for split in cfg.splits], str(model_dir),
                         loss_cfg=cfg.dpo.to_dict())
         unit.commit(
             digest, stage=STAGE, task=task, specialist=spec_unit.path, specialist_committed_at=spec_man["committed_at"],
             dtype=cfg.model.dtype, padding_side=PADDING_SIDE, loss=cfg.dpo.to_dict(),
-            rows={split: written[f"{task}/{split}"] for split in SPLITS},
+            rows={split: written[f"{task}/{split}"] for split in cfg.splits},
         )
     return [run_dir.scores(t).path for t in cfg.task_names]
 
@@ -100,7 +106,7 @@ def check_scores_match(run_dir, cfg: Config) -> None:
     for other data (their row counts differ from the prepared splits')."""
     for task in cfg.task_names:
         unit = run_dir.scores(task)
-        man = check_split_rows(run_dir, STAGE, task, "--force score")
+        man = check_split_rows(run_dir, STAGE, task, "--force score", cfg.splits)
         wanted = {"loss": cfg.dpo.to_dict(), "dtype": cfg.model.dtype, "padding_side": PADDING_SIDE}
         found = {k: man.get(k) for k in wanted}
         if found != wanted:
@@ -110,3 +116,79 @@ def check_scores_match(run_dir, cfg: Config) -> None:
                 where=unit.path,
                 fix="rerun `ama-ray score --force score` (and specialists if the loss changed)",
             )
+
+
+# --- is each specialist worth comparing with? -------------------------------------------------
+
+MIN_LOSS_DROP = 0.01  # nats below the base's loss
+MIN_IMPROVED_GAIN = 0.02  # share of pairs improved, over chance (0.5)
+
+
+def base_dpo_loss(cfg: Config) -> float:
+    """The DPO loss of a model that is its own reference (every log ratio 0): log 2 for `sigmoid`
+    (with or without label smoothing), 1 / (4 beta^2) for `ipo`."""
+    import torch
+
+    from ama_ray.dpo import dpo_loss
+
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    losses, _, _ = dpo_loss(zero, zero, zero, zero, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                            label_smoothing=cfg.dpo.label_smoothing, chosen_n_tokens=one, rejected_n_tokens=one)
+    return float(losses[0])
+
+
+def weak_specialists(run_dir, cfg: Config) -> dict[str, dict]:
+    """Task -> evidence, for every specialist not clearly better than the base on its task's
+    validation split, read from the score stage's rows (no model runs).
+
+    Clearly better: mean DPO loss at least MIN_LOSS_DROP below the base's (`base_dpo_loss`), and
+    the share of pairs on which its DPO loss is below the base's at least 0.5 + MIN_IMPROVED_GAIN
+    (for `sigmoid` that share is exactly `rewards/accuracies`). The same thresholds as the
+    report's `weak_specialist` flag, which also compares `logps/accuracies` with the base's. Tasks
+    without committed scores are left out (the generalist refuses to train without them).
+    """
+    base = base_dpo_loss(cfg)
+    weak = {}
+    for task in cfg.task_names:
+        unit = run_dir.scores(task)
+        if unit.manifest() is None:
+            continue
+        column = unit.read_parquet(unit.split_file(SELECT_SPLIT), columns=["specialist_dpo_loss"])["specialist_dpo_loss"]
+        losses = np.asarray(column.to_numpy(), dtype=np.float64)
+        if not len(losses):
+            continue
+        mean, improved = float(losses.mean()), float((losses < base).mean())
+        if not (mean < base - MIN_LOSS_DROP and improved >= 0.5 + MIN_IMPROVED_GAIN) or not math.isfinite(mean):
+            weak[task] = {"dpo_loss": mean, "base_dpo_loss": base, "improved_share": improved, "examples": len(losses)}
+    return weak
+
+
+def raw_loss_tasks(run_dir, cfg: Config, announce: bool = False) -> list[str]:
+    """The tasks whose excess target falls back to 0 (the raw loss) under `specialists.on_weak`:
+    the weak specialists' tasks with `raw_loss`, else none. Only with `mixing.excess_target:
+    specialist` (no other target reads the specialists).
+
+    `announce` (once, before the generalists start): a warning per weak specialist, and with
+    `on_weak: stop` a StageInputError (exit 2) naming the tasks and their numbers.
+    """
+    if cfg.mixing.excess_target != "specialist":
+        return []
+    weak = weak_specialists(run_dir, cfg)
+    policy = cfg.specialists.on_weak
+    if announce and weak:
+        numbers = "; ".join(
+            f"{task}: validation DPO loss {e['dpo_loss']:.4f} vs the base's {e['base_dpo_loss']:.4f} (needs < "
+            f"{e['base_dpo_loss'] - MIN_LOSS_DROP:.4f}), better than the base on {e['improved_share']:.0%} of "
+            f"{e['examples']} pairs (needs >= {0.5 + MIN_IMPROVED_GAIN:.0%})" for task, e in weak.items())
+        if policy == "stop":
+            raise StageInputError(
+                f"specialists not clearly better than the base: {numbers}; their excess would tell AMA there is nothing "
+                "to learn and it would starve those tasks",
+                where=", ".join(run_dir.specialist(t).path for t in weak),
+                fix="train them longer or harder (data.tasks[i].specialist_steps, specialists.optim.steps or .lr) and rerun "
+                "with --force specialists, or set specialists.on_weak=raw_loss (or warn) to train the generalists anyway",
+            )
+        then = {"raw_loss": "their excess target falls back to the raw loss (specialists.on_weak=raw_loss)",
+                "warn": "training on against them (specialists.on_weak=warn): AMA may starve those tasks"}[policy]
+        log.warning("weak specialists -- %s; %s", numbers, then)
+    return sorted(weak) if policy == "raw_loss" else []

@@ -30,7 +30,7 @@ from ama_ray.errors import AmaError, ConfigError
 from ama_ray.search_space import check_search_space, max_evaluations, trial_config
 from ama_ray.stages import base_model_path, open_run
 from ama_ray.stages.generalist import train_generalist, train_sizes
-from ama_ray.stages.score import check_rows, rows_hash
+from ama_ray.stages.score import check_rows, raw_loss_tasks, rows_hash
 from ama_ray.stages.tune_groups import OrphanedGroupCleanup
 from ama_ray.storage import BEST_YAML, RESULTS_CSV, TRIAL_CONFIG, RunDir, Unit
 
@@ -113,6 +113,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     trial_seeds(cfg)  # a study that would tune on a reported seed fails before anything runs
     pipeline.run(cfg, force, through="score")
     check_rows(run_dir, cfg)
+    raw_loss_tasks(run_dir, cfg, announce=True)  # weak specialists: the line, or the stop
     ensure_ray()
     check_unit_resources(cfg, cfg.tune.seeds_per_trial, STAGE)
     study.begin()

@@ -33,7 +33,8 @@ from ama_ray.mixing import LocalMixer, batch_objective
 from ama_ray.mixing.targets import make_target
 from ama_ray.storage import MODEL_DIR, RunDir, Unit
 from ama_ray.train import checkpointing
-from ama_ray.train.data import SELECT_SPLIT, ShardStream, draw_batch, load_task_split, rows_of
+from ama_ray.mixing.settings import HELDOUT_PREFIX
+from ama_ray.train.data import SELECT_SPLIT, SIGNAL_SPLIT, ShardStream, draw_batch, load_task_split, rows_of
 from ama_ray.train.engine import Engine, build_engine, lr_lambda  # noqa: F401 - lr_lambda: re-exported
 from ama_ray.train.faults import maybe_inject_fault
 from ama_ray.train.metrics import (
@@ -120,6 +121,16 @@ class Job:
         ])
         policy = spec.policy()
         settings = policy.settings
+        # A task whose specialist failed its check (`specialists.on_weak: raw_loss`) is measured
+        # against 0, its raw loss, in training and in the held-out signal alike.
+        raw = torch.tensor([t in spec.raw_tasks for t in spec.tasks])
+        signal_rows = None
+        if policy.uses_heldout:  # ama_h: the whole signal split, each rank its share, read once
+            signal_rows = engine.lockstep_rows([
+                _raw_targets(rows_of(load_task_split(run, t, SIGNAL_SPLIT, with_scores=with_scores, rank=rank, world=world)),
+                             t in spec.raw_tasks)
+                for t in spec.tasks
+            ])
         if spec.actor_name:
             from ama_ray.mixing.actor import RayMixer
 
@@ -132,7 +143,7 @@ class Job:
             eval_rows=eval_rows, loss_cfg=cfg.dpo, policy=policy, mixer=mixer, progress=ProgressClient(spec.progress_name, unit.label, rank),
             pad_id=tokenizer.pad_token_id, state=WorkerState(), writer=_tensorboard(run, unit, rank),
             tasks=list(spec.tasks), k=len(spec.tasks), best_dir=run.best_dir(unit),
-            target=make_target(settings, len(spec.tasks)),
+            target=make_target(settings, len(spec.tasks)), raw=raw, signal_rows=signal_rows,
             # Excess metrics only against a specialist: eval rows carry its losses (yardstick) when
             # the run has specialists; training batches when the target is the specialist's loss.
             eval_excess=with_scores, train_excess=with_scores and settings.excess_target != "history",
@@ -141,6 +152,9 @@ class Job:
     # Defaults for jobs built by hand (benchmarks, tests): a specialist-loss target, excess metrics.
     target = None  # HistoryTarget with mixing.excess_target history
     eval_excess = train_excess = True
+    raw = None  # bool per task: measured against its raw loss (a weak specialist), or None
+    signal_rows = None  # ama_h: this rank's rows of every task's signal split
+    heldout_seconds = step_seconds = 0.0  # this attempt: forward time on the signal split; time in steps
 
     # -- resume and checkpoints ----------------------------------------------------------------
     checkpoint_suffix = ""  # appended to checkpoint folder names after resuming past a corrupt one
@@ -221,6 +235,7 @@ class Job:
             self.state.step = step + 1
             now = time.perf_counter()
             metrics["train/seconds_per_step"] = now - last
+            self.step_seconds += now - last
             last = now
             done = self.state.step == self.spec.steps
             if self.state.step % self.cfg.eval.every_n_steps == 0 or done:
@@ -235,6 +250,7 @@ class Job:
                 ray.train.report(metrics)
 
     def train_step(self, step: int, alpha: np.ndarray) -> dict[str, float]:
+        heldout, metrics = self.measure_heldout(step) if self.policy.wants_heldout(step) else ({}, {})
         torch.manual_seed(_seed(self.spec.seed, step, self.rank))
         waited = time.perf_counter()
         labels, step_counts, total = self.sample_labels(step, alpha)
@@ -257,6 +273,8 @@ class Job:
                     out = per_example(engine.module, rows, self.loss_cfg, self.pad_id)
                 spec_loss = (specialist_losses(rows, out["loss"]) if targets is None
                              else targets.to(out["loss"].dtype)[task_ids[idx]].to(out["loss"].device))
+                if self.raw is not None and spec_loss is not None and self.raw.any():
+                    spec_loss = spec_loss.masked_fill(self.raw[task_ids[idx]].to(spec_loss.device), 0.0)
                 e = self.policy.objective(out["loss"], spec_loss)
                 engine.backward(scale * batch_objective(e, task_ids[idx], loss_weights, step_counts, total), last)
             sums += task_sums(out, task_ids[idx], spec_loss, self.k)
@@ -265,20 +283,36 @@ class Job:
         # Every rank holds the same all-reduced sums, so every rank stops at the same step,
         # before a non-finite statistic reaches the mixing policy (which would stall the others).
         self.check_finite(step, sums)
-        self.mixer.report(step, mixing_stats(sums))
+        self.mixer.report(step, {**mixing_stats(sums), **heldout})
         if self.target is not None:  # the same all-reduced sums on every rank: the copies agree
             self.target.update(sums[ROW["loss"]].numpy(), sums[ROW["count"]].numpy())
         # Ask for alpha_{t+1} now: the actor answers once step t's report is applied, which
         # overlaps clipping and the optimizer step.
         self.mixer.prefetch(step + 1)
         grad_norm = engine.step(on_nonfinite=lambda norm: self._nonfinite_gradient(step, norm))
-        metrics = metrics_from_sums(sums, self.tasks, "train", with_excess=self.train_excess)
+        metrics.update(metrics_from_sums(sums, self.tasks, "train", with_excess=self.train_excess))
         metrics.update({f"mix/alpha/{t}": float(a) for t, a in zip(self.tasks, alpha)})
         if targets is not None:
             metrics.update({f"mix/target/{t}": float(v) for t, v in zip(self.tasks, targets.tolist())})
         metrics.update({f"mix/count/{t}": float(c) for t, c in zip(self.tasks, sums[ROW["count"]].tolist())})
         metrics.update({"step": step + 1, "train/grad_norm": grad_norm, "train/lr": engine.lr(), "train/data_seconds": waited})
         return metrics
+
+    def measure_heldout(self, step: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+        """ama_h, before step `step`: every task's sums on the signal split with the model as it
+        is (forward only, all ranks), as the HELDOUT_KEYS the step's report carries, and metrics:
+        `signal/...` (the same names as `eval/...`) and `mix/heldout_seconds`."""
+        started = time.perf_counter()
+        with self.engine.autocast():
+            sums = evaluate_rows(self.engine.bare, self.signal_rows, self.loss_cfg, self.pad_id, self.cfg.reference.batch_size)
+        if self.world > 1:
+            torch.distributed.all_reduce(sums)
+        self.check_finite(step, sums)
+        seconds = time.perf_counter() - started
+        self.heldout_seconds += seconds
+        metrics = metrics_from_sums(sums, self.tasks, "signal", with_excess=self.train_excess or self.raw is not None)
+        metrics["mix/heldout_seconds"] = seconds
+        return {HELDOUT_PREFIX + key: value for key, value in mixing_stats(sums).items()}, metrics
 
     def _nonfinite_gradient(self, step: int, norm: float) -> None:
         raise NumericalError(
@@ -344,6 +378,9 @@ class Job:
         out = {"check/alpha_agree": float(len(set(digests)) == 1), "check/resumed_at_step": self.state.resumed_at,
                "check/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "check/loaded_param_share": self.engine.loaded_share}
+        if self.signal_rows is not None:  # ama_h's measuring cost in this attempt: seconds, share of the steps' time
+            out["check/heldout_seconds"] = self.heldout_seconds
+            out["check/heldout_share"] = self.heldout_seconds / max(self.step_seconds, 1e-9)
         if params is None:  # ZeRO-3: each rank holds a different shard, there is no replica to compare
             return out
         diff = torch.zeros((), dtype=torch.float64)
@@ -393,6 +430,15 @@ class Job:
 
             load_tokenizer(self.spec.model_path, trust_remote_code=self.cfg.model.trust_remote_code,
                            revision=self.cfg.model.revision).save_pretrained(out / MODEL_DIR)
+
+
+def _raw_targets(rows: list[dict], raw: bool) -> list[dict]:
+    """Rows whose specialist loss is 0 when their task is measured against its raw loss."""
+    if raw:
+        for row in rows:
+            if "specialist_loss" in row:
+                row["specialist_loss"] = 0.0
+    return rows
 
 
 def _barrier(world: int) -> None:

@@ -24,6 +24,7 @@ class UnitSpec:
     actor_name: str | None = None  # the shared mixing actor; None: the policy in each worker
     progress_name: str | None = None
     fault: str | None = None  # fault-injection spec, see maybe_inject_fault
+    raw_tasks: list[str] = field(default_factory=list)  # tasks whose excess target is 0 (weak specialists, on_weak raw_loss)
 
     def policy(self):
         """A fresh copy of the unit's mixing policy (the rules of its algorithm)."""

@@ -74,3 +74,17 @@ def test_ama_converges_to_the_centre_and_the_baselines_do_not():
     # the baselines sit near their own answers, 0.31 (centroid) and 0.78 (weighted mean) away
     assert distance["balanced"] > 0.25, distance
     assert distance["proportional"] > 0.6, distance
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("smoothing", [0.0, 1000**-0.25])
+def test_ama_h_reaches_the_centre_from_held_out_measurements(smoothing):
+    """AMA-H moves alpha only every 10th step, on 64 fresh held-out examples per task (full
+    information: no importance weights, so c = 0 is allowed), and still lands at the minimax point."""
+    steps = 1000
+    scale = 1 / math.sqrt(steps)
+    settings = MixingSettings(eta_alpha=10 * scale, smoothing=smoothing, heldout_every=10)
+    policy = make_policy("ama_h", NAMES, TASKS.sizes, settings)
+    theta = simulate(policy, TASKS, steps, lr=10 * scale, batch=8, seed=0)
+    assert np.linalg.norm(theta - TASKS.centre) < 0.1
+    assert policy.weights()[0] < smoothing / 3 + 0.01  # the big task, inactive at the centre, is left at the floor

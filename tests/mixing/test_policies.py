@@ -212,18 +212,53 @@ def test_largest_remainder_is_within_one_of_the_quota():
             largest_remainder(np.array(bad), 3)
 
 
+# --- AMA-H -----------------------------------------------------------------------------------
+
+H1 = [0.3427263759829035, 0.33320893864808976, 0.32406468536900673]  # 0.7 softmax(.08, .04, 0) + 0.1
+
+
+def held(clipped, count, loss=None):
+    return {"heldout_" + key: value for key, value in stats(clipped, count, loss).items()}
+
+
+def test_ama_h_moves_only_on_held_out_sums_every_m_steps():
+    p = policy("ama_h", eta_alpha=0.2, smoothing=0.3, heldout_every=2)
+    assert [p.wants_heldout(t) for t in range(5)] == [True, False, True, False, True]
+    train = stats([5.0, 0.0, 0.0], [8, 0, 0])  # the training batch's sums never move alpha
+    # step 0: held-out mean excess e = (0.6/3, 0.3/3, 0/3) = (0.2, 0.1, 0); w += 0.2 * m e, m = 2
+    record = p.update({**train, **held([0.6, 0.3, 0.0], [3, 3, 3])})
+    np.testing.assert_allclose(record["g_hat"], [0.4, 0.2, 0.0], rtol=1e-15)
+    assert record["heldout_count"].tolist() == [3, 3, 3] and record["heldout_sum_clipped_excess"].tolist() == [0.6, 0.3, 0.0]
+    np.testing.assert_allclose(p.weights(), H1, rtol=1e-13)
+    with pytest.raises(ValueError, match="sent but not wanted"):
+        p.update({**train, **held([1.0, 1.0, 1.0], [1, 1, 1])})
+    record = p.update(train)  # step 1: nothing measured, alpha stays
+    assert record["g_hat"].tolist() == [0.0] * 3 and record["heldout_count"].tolist() == [0] * 3
+    np.testing.assert_allclose(p.weights(), H1, rtol=1e-15)
+    with pytest.raises(ValueError, match="wanted but not sent"):
+        p.update(train)
+    # step 2 with clip per_task_mean: e = max(mean L - mean s, 0) = (0, 0.5, 0) -> w = (0.08, 0.24, 0)
+    q = policy("ama_h", eta_alpha=0.2, smoothing=0.3, heldout_every=2, clip="per_task_mean")
+    q.load_state_dict(p.state_dict())
+    q.update({**train, **held([9.0, 9.0, 9.0], [2, 2, 2], loss=[-0.4, 1.0, 0.0])})
+    w = np.array([0.08, 0.24, 0.0])
+    np.testing.assert_allclose(q.weights(), 0.7 * np.exp(w) / np.exp(w).sum() + 0.1, rtol=1e-13)
+
+
 # --- state -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algorithm", ["ama_s", "ama_r", "proportional"])
+@pytest.mark.parametrize("algorithm", ["ama_s", "ama_r", "proportional", "ama_h"])
 def test_state_round_trip_replays_the_same_trajectory(algorithm):
     rng = np.random.default_rng(3)
     steps = [stats(rng.random(3) * 3, rng.integers(1, 6, size=3)) for _ in range(10)]
-    original = policy(algorithm, eta_alpha=0.7, smoothing=0.2)
+    if algorithm == "ama_h":  # held-out sums at every other step (heldout_every 2)
+        steps = [{**s, **held(rng.random(3), rng.integers(1, 6, size=3))} if t % 2 == 0 else s for t, s in enumerate(steps)]
+    original = policy(algorithm, eta_alpha=0.7, smoothing=0.2, heldout_every=2)
     records = [original.update(s) for s in steps[:5]]
     saved = json.loads(json.dumps(original.state_dict()))
     records += [original.update(s) for s in steps[5:]]
 
-    resumed = policy(algorithm, eta_alpha=0.7, smoothing=0.2)
+    resumed = policy(algorithm, eta_alpha=0.7, smoothing=0.2, heldout_every=2)
     resumed.load_state_dict(saved)
     assert resumed.step == 5
     replay = [resumed.update(s) for s in steps[5:]]

@@ -78,7 +78,7 @@ def test_unknown_algorithm():
     with pytest.raises(ConfigError) as err:
         make_policy("ama_x", TASKS, (1, 1, 1), MixingSettings())
     assert err.value.where == "generalist.algorithms"
-    assert set(ALGORITHMS) == {"proportional", "balanced", "fixed", "ama_r", "ama_s"}
+    assert set(ALGORITHMS) == {"proportional", "balanced", "fixed", "ama_r", "ama_s", "ama_h"}
 
 
 def test_ama_r_batch_smaller_than_k_names_the_batch_size():
@@ -103,7 +103,7 @@ def test_mixing_package_imports_without_ray_or_torch():
 OTHER_VALUE = {
     "eta_alpha": 0.9, "smoothing": 0.4, "clip": "none", "excess_target": "none", "g_bound": 0.05,
     "initial_weights": {"math": 5.0, "safety": 1.0, "code": 1.0}, "fixed_weights": {"math": 1.0, "safety": 2.0, "code": 3.0},
-    "baseline_objective": "excess", "history_window": 10.0,
+    "baseline_objective": "excess", "history_window": 10.0, "heldout_every": 3,
 }
 
 
@@ -118,7 +118,9 @@ def _run(algorithm: str, settings: MixingSettings, steps: int = 6) -> list:
         count = rng.integers(1, 8, size=3).astype(float)
         loss, spec = rng.uniform(0, 2, size=3) * count, rng.uniform(0, 2, size=3) * count
         clipped = np.maximum(loss - spec, 0) + rng.uniform(0, 0.5, size=3) * count
-        rec = p.update({"sum_loss": loss, "sum_specialist_loss": spec, "sum_clipped_excess": clipped, "count": count})
+        stats = {"sum_loss": loss, "sum_specialist_loss": spec, "sum_clipped_excess": clipped, "count": count}
+        held = {f"heldout_{key}": value * 2 + (key != "count") * 0.25 for key, value in stats.items()} if p.wants_heldout(p.step) else {}
+        rec = p.update({**stats, **held})
         out.append((rec["alpha"].tolist(), rec["g_hat"].tolist()))
     e = p.objective(torch.tensor([0.3, 1.2, 0.9]), torch.tensor([0.5, 0.4, 0.9]))
     return out + [e.tolist()]

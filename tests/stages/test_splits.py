@@ -30,6 +30,24 @@ def test_assignment_is_disjoint_deterministic_and_independent_of_row_order():
     assert {i for i, s in one.items() if s == "test"} != {i for i, s in other.items() if s == "test"}  # the seed matters
 
 
+def test_a_signal_split_comes_out_of_training_and_leaves_validation_and_test_alone():
+    ids = [f"id{i:04d}" for i in range(500)]
+    plain = assign_splits(ids, seed=0, n_val=40, n_test=60)
+    signal = assign_splits(ids, seed=0, n_val=40, n_test=60, n_signal=50)
+    assert {s: sum(v == s for v in signal.values()) for s in ("train", "validation", "test", "signal")} == \
+        {"train": 350, "validation": 40, "test": 60, "signal": 50}
+    assert all(signal[i] == plain[i] for i in ids if plain[i] != "train")  # the same validation and test examples
+    assert all(plain[i] == "train" for i in ids if signal[i] == "signal")
+    data = _data(validation_fraction=0.1, test_fraction=0.1, signal_fraction=0.05, min_heldout_examples=30)
+    assert heldout_sizes(1000, data, "t", "w") == (100, 100, 50)
+    assert heldout_sizes(1000, _data(validation_fraction=0.1, test_fraction=0.1), "t", "w") == (100, 100)
+    with pytest.raises(DataError, match="30 validation and 30 test and 30 signal"):
+        heldout_sizes(90, data, "t", "w")
+    with pytest.raises(ConfigError, match="validation_fraction \\+ test_fraction \\+ signal_fraction = 1 leaves no training data"):
+        validate({"data": {"tasks": [{"name": "t", "benchmark": "brackets"}], "validation_fraction": 0.4, "test_fraction": 0.4,
+                           "signal_fraction": 0.2}})
+
+
 def test_heldout_sizes_fraction_minimum_and_cap():
     data = _data(validation_fraction=0.1, test_fraction=0.2, min_heldout_examples=30, max_heldout_examples=150)
     assert heldout_sizes(1000, data, "t", "w") == (100, 150)  # 10 %; 20 % capped at 150
