@@ -397,7 +397,7 @@ class Config(Section):
         # Fields read by nothing at their defaults: hashes made before they existed stay valid.
         if self.mixing.excess_target != "history":
             dump["mixing"].pop("history_window")
-        if "ama_h" not in self.generalist.algorithms:
+        if "ama_h" not in json.dumps([dump["generalist"]["algorithms"], dump["tune"]["search_space"]]):
             dump["mixing"].pop("heldout_every")
         if not self.data.signal_fraction:
             dump["data"].pop("signal_fraction")

@@ -6,7 +6,7 @@
 #   bash scripts/heldout_study.sh imbalance   # the 10:1:1 benchmark (jobs/imbalance.yaml)
 #   bash scripts/heldout_study.sh difficulty  # equal sizes, unequal difficulty (jobs/minimal.yaml, 150 steps)
 #   bash scripts/heldout_study.sh broken      # 10:1:1 with a deliberately broken refusal specialist
-#   ROOT=./runs/ablation AMA=ama-ray bash scripts/heldout_study.sh imbalance
+#   ROOT=./runs/ablation AMA=ama-ray PYTHON=python bash scripts/heldout_study.sh imbalance
 #
 # Every excess is measured against one yardstick: the specialists of the configuration's main run
 # ($ROOT/imbalance or $ROOT/difficulty, the run scripts/ablation.sh makes; made here if missing),
@@ -28,6 +28,7 @@ set -euo pipefail
 CONFIG=${1:?usage: heldout_study.sh imbalance|difficulty|broken}
 ROOT=$(realpath -m "${ROOT:-./runs/ablation}")
 AMA=${AMA:-ama-ray}
+PYTHON=${PYTHON:-python}
 SEEDS="[0,1,2,3,4]"
 BREAK=()
 case "$CONFIG" in
@@ -101,3 +102,13 @@ fi
 for metric in excess_loss rewards/accuracies; do
   $AMA compare "${RUNS[@]}" --metric "$metric" "${PAIRS[@]}"
 done
+
+echo "== $CONFIG: the mixtures, by third of training (mean over seeds) =="
+$PYTHON scripts/alpha_phases.py "$MAIN" ama_s
+for algorithm in ${SIGNAL_ALGORITHMS//[\[\],]/ }; do
+  $PYTHON scripts/alpha_phases.py "$ROOT/${CONFIG}_signal" "$algorithm"
+done
+if [[ $CONFIG == broken ]]; then
+  $PYTHON scripts/alpha_phases.py "$ROOT/broken_warn" ama_s
+  $PYTHON scripts/alpha_phases.py "$ROOT/broken_raw" ama_s
+fi

@@ -1,6 +1,7 @@
-"""scripts/ablation.sh, the evidence script of docs/results.md: it parses, refuses an unknown
-configuration with exit 2 before running anything, and every run directory it compares is one
-it writes (a renamed variant would leave `ama-ray compare` a missing run)."""
+"""scripts/ablation.sh and scripts/heldout_study.sh, the evidence scripts of docs/results.md:
+they parse, refuse an unknown configuration with exit 2 before running anything, and every run
+directory they compare is one they write (a renamed variant would leave `ama-ray compare` a
+missing run); scripts/alpha_phases.py averages the mixtures it is given."""
 
 from __future__ import annotations
 
@@ -26,3 +27,34 @@ def test_ablation_script_parses_and_refuses_an_unknown_configuration(tmp_path):
     compared = set(re.findall(r"/\$\{CONFIG\}(_\w+)=", text))
     assert {"_clip_none", "_history", "_history_task_mean", "_spec_half_eval", "_spec_triple_eval"} <= compared
     assert compared <= written, compared - written
+
+
+def test_heldout_study_script_parses_refuses_and_compares_what_it_writes(tmp_path):
+    script = SCRIPT.parent / "heldout_study.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    done = subprocess.run(["bash", str(script), "tiny"], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "AMA": "false"})
+    assert done.returncode == 2 and "unknown configuration 'tiny'" in done.stderr
+    text = script.read_text()
+    written = set(re.findall(r"storage\.run_name=\$\{CONFIG\}(_\w+?)\"", text)) | set(re.findall(r"storage\.run_name=(broken_\w+)", text))
+    written |= {f"{w}_eval" for w in re.findall(r"evaluate_against_main \"?\$?\{?CONFIG\}?(_\w+?)\"? ", text)}
+    written |= {f"{w}_eval" for w in re.findall(r"evaluate_against_main (broken_\w+) ", text)}
+    compared = set(re.findall(r"/\$\{CONFIG\}(_\w+)=", text)) | set(re.findall(r"\$ROOT/(broken_\w+)=", text))
+    assert {"_signal_eval", "broken_warn_eval", "broken_raw_eval"} <= compared
+    assert compared <= written, compared - written
+
+
+def test_alpha_phases_averages_seeds_by_phase(tmp_path, capsys, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from alpha_phases import main
+
+    for seed, a in ((0, [0.2] * 3 + [0.6] * 3), (1, [0.4] * 3 + [0.8] * 3)):
+        unit = tmp_path / "run" / "generalist" / "ama_h" / f"seed{seed}"
+        unit.mkdir(parents=True)
+        pq.write_table(pa.table({"step": list(range(6)), "alpha/x": a, "alpha/y": [1 - v for v in a]}), unit / "mixing_history.parquet")
+    main([str(tmp_path / "run"), "ama_h", "--phases", "2"])
+    out = capsys.readouterr().out
+    assert "steps 0-2: x=0.300 y=0.700" in out and "steps 3-5: x=0.700 y=0.300" in out

@@ -110,6 +110,12 @@ class MixingPolicy:
         """Multipliers on per-task means in theta's objective at mixture `alpha`; None: plain mean."""
         return None
 
+    @classmethod
+    def reads_target(cls, settings: MixingSettings) -> bool:
+        """Whether theta's objective or alpha's update reads the excess target (a specialist's
+        loss): the AMA policies do, the baselines only with `baseline_objective: excess`."""
+        return True
+
     def wants_heldout(self, step: int) -> bool:
         """Whether step `step`'s report must carry the held-out sums (HELDOUT_KEYS) of the model as
         it is before that step's update; only `ama_h` ever wants them."""
@@ -199,6 +205,10 @@ class _StaticPolicy(MixingPolicy):
     def weights(self) -> np.ndarray:
         return self._alpha.copy()
 
+    @classmethod
+    def reads_target(cls, settings: MixingSettings) -> bool:
+        return settings.baseline_objective == "excess"
+
     def objective(self, loss: "torch.Tensor", specialist_loss: "torch.Tensor") -> "torch.Tensor":
         if self.settings.baseline_objective == "loss":
             return loss
@@ -248,6 +258,10 @@ class Specialist(_StaticPolicy):
             raise ConfigError(f"a specialist trains one task, got {list(tasks)}", where="data.tasks",
                               fix="train one specialist per task")
         super().__init__(tasks, settings, [1.0])
+
+    @classmethod
+    def reads_target(cls, settings: MixingSettings) -> bool:
+        return False
 
     def objective(self, loss: "torch.Tensor", specialist_loss: "torch.Tensor | None") -> "torch.Tensor":
         return loss

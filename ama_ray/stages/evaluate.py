@@ -274,7 +274,7 @@ def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results
         "models": entries,
     }
     doc["aggregates"] = {"algorithms": aggregate_algorithms(entries), "specialists_own_task": specialists_own_task(entries)}
-    doc["flags"] = compute_flags(doc, missing)
+    doc["flags"] = compute_flags(doc, missing) + raw_loss_flags(run_dir, models)
     return _finite(doc)
 
 
@@ -320,6 +320,24 @@ def compute_flags(doc: dict, missing: list[str]) -> list[dict]:
             "fix": "Run `ama-ray specialists` / `ama-ray generalist` / `ama-ray merge` (or `ama-ray run`), then evaluate again.",
         })
     return flags
+
+
+def raw_loss_flags(run_dir: RunDir, models: list[ModelRef]) -> list[dict]:
+    """One flag per task that generalists trained against its raw loss (a weak specialist under
+    `specialists.on_weak: raw_loss`), naming those generalists (their manifests' `raw_loss_tasks`)."""
+    trained: dict[str, list[str]] = {}
+    for model in models:
+        if model.kind == "generalist":
+            for task in (run_dir.unit(*model.unit).manifest() or {}).get("raw_loss_tasks", []):
+                trained.setdefault(task, []).append(model.key)
+    return [{
+        "kind": "raw_loss_target", "model": None, "task": task, "evidence": {"generalists": keys},
+        "message": f"{len(keys)} generalist(s) trained task '{task}' against its raw loss, not its specialist's "
+        "(the specialist was weak; specialists.on_weak=raw_loss): their excess on it is measured against a "
+        "specialist they never aimed at.",
+        "fix": f"Train the specialist of '{task}' longer or harder and rerun with --force specialists, or set "
+        "specialists.on_weak=stop to be told before the generalists train.",
+    } for task, keys in sorted(trained.items())]
 
 
 def weak_specialist(task: str, own: dict, base: dict) -> dict | None:

@@ -17,6 +17,7 @@ import pyarrow as pa
 from ama_ray.cluster import NAMESPACE
 from ama_ray.config import Config, short_hash
 from ama_ray.errors import AmaError
+from ama_ray.mixing import POLICIES
 from ama_ray.stages import base_model_path, needs_work, open_run, progress_name, run_identity
 from ama_ray.stages.score import check_rows, raw_loss_tasks, rows_hash
 from ama_ray.storage import MIXING_HISTORY, RunDir
@@ -32,10 +33,11 @@ STAGE = "generalist"
 def generalist_hash(cfg: Config, algorithm: str, seed: int, raw_tasks: list[str] = ()) -> str:
     """What a generalist unit was trained with; only the mixing settings its algorithm reads
     count, so e.g. adding a tuned `fixed` arm leaves the committed AMA units valid. `raw_tasks`
-    (`raw_loss_tasks`: weak specialists measured against the raw loss) count when there are any."""
+    (`raw_loss_tasks`: weak specialists measured against the raw loss) count when there are any
+    and the algorithm reads the target (a baseline on the plain loss never does)."""
     mixing = short_hash(cfg.mixing.used_by(algorithm))
     training = cfg.section_hash("generalist.optim", "scaling.num_workers", "model.lora", "scaling.deepspeed")
-    raw = f"-raw:{','.join(raw_tasks)}" if raw_tasks else ""
+    raw = f"-raw:{','.join(raw_tasks)}" if raw_tasks and POLICIES[algorithm].reads_target(cfg.mixing) else ""
     return f"{rows_hash(cfg)}-{training}-{mixing}-{algorithm}-{seed}{raw}"
 
 
@@ -147,7 +149,8 @@ def train_generalist(
     alphas = np.array([np.asarray(r["alpha"], dtype=float) for r in history]) if history else np.zeros((0, len(sizes)))
     unit.commit(
         digest, stage=STAGE, algorithm=algorithm, seed=seed, steps=spec.steps, base_model=model_path, dtype=cfg.model.dtype,
-        tasks=cfg.task_names, train_sizes=sizes, final_metrics=final, raw_loss_tasks=list(raw_tasks),
+        tasks=cfg.task_names, train_sizes=sizes, final_metrics=final,
+        raw_loss_tasks=list(raw_tasks) if POLICIES[algorithm].reads_target(cfg.mixing) else [],
         final_alpha=alphas[-1].tolist() if len(alphas) else None, mean_alpha=alphas.mean(axis=0).tolist() if len(alphas) else None,
     )
     log.info("generalist: %s/seed%d committed", algorithm, seed)

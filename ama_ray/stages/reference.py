@@ -15,7 +15,7 @@ from ama_ray.errors import StageInputError
 from ama_ray.stages import base_model_path, model_identity, needs_work, open_run
 from ama_ray.stages.inference import PADDING_SIDE, Source, infer
 from ama_ray.stages.prepare import prepare_hash
-from ama_ray.train.data import SPLITS, require_prepared
+from ama_ray.train.data import require_prepared
 
 log = logging.getLogger(__name__)
 STAGE = "reference"
@@ -50,7 +50,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     pending = [t for t in cfg.task_names if needs_work(run_dir.reference(t), digest, STAGE, force)]
     if pending:
         for task in pending:
-            require_prepared(run_dir, task)
+            require_prepared(run_dir, task, cfg.splits)
         model_path = base_model_path(cfg)
         check_same_model(run_dir, pending, model_path, model_identity(cfg))
         log.info("reference: %d tasks with %s", len(pending), model_path)

@@ -182,8 +182,8 @@ def dynamics(run: RunDir, doc: dict, tasks: list[str], images: dict[str, bytes])
         against = {"specialist": "the specialist's loss", "none": "0 (the raw loss)",
                    "history": "the task's history target (docs/algorithms.md)"}.get(target, target)
         blocks += [
-            ("img", "alpha.png", "Mixing weight α per task over optimizer steps (AMA-S: sampling distribution; AMA-R: loss "
-                                 "weights; baselines: their fixed mix)."),
+            ("img", "alpha.png", "Mixing weight α per task over optimizer steps (AMA-S, AMA-H: sampling distribution; AMA-R: "
+                                 "loss weights; baselines: their fixed mix)."),
             ("img", "excess_over_steps.png", f"Per-task clipped excess loss over steps: training batches (smoothed; over "
                                              f"{against}, the mixing target) and, where the run has specialists, the periodic "
                                              "evaluations on the validation split (over the specialist)."),

@@ -55,14 +55,11 @@ def check_split_rows(run_dir, stage: str, task: str, force: str, splits: tuple[s
     manifest and the prepared split disagree on the row count (the data changed after it ran),
     or when one of `splits` is missing."""
     unit = run_dir.stage_unit(stage, task)
-    man = require_split_unit(run_dir, stage, task)
+    prepared = require_split_unit(run_dir, "prepare", task, splits)["rows"]
+    man = require_split_unit(run_dir, stage, task, splits)
     also = "" if stage == "reference" else " (or --force reference if the data itself changed)"
-    prepared = require_split_unit(run_dir, "prepare", task)["rows"]
     for split in splits:
         path = unit.file(unit.split_file(split))
-        if split not in man["rows"] or split not in prepared:
-            raise StageInputError(f"has no {split} split (data.signal_fraction was 0 when it ran)", where=unit.path,
-                                  fix=f"rerun `ama-ray run {force}`{also}")
         rows = pq.ParquetFile(path, filesystem=unit.fs).metadata.num_rows  # the footer: cheap at any size
         if not rows == man["rows"][split] == prepared[split]:
             raise StageInputError(
@@ -87,7 +84,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
             continue
         spec_unit = run_dir.specialist(task)
         spec_man = spec_unit.require(f"specialist of task '{task}'", fix="run `ama-ray specialists` first")
-        require_split_unit(run_dir, "reference", task)
+        require_split_unit(run_dir, "reference", task, cfg.splits)
         model_dir = spec_unit.local_copy() / MODEL_DIR
         log.info("score: %s with %s", task, model_dir)
         unit.begin()

@@ -91,8 +91,10 @@ def check_metric(cfg: Config) -> None:
         )
 
 
-def study_hash(cfg: Config) -> str:
-    return rows_hash(cfg) + "-" + cfg.section_hash("generalist", "mixing", "eval", "scaling", "tune", "seed")
+def study_hash(cfg: Config, raw_tasks: list[str] = ()) -> str:
+    """What a study ran with; `raw_tasks` (`raw_loss_tasks`) count when there are any."""
+    raw = f"-raw:{','.join(raw_tasks)}" if raw_tasks else ""
+    return rows_hash(cfg) + "-" + cfg.section_hash("generalist", "mixing", "eval", "scaling", "tune", "seed") + raw
 
 
 def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
@@ -104,8 +106,8 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     run_dir = open_run(cfg)
     study = run_dir.tune()
     outputs = [study.file(RESULTS_CSV), study.file(BEST_YAML)]
-    digest = study_hash(cfg)
-    if STAGE not in force and study.is_committed(digest):
+    # A committed study's scores exist, so the weak specialists it trained against can be read now.
+    if STAGE not in force and study.is_committed(study_hash(cfg, raw_loss_tasks(run_dir, cfg))):
         log.info("tune: study already committed, skipping (use --force tune to redo it)")
         return outputs
     space = search_space(cfg)
@@ -113,7 +115,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     trial_seeds(cfg)  # a study that would tune on a reported seed fails before anything runs
     pipeline.run(cfg, force, through="score")
     check_rows(run_dir, cfg)
-    raw_loss_tasks(run_dir, cfg, announce=True)  # weak specialists: the line, or the stop
+    digest = study_hash(cfg, raw_loss_tasks(run_dir, cfg, announce=True))  # weak specialists: the line, or the stop
     ensure_ray()
     check_unit_resources(cfg, cfg.tune.seeds_per_trial, STAGE)
     study.begin()

@@ -50,11 +50,12 @@ READ_AHEAD = 4  # row groups a streamed read may hold in the object store
 TASK_UNITS = {"prepare": "prepared data", "reference": "reference log-probs", "score": "specialist scores"}
 
 
-def require_split_unit(run: RunDir, stage: str, task: str) -> dict:
+def require_split_unit(run: RunDir, stage: str, task: str, splits: tuple[str, ...] = SPLITS) -> dict:
     """The manifest of a task's committed `prepare`, `reference` or `score` unit.
 
-    StageInputError if it is missing, or if it holds the two train/eval splits of older
-    versions (one line: rerun prepare with --force, which the later stages then follow).
+    StageInputError if it is missing, if it holds the two train/eval splits of older versions
+    (one line: rerun prepare with --force, which the later stages then follow), or if it lacks
+    another of `splits` (`Config.splits`: the signal split after `data.signal_fraction` was set).
     """
     what = TASK_UNITS[stage]
     unit = run.stage_unit(stage, task)
@@ -66,12 +67,19 @@ def require_split_unit(run: RunDir, stage: str, task: str) -> dict:
             where=unit.path,
             fix="rerun `ama-ray run --force prepare` (it redoes prepare and every later stage)",
         )
+    missing = [split for split in splits if split not in rows]
+    if missing:
+        raise StageInputError(
+            f"{what} of task '{task}' has no {', '.join(missing)} split (it was made with data.signal_fraction 0)",
+            where=unit.path,
+            fix="rerun `ama-ray run` (prepare redoes the task with the signal split, and every later stage follows)",
+        )
     return man
 
 
-def require_prepared(run: RunDir, task: str) -> dict:
+def require_prepared(run: RunDir, task: str, splits: tuple[str, ...] = SPLITS) -> dict:
     """`require_split_unit` of the task's prepared data."""
-    return require_split_unit(run, "prepare", task)
+    return require_split_unit(run, "prepare", task, splits)
 
 
 def rows_unit(run: RunDir, task: str, with_scores: bool):

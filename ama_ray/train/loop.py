@@ -250,7 +250,7 @@ class Job:
                 ray.train.report(metrics)
 
     def train_step(self, step: int, alpha: np.ndarray) -> dict[str, float]:
-        heldout, metrics = self.measure_heldout(step) if self.policy.wants_heldout(step) else ({}, {})
+        heldout = self.measure_heldout(step) if self.policy.wants_heldout(step) else {}
         torch.manual_seed(_seed(self.spec.seed, step, self.rank))
         waited = time.perf_counter()
         labels, step_counts, total = self.sample_labels(step, alpha)
@@ -290,7 +290,7 @@ class Job:
         # overlaps clipping and the optimizer step.
         self.mixer.prefetch(step + 1)
         grad_norm = engine.step(on_nonfinite=lambda norm: self._nonfinite_gradient(step, norm))
-        metrics.update(metrics_from_sums(sums, self.tasks, "train", with_excess=self.train_excess))
+        metrics = metrics_from_sums(sums, self.tasks, "train", with_excess=self.train_excess)
         metrics.update({f"mix/alpha/{t}": float(a) for t, a in zip(self.tasks, alpha)})
         if targets is not None:
             metrics.update({f"mix/target/{t}": float(v) for t, v in zip(self.tasks, targets.tolist())})
@@ -298,10 +298,13 @@ class Job:
         metrics.update({"step": step + 1, "train/grad_norm": grad_norm, "train/lr": engine.lr(), "train/data_seconds": waited})
         return metrics
 
-    def measure_heldout(self, step: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    def measure_heldout(self, step: int) -> dict[str, list[float]]:
         """ama_h, before step `step`: every task's sums on the signal split with the model as it
-        is (forward only, all ranks), as the HELDOUT_KEYS the step's report carries, and metrics:
-        `signal/...` (the same names as `eval/...`) and `mix/heldout_seconds`."""
+        is (forward only, all ranks), as the HELDOUT_KEYS the step's report carries.
+
+        Its metrics, `signal/...` (the `eval/...` family on the signal split) and
+        `mix/heldout_seconds`, go to TensorBoard at once, at global step `step` (the model after
+        `step` updates, as `eval/...` counts), whatever `eval.log_every_n_steps` says."""
         started = time.perf_counter()
         with self.engine.autocast():
             sums = evaluate_rows(self.engine.bare, self.signal_rows, self.loss_cfg, self.pad_id, self.cfg.reference.batch_size)
@@ -310,9 +313,10 @@ class Job:
         self.check_finite(step, sums)
         seconds = time.perf_counter() - started
         self.heldout_seconds += seconds
-        metrics = metrics_from_sums(sums, self.tasks, "signal", with_excess=self.train_excess or self.raw is not None)
+        metrics = metrics_from_sums(sums, self.tasks, "signal", with_excess=self.train_excess)
         metrics["mix/heldout_seconds"] = seconds
-        return {HELDOUT_PREFIX + key: value for key, value in mixing_stats(sums).items()}, metrics
+        self._scalars(metrics, step)
+        return {HELDOUT_PREFIX + key: value for key, value in mixing_stats(sums).items()}
 
     def _nonfinite_gradient(self, step: int, norm: float) -> None:
         raise NumericalError(
@@ -378,7 +382,7 @@ class Job:
         out = {"check/alpha_agree": float(len(set(digests)) == 1), "check/resumed_at_step": self.state.resumed_at,
                "check/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "check/loaded_param_share": self.engine.loaded_share}
-        if self.signal_rows is not None:  # ama_h's measuring cost in this attempt: seconds, share of the steps' time
+        if self.signal_rows is not None:  # ama_h's measuring cost in this attempt: seconds, share of the loop's time
             out["check/heldout_seconds"] = self.heldout_seconds
             out["check/heldout_share"] = self.heldout_seconds / max(self.step_seconds, 1e-9)
         if params is None:  # ZeRO-3: each rank holds a different shard, there is no replica to compare
@@ -402,11 +406,16 @@ class Job:
         # ~40 scalars per step cost 12-20% of a tiny model's step (benchmarks/dpo_throughput.py):
         # write them on log steps, evaluations and the last step only.
         logged = step % self.cfg.eval.log_every_n_steps == 0 or step == self.spec.steps or "eval/dpo_loss/mean" in metrics
-        if self.writer is not None and logged:
+        if logged:
+            self._scalars(metrics, step)
+        self.progress.update(step, self.spec.steps, metrics)
+
+    def _scalars(self, metrics: dict[str, float], step: int) -> None:
+        """Finite numbers of `metrics` to TensorBoard at global step `step` (rank 0 of a local run)."""
+        if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
-        self.progress.update(step, self.spec.steps, metrics)
 
     # -- the end -------------------------------------------------------------------------------
     def finish(self) -> None:
