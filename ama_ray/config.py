@@ -349,7 +349,7 @@ class Config(Section):
     def splits(self) -> tuple[str, ...]:
         """The splits prepare writes per task, and reference and score cover: train, validation,
         test, and `signal` when `data.signal_fraction` > 0."""
-        from ama_ray.train.data import SIGNAL_SPLIT, SPLITS
+        from ama_ray.storage import SIGNAL_SPLIT, SPLITS
 
         return SPLITS + ((SIGNAL_SPLIT,) if self.data.signal_fraction else ())
 

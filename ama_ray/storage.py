@@ -51,6 +51,14 @@ FOLDERS = {
     "prepare": "prepared", "reference": "reference", "specialists": "specialists", "score": "scores",
     "generalist": "generalist", "merge": "merged", "tune": "tune", "evaluate": "eval", "report": "report",
 }
+# Every task's splits, written by prepare and covered by reference and score: validation selects
+# (best checkpoints, `eval/...` during training, ASHA, Tune), test reports (evaluate, report, compare).
+SPLITS = ("train", "validation", "test")
+SELECT_SPLIT, REPORT_SPLIT = "validation", "test"
+# With `data.signal_fraction` > 0 a fourth split, held out of training like the other two, whose
+# excess drives the `ama_h` mixing algorithm (`Config.splits` lists a run's splits).
+SIGNAL_SPLIT = "signal"
+ALL_SPLITS = SPLITS + (SIGNAL_SPLIT,)
 ROW_GROUP_ROWS = 1024  # Parquet row group: what a streaming reader holds at a time
 MODEL_DIR = "model"
 MIXING_HISTORY = "mixing_history.parquet"

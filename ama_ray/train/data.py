@@ -29,17 +29,9 @@ import numpy as np
 import pyarrow as pa
 
 from ama_ray.errors import StageInputError
-from ama_ray.storage import ROW_GROUP_ROWS, RunDir
+from ama_ray.storage import ALL_SPLITS, REPORT_SPLIT, ROW_GROUP_ROWS, SELECT_SPLIT, SIGNAL_SPLIT, SPLITS, RunDir  # noqa: F401 - re-exported
 
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-# Every task's splits, written by prepare and covered by reference and score: validation selects
-# (best checkpoints, `eval/...` during training, ASHA, Tune), test reports (evaluate, report, compare).
-SPLITS = ("train", "validation", "test")
-SELECT_SPLIT, REPORT_SPLIT = "validation", "test"
-# With `data.signal_fraction` > 0 a fourth split, held out of training like the other two, whose
-# excess drives the `ama_h` mixing algorithm (`Config.splits` lists a run's splits).
-SIGNAL_SPLIT = "signal"
-ALL_SPLITS = SPLITS + (SIGNAL_SPLIT,)
 SHUFFLE_ROWS = 4096  # local shuffle buffer of a stream (a whole small task: a full reshuffle per epoch)
 READ_ROWS = 256  # rows a stream pulls from its iterator at a time
 READ_TASKS = 2  # concurrent row-group readers of one dataset

@@ -36,6 +36,10 @@ SEEDS = (0, 1, 2)
 MARGIN = 0.03  # on the mean over SEEDS of the worst-task excess; measured 0.054
 
 
+# Slow (2 min 13 s in CI on 2026-12-01: six generalists of 150 steps): the suite was over its
+# 30-minute budget. CI keeps the mechanism at 10:1:1 (tests/stages/test_imbalance.py), and
+# docs/results.md measures this configuration with 5 seeds (AMA-S − balanced −0.101, separated).
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ama_s_follows_the_worst_task_and_lowers_its_excess_on_average(tiny_run, tmp_path):
     cfg, src = tiny_run
