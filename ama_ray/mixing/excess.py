@@ -70,7 +70,7 @@ def check_stats(stats: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray
         if value.shape != (k,) or not np.all(np.isfinite(value)):
             raise ValueError(f"stats[{key!r}] must be {k} finite numbers, got {value!r}")
         out[key] = value
-    for key in keys[3::4]:  # the counts
+    for key in (k for k in keys if k.endswith("count")):
         count = out[key]
         if np.any(count < 0) or np.any(count != np.round(count)):
             raise ValueError(f"stats[{key!r}] must be non-negative integers, got {count!r}")

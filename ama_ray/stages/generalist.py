@@ -117,6 +117,8 @@ def train_generalist(
     unit = run_dir.generalist(algorithm, seed, trial)
     stage = STAGE if trial is None else "tune"
     raw_tasks = raw_loss_tasks(run_dir, cfg) if raw_tasks is None else raw_tasks
+    if not POLICIES[algorithm].reads_target(cfg.mixing):  # a baseline on the plain loss: its excess stays the specialist's
+        raw_tasks = []
     digest = generalist_hash(cfg, algorithm, seed, raw_tasks)
     fresh_checkpoints(run_dir, stage, unit, digest, force)
     unit.begin()
@@ -150,7 +152,7 @@ def train_generalist(
     unit.commit(
         digest, stage=STAGE, algorithm=algorithm, seed=seed, steps=spec.steps, base_model=model_path, dtype=cfg.model.dtype,
         tasks=cfg.task_names, train_sizes=sizes, final_metrics=final,
-        raw_loss_tasks=list(raw_tasks) if POLICIES[algorithm].reads_target(cfg.mixing) else [],
+        raw_loss_tasks=list(raw_tasks),
         final_alpha=alphas[-1].tolist() if len(alphas) else None, mean_alpha=alphas.mean(axis=0).tolist() if len(alphas) else None,
     )
     log.info("generalist: %s/seed%d committed", algorithm, seed)

@@ -123,7 +123,7 @@ class Job:
         settings = policy.settings
         # A task whose specialist failed its check (`specialists.on_weak: raw_loss`) is measured
         # against 0, its raw loss, in training and in the held-out signal alike.
-        raw = torch.tensor([t in spec.raw_tasks for t in spec.tasks])
+        raw = torch.tensor([t in spec.raw_tasks for t in spec.tasks]) if spec.raw_tasks else None
         signal_rows = None
         if policy.uses_heldout:  # ama_h: the whole signal split, each rank its share, read once
             signal_rows = engine.lockstep_rows([
@@ -152,7 +152,7 @@ class Job:
     # Defaults for jobs built by hand (benchmarks, tests): a specialist-loss target, excess metrics.
     target = None  # HistoryTarget with mixing.excess_target history
     eval_excess = train_excess = True
-    raw = None  # bool per task: measured against its raw loss (a weak specialist), or None
+    raw = None  # bool per task: measured against its raw loss (a weak specialist); None when no task is
     signal_rows = None  # ama_h: this rank's rows of every task's signal split
     heldout_seconds = step_seconds = 0.0  # this attempt: forward time on the signal split; time in steps
 
@@ -273,7 +273,7 @@ class Job:
                     out = per_example(engine.module, rows, self.loss_cfg, self.pad_id)
                 spec_loss = (specialist_losses(rows, out["loss"]) if targets is None
                              else targets.to(out["loss"].dtype)[task_ids[idx]].to(out["loss"].device))
-                if self.raw is not None and spec_loss is not None and self.raw.any():
+                if self.raw is not None and spec_loss is not None:
                     spec_loss = spec_loss.masked_fill(self.raw[task_ids[idx]].to(spec_loss.device), 0.0)
                 e = self.policy.objective(out["loss"], spec_loss)
                 engine.backward(scale * batch_objective(e, task_ids[idx], loss_weights, step_counts, total), last)
