@@ -73,6 +73,8 @@ class TaskConfig(Section):
         "better_response_id", description="PKU-SafeRLHF: which label picks the chosen response."
     )
     max_rows: Optional[int] = Field(None, ge=1, description="Keep at most this many usable rows.")
+    cluster: Optional[int] = Field(
+        None, ge=0, description="Set by `data.partition`, not by hand: the task is cluster N of the partitioned sources (docs/partition.md).")
     specialist_steps: Optional[int] = Field(None, ge=1, description="Specialist train length for this task (default specialists.optim.steps).")
 
     @field_validator("name")
@@ -82,7 +84,7 @@ class TaskConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "TaskConfig":
-        given = [k for k in ("benchmark", "path", "hf_dataset") if getattr(self, k) is not None]
+        given = [k for k in ("benchmark", "path", "hf_dataset", "cluster") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"task '{self.name}' needs exactly one of benchmark, path, hf_dataset (got {given or 'none'})")
         from ama_ray.data.benchmark import TASKS
@@ -106,6 +108,27 @@ RENAMED = {  # keys of earlier versions -> what replaced them
 }
 
 
+def _partition_tasks(raw: Any) -> Any:
+    """With `data.partition`, `data.tasks` is one task per cluster: filled in when absent, and
+    accepted when given only if it is exactly that list (a dumped config read back)."""
+    if not isinstance(raw, dict) or not raw.get("partition"):
+        if isinstance(raw, dict) and any(isinstance(t, dict) and t.get("cluster") is not None for t in raw.get("tasks") or []):
+            raise ConfigError("a task with `cluster` needs data.partition", where="data.tasks",
+                              fix="give the mixed data as data.partition.sources (docs/partition.md)")
+        return raw
+    part = PartitionConfig.model_validate(raw["partition"])
+    made = [{"name": name, "cluster": i} for i, name in enumerate(part.task_names())]
+    given = raw.get("tasks")
+    if given is None:
+        return {**raw, "tasks": made}
+    as_made = [(t.get("name"), t.get("cluster")) if isinstance(t, dict) else (t.name, t.cluster) for t in given]
+    if as_made != [(m["name"], m["cluster"]) for m in made]:
+        raise ConfigError("data.tasks and data.partition are both set", where="data.tasks",
+                          fix="with data.partition, list the mixed data under data.partition.sources and leave data.tasks out "
+                              "(it becomes one task per cluster)")
+    return raw
+
+
 def _plain_name(name: str) -> str:
     """A task or run name becomes a folder name: `.` and `..` would point outside the run."""
     if name in (".", ".."):
@@ -122,8 +145,44 @@ def _refuse_renamed(section: str, raw: Any) -> Any:
     return raw
 
 
+class PartitionConfig(Section):
+    """One mixed dataset split into tasks by clustering its prompts (the `partition` stage)."""
+
+    sources: list[TaskConfig] = Field(
+        ..., min_length=1, description="The mixed data: task entries (benchmark, path or hf_dataset) whose rows are pooled and clustered; "
+        "their names only label where a row came from.")
+    k: int = Field(..., ge=2, description="Number of tasks to find.")
+    method: Literal["embedding", "tfidf"] = Field(
+        "embedding", description="What is clustered: `embedding`, the base model's mean last hidden state over each prompt's tokens "
+        "(Ray Data batch inference, as the reference stage); `tfidf`, the prompts' TF-IDF vectors (a lexical baseline).")
+    names: Optional[list[str]] = Field(
+        None, description="Task names of the clusters, largest cluster first (default cluster0, cluster1, ...).")
+    seed: int = Field(0, description="Seed of k-means (scikit-learn, 10 restarts).")
+    label_field: Optional[str] = Field(
+        None, description="A column of the sources holding known task labels: never used to cluster, only to score the "
+        "partition (adjusted Rand index in the manifest and report). Default: the source's name when there are several sources.")
+    examples: int = Field(5, ge=0, description="Example prompts per cluster kept for the report.")
+
+    @model_validator(mode="after")
+    def _names(self) -> "PartitionConfig":
+        if any(t.cluster is not None for t in self.sources):
+            raise ValueError("partition.sources are the mixed data (benchmark, path or hf_dataset), not clusters")
+        if self.names is not None:
+            if len(self.names) != self.k:
+                raise ValueError(f"partition.names has {len(self.names)} names for k={self.k} clusters; give one per cluster")
+            for name in self.names:
+                TaskConfig(name=name, cluster=0)  # the task-name rules
+        return self
+
+    def task_names(self) -> list[str]:
+        return list(self.names) if self.names else [f"cluster{i}" for i in range(self.k)]
+
+
 class DataConfig(Section):
-    tasks: list[TaskConfig] = Field(..., min_length=1, description="The preference tasks, one specialist each.")
+    tasks: list[TaskConfig] = Field(..., min_length=1, description="The preference tasks, one specialist each (made by `partition` when it is set).")
+    partition: Optional[PartitionConfig] = Field(
+        None, description="Find the tasks: pool `partition.sources` and split them into `partition.k` tasks by clustering the "
+        "prompts (docs/partition.md); `tasks` is then written for you, one per cluster.")
     validation_fraction: float = Field(
         0.1, gt=0.0, lt=1.0,
         description="Share of each task held out for selection: the specialists' best checkpoint, `eval/...` during training, ASHA and Tune.",
@@ -151,7 +210,7 @@ class DataConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, raw: Any) -> Any:
-        return _refuse_renamed("data", raw)
+        return _partition_tasks(_refuse_renamed("data", raw))
 
     @model_validator(mode="after")
     def _heldout_sizes(self) -> "DataConfig":
@@ -401,6 +460,11 @@ class Config(Section):
             dump["mixing"].pop("heldout_every")
         if not self.data.signal_fraction:
             dump["data"].pop("signal_fraction")
+        if self.data.partition is None:
+            dump["data"].pop("partition")
+        for task in dump["data"]["tasks"]:
+            if task["cluster"] is None:
+                task.pop("cluster")
         dump["specialists"].pop("on_weak")  # a generalist's hash names the tasks it treats as weak instead
         return short_hash({s: _dig(dump, s) for s in sections})
 
@@ -416,7 +480,7 @@ class Config(Section):
         raw["model"]["cache_dir"] = paths.absolute(raw["model"]["cache_dir"], base)
         if raw["model"]["name"] not in BUILTIN_MODELS and paths.looks_local(raw["model"]["name"], base):
             raw["model"]["name"] = paths.absolute(raw["model"]["name"], base)
-        for task in raw["data"]["tasks"]:
+        for task in raw["data"]["tasks"] + ((raw["data"].get("partition") or {}).get("sources") or []):
             if task.get("path"):
                 task["path"] = paths.absolute(task["path"], base)
             spec = task.get("hf_dataset")
@@ -469,7 +533,8 @@ def content_identity(dump: dict) -> dict:
     model = dump.get("model") or {}
     if isinstance(model.get("name"), str) and os.path.isabs(model["name"]):
         model["name"] = {"content": paths.content_digest(model["name"])}
-    for task in (dump.get("data") or {}).get("tasks") or []:
+    data = dump.get("data") or {}
+    for task in (data.get("tasks") or []) + ((data.get("partition") or {}).get("sources") or []):
         if task.get("path"):
             task["path"] = {"content": paths.content_digest(task["path"])}
         spec = task.get("hf_dataset")

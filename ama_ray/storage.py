@@ -48,7 +48,7 @@ LEASE_S = 3600.0  # an object-store lease not renewed for this long is abandoned
 _HELD: dict[str, object] = {}  # run roots this process writes: the open lock file, or the lease token
 # Where each stage writes (stage name -> top-level folder): the names differ for history's sake.
 FOLDERS = {
-    "prepare": "prepared", "reference": "reference", "specialists": "specialists", "score": "scores",
+    "partition": "partition", "prepare": "prepared", "reference": "reference", "specialists": "specialists", "score": "scores",
     "generalist": "generalist", "merge": "merged", "tune": "tune", "evaluate": "eval", "report": "report",
 }
 # Every task's splits, written by prepare and covered by reference and score: validation selects
@@ -118,6 +118,10 @@ class RunDir:
     def stage_unit(self, stage: str, task: str) -> "Unit":
         """A per-task unit of `prepare`, `reference`, `specialists` or `score`."""
         return self.unit(FOLDERS[stage], task)
+
+    def partition(self) -> "Unit":
+        """`partition/`: the pooled sources' rows with their cluster (the partition stage)."""
+        return self.unit(FOLDERS["partition"])
 
     def prepared(self, task: str) -> "Unit":
         return self.stage_unit("prepare", task)

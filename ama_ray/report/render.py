@@ -148,7 +148,7 @@ def to_markdown(blocks: list[Block]) -> str:
         elif kind == "table":
             header, rows = block[1], block[2]
             lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(r) + " |" for r in rows]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]  # a cell's | is text
             out.append("\n".join(lines))
         elif kind == "img":
             out.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*")

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the CLI reads STAGES before anything heavy is imported
     from ama_ray.storage import RunDir
 
 STAGES = {
+    "partition": "with data.partition: the mixed sources split into tasks by clustering their prompts",
     "prepare": "read, normalise, split and tokenize every task",
     "reference": "reference log-probs of the base model (Ray Data)",
     "specialists": "one DPO specialist per task, trained concurrently (Ray Train)",

@@ -17,7 +17,7 @@ from ama_ray.storage import METRICS_CSV, METRICS_JSON, REPORT_HTML, REPORT_MD, R
 
 log = logging.getLogger(__name__)
 STAGE = "report"
-REPORT_VERSION = 3  # bump when the report text or plots change, so committed reports are rebuilt
+REPORT_VERSION = 4  # bump when the report text or plots change, so committed reports are rebuilt
 # (metric, axis label) of the per-task bar charts, in report order.
 BAR_METRICS = (
     ("excess_loss", "clipped excess loss (lower is better)"),
@@ -73,7 +73,8 @@ def report_hash(run: RunDir) -> str:
     """The evaluation it shows, the Tune results and the report version."""
     man = run.evaluation().manifest() or {}
     tune = sources.load_tune(run)
-    inputs = {"eval": [man.get("config_hash"), man.get("committed_at")], "tune": tune, "version": REPORT_VERSION}
+    inputs = {"eval": [man.get("config_hash"), man.get("committed_at")], "tune": tune, "version": REPORT_VERSION,
+              "partition": (run.partition().manifest() or {}).get("config_hash")}
     return short_hash(inputs)
 
 
@@ -92,6 +93,7 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
               "split, which no table reports."),
         ("h2", "Verdict"), ("p", headline), ("list", lines),
         ("h2", "Flags"), flags_block(doc),
+        *partition_section(run),
         ("h2", f"Metrics per task ({split} split)"),
         ("p", "Bars: the base, each task's specialist on its own task, each generalist (mean over seeds, error bar: "
               "std) and each merged model (`merge_<method>`, one model: docs/merging.md). " + excess_words(info) +
@@ -113,6 +115,25 @@ def build(run: RunDir, doc: dict) -> tuple[list[tuple], dict[str, bytes]]:
     blocks += [("h2", "Files"), ("p", f"Every number above is in `{evaluation.file(METRICS_JSON)}` and `{evaluation.file(METRICS_CSV)}` "
                                        "(schema: docs/metrics.md).")]
     return blocks, images
+
+
+def partition_section(run: RunDir) -> list[tuple]:
+    """With `data.partition`: the tasks it found, their sizes, the prompts nearest each cluster's
+    centre and, when the rows carried labels, how the clusters match them."""
+    man = run.partition().manifest()
+    if man is None:
+        return []
+    labelled = man.get("ari") is not None
+    cell = lambda text: " ".join(text.split())  # noqa: E731  one line per prompt
+    header = ["task", "rows", *(["known labels"] if labelled else []), "prompts nearest the cluster's centre"]
+    rows = [[name, str(size), *([", ".join(f"{label} {n}" for label, n in man["contingency"][name].items())] if labelled else []),
+             " · ".join(cell(p) for p in man["examples"][name])] for name, size in man["sizes"].items()]
+    text = (f"The tasks were found by `data.partition`: {man['rows']} rows pooled and split into {man['k']} clusters by k-means "
+            f"on {'the base model’s prompt embeddings' if man['method'] == 'embedding' else 'the prompts’ TF-IDF vectors'} "
+            "(docs/partition.md).")
+    if labelled:
+        text += f" Adjusted Rand index against the {man['label_source']}: **{man['ari']:.3f}** (1 = the known tasks exactly)."
+    return [("h2", "Tasks found by partitioning"), ("p", text), ("table", header, rows)]
 
 
 def excess_words(info: dict) -> str:
