@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# AMA-S on tasks found by `data.partition` against AMA-S on the true tasks, at 10:1:1
+# (docs/results.md "Tasks found by partitioning"). Resumable: rerun the same command.
+#
+#   bash scripts/partition_study.sh [embedding|tfidf]          # default embedding
+#   ROOT=./runs/ablation AMA=ama-ray PYTHON=python bash scripts/partition_study.sh
+#
+# - $ROOT/imbalance:           the true tasks (jobs/imbalance.yaml; the run scripts/ablation.sh makes,
+#                              made here if missing): specialists, proportional, balanced, AMA-S x 5 seeds.
+# - $ROOT/partition_<method>:  its train and validation rows pooled into one file (its test rows
+#                              stay out), split into 3 tasks by data.partition, then the whole
+#                              pipeline on the found tasks: their own specialists, AMA-S x 5 seeds.
+#                              Validation is sized as in the true run; the found tasks keep a token
+#                              test split (data.test_fraction=0.01, >= 20 rows), so they train on
+#                              about as many rows as the true tasks.
+# - $ROOT/partition_<method>_eval: the true run's units with the found-task generalists: every
+#                              number is on the true tasks' test split against the true specialists.
+set -euo pipefail
+
+METHOD=${1:-embedding}
+ROOT=$(realpath -m "${ROOT:-./runs/ablation}")
+AMA=${AMA:-ama-ray}
+PYTHON=${PYTHON:-python}
+SEEDS="[0,1,2,3,4]"
+COMMON=(--config jobs/imbalance.yaml "storage.path=$ROOT" "generalist.seeds=$SEEDS")
+MAIN=$ROOT/imbalance
+RUN=partition_$METHOD
+MIXED=$ROOT/$RUN.mixed.jsonl
+
+echo "== the true tasks: $MAIN =="
+$AMA run "${COMMON[@]}" storage.run_name=imbalance "generalist.algorithms=[proportional,balanced,ama_s]" \
+  "merging.methods=[average,task_arithmetic,ties]"
+
+[[ -f $MIXED ]] || $PYTHON scripts/partition_study.py mixture "$MAIN" "$MIXED"
+
+echo "== found tasks ($METHOD): $ROOT/$RUN =="
+$AMA run "${COMMON[@]}" "storage.run_name=$RUN" "generalist.algorithms=[ama_s]" "merging.methods=[]" data.tasks=null \
+  "data.partition={sources: [{name: mixed, path: $MIXED}], k: 3, method: $METHOD, label_field: task}" \
+  data.test_fraction=0.01 data.min_heldout_examples=20
+
+echo "== the found-task generalists on the true tasks =="
+EVAL=$ROOT/${RUN}_eval
+for stage in prepared reference specialists scores; do
+  [[ -d $EVAL/$stage ]] || { mkdir -p "$EVAL" && cp -r "$MAIN/$stage" "$EVAL/$stage"; }
+done
+mkdir -p "$EVAL/generalist"
+[[ -d $EVAL/generalist/ama_s ]] || cp -r "$ROOT/$RUN/generalist/ama_s" "$EVAL/generalist/"
+$AMA evaluate "${COMMON[@]}" "storage.run_name=${RUN}_eval" "generalist.algorithms=[ama_s]" "merging.methods=[]"
+
+$AMA compare "$MAIN=true" "$EVAL=found" --paired "found ama_s" "true ama_s"
+$AMA compare "$MAIN=true" "$EVAL=found" --paired "found ama_s" "true balanced"
