@@ -1,6 +1,6 @@
 """`ama-ray run`: every stage in order, as in the stage diagram.
 
-    prepare -> reference -> specialists -> score -> generalist -> merge -> evaluate -> report
+    [partition ->] prepare -> reference -> specialists -> score -> generalist -> merge -> evaluate -> report
 
 (`ama_ray.stages.STAGES` lists them in this order.) Each stage skips the units it already
 committed with the same settings, so rerunning after a crash redoes only what is missing; a

@@ -2,7 +2,7 @@
 # AMA-S on tasks found by `data.partition` against AMA-S on the true tasks, at 10:1:1
 # (docs/results.md "Tasks found by partitioning"). Resumable: rerun the same command.
 #
-#   bash scripts/partition_study.sh [embedding|tfidf]          # default embedding
+#   bash scripts/partition_study.sh [embedding|tfidf] [raw_loss|warn]   # default embedding raw_loss
 #   ROOT=./runs/ablation AMA=ama-ray PYTHON=python bash scripts/partition_study.sh
 #
 # - $ROOT/imbalance:           the true tasks (jobs/imbalance.yaml; the run scripts/ablation.sh makes,
@@ -13,11 +13,15 @@
 #                              Validation is sized as in the true run; the found tasks keep a token
 #                              test split (data.test_fraction=0.01, >= 20 rows), so they train on
 #                              about as many rows as the true tasks.
-# - $ROOT/partition_<method>_eval: the true run's units with the found-task generalists: every
+#   With `warn` (specialists.on_weak=warn: a weak specialist stays the target), the found-task
+#   run's partition, prepared data, specialists and scores are reused in $ROOT/partition_<method>_warn
+#   (on_weak is in no hash): only the generalists differ.
+# - $ROOT/<found run>_eval:    the true run's units with the found-task generalists: every
 #                              number is on the true tasks' test split against the true specialists.
 set -euo pipefail
 
 METHOD=${1:-embedding}
+ON_WEAK=${2:-raw_loss}
 ROOT=$(realpath -m "${ROOT:-./runs/ablation}")
 AMA=${AMA:-ama-ray}
 PYTHON=${PYTHON:-python}
@@ -33,10 +37,20 @@ $AMA run "${COMMON[@]}" storage.run_name=imbalance "generalist.algorithms=[propo
 
 [[ -f $MIXED ]] || $PYTHON scripts/partition_study.py mixture "$MAIN" "$MIXED"
 
+FOUND=(data.tasks=null
+  "data.partition={sources: [{name: mixed, path: $MIXED}], k: 3, method: $METHOD, label_field: task}"
+  data.test_fraction=0.01 data.min_heldout_examples=20)
 echo "== found tasks ($METHOD): $ROOT/$RUN =="
-$AMA run "${COMMON[@]}" "storage.run_name=$RUN" "generalist.algorithms=[ama_s]" "merging.methods=[]" data.tasks=null \
-  "data.partition={sources: [{name: mixed, path: $MIXED}], k: 3, method: $METHOD, label_field: task}" \
-  data.test_fraction=0.01 data.min_heldout_examples=20
+$AMA run "${COMMON[@]}" "storage.run_name=$RUN" "generalist.algorithms=[ama_s]" "merging.methods=[]" "${FOUND[@]}"
+if [[ $ON_WEAK == warn ]]; then
+  for stage in partition prepared reference specialists scores; do
+    [[ -d $ROOT/${RUN}_warn/$stage ]] || { mkdir -p "$ROOT/${RUN}_warn" && cp -r "$ROOT/$RUN/$stage" "$ROOT/${RUN}_warn/$stage"; }
+  done
+  RUN=${RUN}_warn
+  echo "== found tasks ($METHOD), a weak specialist kept as the target: $ROOT/$RUN =="
+  $AMA run "${COMMON[@]}" "storage.run_name=$RUN" "generalist.algorithms=[ama_s]" "merging.methods=[]" "${FOUND[@]}" \
+    specialists.on_weak=warn
+fi
 
 echo "== the found-task generalists on the true tasks =="
 EVAL=$ROOT/${RUN}_eval
