@@ -22,6 +22,10 @@ set -euo pipefail
 
 METHOD=${1:-embedding}
 ON_WEAK=${2:-raw_loss}
+case "$METHOD/$ON_WEAK" in
+  embedding/raw_loss|embedding/warn|tfidf/raw_loss|tfidf/warn) ;;
+  *) echo "unknown method or on_weak '$METHOD $ON_WEAK' (embedding|tfidf, raw_loss|warn)" >&2; exit 2 ;;
+esac
 ROOT=$(realpath -m "${ROOT:-./runs/ablation}")
 AMA=${AMA:-ama-ray}
 PYTHON=${PYTHON:-python}

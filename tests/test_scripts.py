@@ -44,6 +44,37 @@ def test_heldout_study_script_parses_refuses_and_compares_what_it_writes(tmp_pat
     assert compared <= written, compared - written
 
 
+def test_partition_study_scripts(tmp_path, monkeypatch):
+    """partition_study.sh parses and refuses an unknown method; the mixture it partitions holds a
+    run's train and validation rows, labelled, and never its test rows; the flagged/plain mixture
+    is labelled by what its prompts say."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    script = SCRIPT.parent / "partition_study.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    done = subprocess.run(["bash", str(script), "words"], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "AMA": "false"})
+    assert done.returncode == 2 and "unknown method" in done.stderr
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from partition_study import mixture_rows, main
+
+    for task in ("a", "b"):
+        unit = tmp_path / "run" / "prepared" / task
+        unit.mkdir(parents=True)
+        (unit / "_manifest.json").write_text("{}")
+        for split in ("train", "validation", "test"):
+            pq.write_table(pa.table({k: [f"{task}-{split}-{k}"] for k in ("prompt", "chosen", "rejected")}), unit / f"{split}.parquet")
+    main(["mixture", str(tmp_path / "run"), str(tmp_path / "mixed.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "mixed.jsonl").read_text().splitlines()]
+    assert sorted((r["task"], r["prompt"]) for r in rows) == [(t, f"{t}-{s}-prompt") for t in ("a", "b") for s in ("train", "validation")]
+    flagged = mixture_rows("arithmetic_flagged", 0)
+    assert len(flagged) == 600 and sum(r["task"] == "flagged" for r in flagged) == 300
+    assert all(("?" in r["prompt"]) == (r["task"] == "flagged") for r in flagged)  # a flagged request is a question in front
+
+
 def test_alpha_phases_averages_seeds_by_phase(tmp_path, capsys, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
