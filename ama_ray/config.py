@@ -281,6 +281,9 @@ class SpecialistsConfig(Section):
         "generalists train): stop (exit 2 naming the task and its numbers), raw_loss (that task's excess target falls back "
         "to 0, the raw loss, so AMA cannot starve it) or warn (train on against it). See docs/algorithms.md, \"Weak specialists\".",
     )
+    lora: Optional[LoraConfig] = Field(
+        None, description="LoRA of the specialists only, replacing `model.lora` for them (e.g. cheap LoRA specialists for a "
+        "full-weight generalist: `{enabled: true}`; docs/scaling.md). Default: `model.lora`.")
 
 
 class GeneralistConfig(Section):
@@ -288,6 +291,9 @@ class GeneralistConfig(Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Seeds; one generalist per algorithm and seed.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Generalist training settings.")
     max_concurrent: int = Field(1, ge=1, description="Generalists trained at once.")
+    lora: Optional[LoraConfig] = Field(
+        None, description="LoRA of the generalists only, replacing `model.lora` for them (`{enabled: false}`: full weights "
+        "beside LoRA specialists; docs/scaling.md). Default: `model.lora`.")
 
     @model_validator(mode="before")
     @classmethod
@@ -394,6 +400,11 @@ class Config(Section):
     def task_names(self) -> list[str]:
         return [t.name for t in self.data.tasks]
 
+    def lora_for(self, kind: str) -> LoraConfig:
+        """The LoRA settings a `specialist` or `generalist` trains with: its stage's own, else `model.lora`."""
+        own = {"specialist": self.specialists.lora, "generalist": self.generalist.lora}[kind]
+        return own if own is not None else self.model.lora
+
     @property
     def uses_specialists(self) -> bool:
         """Whether the run trains and scores specialists: the excess target is their per-example
@@ -462,6 +473,9 @@ class Config(Section):
             dump["data"].pop("signal_fraction")
         if self.data.partition is None:
             dump["data"].pop("partition")
+        for stage in ("specialists", "generalist"):
+            if dump[stage]["lora"] is None:  # the stage trains with model.lora, which every training hash names
+                dump[stage].pop("lora")
         for task in dump["data"]["tasks"]:
             if task["cluster"] is None:
                 task.pop("cluster")

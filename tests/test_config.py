@@ -90,3 +90,26 @@ def test_dump_round_trips(tmp_path):
 def test_configuration_doc_is_generated_from_the_classes():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert doc == config_reference(), "docs/configuration.md is stale: run `ama-ray config-docs > docs/configuration.md`"
+
+
+def test_lora_per_stage_falls_back_to_model_lora_and_moves_only_its_stages_hash():
+    from ama_ray.stages.generalist import generalist_hash
+    from ama_ray.stages.specialists import specialist_hash
+
+    plain = load_config(None, ["storage.path=/tmp/x"])
+    lora_spec = load_config(None, ["storage.path=/tmp/x", "specialists.lora={enabled: true, r: 4}"])
+    lora_gen = load_config(None, ["storage.path=/tmp/x", "generalist.lora={enabled: true}"])
+    everywhere = load_config(None, ["storage.path=/tmp/x", "model.lora.enabled=true", "generalist.lora={enabled: false}"])
+    assert not plain.lora_for("specialist").enabled and not plain.lora_for("generalist").enabled
+    assert lora_spec.lora_for("specialist").r == 4 and not lora_spec.lora_for("generalist").enabled
+    assert everywhere.lora_for("specialist").enabled and not everywhere.lora_for("generalist").enabled
+    # Each stage's own LoRA moves its own hash (and the generalist's follows its specialists' through the scores).
+    assert specialist_hash(lora_gen) == specialist_hash(plain) and generalist_hash(lora_gen, "ama_s", 0) != generalist_hash(plain, "ama_s", 0)
+    assert specialist_hash(lora_spec) != specialist_hash(plain)
+    assert validate(yaml_round_trip(lora_spec)) == lora_spec
+
+
+def yaml_round_trip(cfg):
+    import yaml
+
+    return yaml.safe_load(dump_yaml(cfg))

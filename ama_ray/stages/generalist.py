@@ -36,7 +36,8 @@ def generalist_hash(cfg: Config, algorithm: str, seed: int, raw_tasks: list[str]
     (`raw_loss_tasks`: weak specialists measured against the raw loss) count when there are any
     and the algorithm reads the target (a baseline on the plain loss never does)."""
     mixing = short_hash(cfg.mixing.used_by(algorithm))
-    training = cfg.section_hash("generalist.optim", "scaling.num_workers", "model.lora", "scaling.deepspeed")
+    own_lora = ("generalist.lora",) if cfg.generalist.lora is not None else ()  # absent: model.lora, as before
+    training = cfg.section_hash("generalist.optim", "scaling.num_workers", "model.lora", "scaling.deepspeed", *own_lora)
     raw = f"-raw:{','.join(raw_tasks)}" if raw_tasks and POLICIES[algorithm].reads_target(cfg.mixing) else ""
     return f"{rows_hash(cfg)}-{training}-{mixing}-{algorithm}-{seed}{raw}"
 

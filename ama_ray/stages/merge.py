@@ -65,7 +65,7 @@ def _merge_all(cfg: Config, run_dir: RunDir, methods: list[str]) -> None:
     check_scores_match(run_dir, cfg)
     ensure_ray()
     settings = {
-        "tasks": cfg.task_names, "base": base_model_path(cfg), "lora": cfg.model.lora.enabled, "dtype": cfg.model.dtype,
+        "tasks": cfg.task_names, "base": base_model_path(cfg), "lora": cfg.lora_for("specialist").enabled, "dtype": cfg.model.dtype,
         "trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision, "loss": cfg.dpo.to_dict(),
         "batch_size": cfg.reference.batch_size, "max_examples": cfg.eval.max_examples, "lambdas": cfg.merging.lambdas,
         "density": cfg.merging.density, "use_gpu": cfg.scaling.use_gpu,

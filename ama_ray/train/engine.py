@@ -9,7 +9,7 @@ model; a PeftModel under LoRA), `no_sync(last)` and `autocast()` around each mic
 - DDP (`scaling.deepspeed.zero_stage: 0`): `ray.train.torch.prepare_model`. With
   `model.dtype: bfloat16` full-weight training keeps float32 weights and runs forward under
   bf16 autocast (torch AMP: float32 master weights); rank 0 writes the checkpoint.
-- LoRA (`model.lora.enabled`): PEFT adapters on a frozen base loaded in `model.dtype`; the
+- LoRA (`model.lora.enabled`, or per stage `specialists.lora` / `generalist.lora`): PEFT adapters on a frozen base loaded in `model.dtype`; the
   adapters stay float32. Precomputed reference log-probs mean no reference model is needed.
   Combines with DDP or ZeRO.
 - ZeRO-2/3: one DeepSpeed engine per Ray Train worker on Ray's process group. DeepSpeed builds
@@ -219,8 +219,10 @@ def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], what: st
         raise RuntimeError(f"{what}: names unknown to the model: {result.unexpected_keys[:5]}")
 
 
-def build_engine(cfg: Config, optim: OptimConfig, model_path: str, steps: int, rank: int, world: int) -> Engine:
-    """Load the base from `model_path` and wrap it as `cfg.model.lora` and `cfg.scaling.deepspeed` say.
+def build_engine(cfg: Config, optim: OptimConfig, model_path: str, steps: int, rank: int, world: int, *,
+                 kind: str) -> Engine:
+    """Load the base from `model_path` and wrap it as the LoRA settings of `kind` (a `specialist`
+    or `generalist`: `Config.lora_for`) and `cfg.scaling.deepspeed` say.
 
     Call inside a Ray Train worker (the process group is Ray's). Raises ConfigError for LoRA
     target modules the model does not have, ModelError if the model cannot be loaded.
@@ -228,7 +230,7 @@ def build_engine(cfg: Config, optim: OptimConfig, model_path: str, steps: int, r
     from ama_ray.models.loading import load_model
 
     zero = cfg.scaling.deepspeed.zero_stage
-    lora = cfg.model.lora if cfg.model.lora.enabled else None
+    lora = cfg.lora_for(kind) if cfg.lora_for(kind).enabled else None
     bf16 = cfg.model.dtype == "bfloat16"
     # Full weights under DDP train in float32 with bf16 autocast; a frozen LoRA base and
     # DeepSpeed (its own float32 optimizer copy) take the configured dtype directly.

@@ -107,7 +107,7 @@ class Job:
 
         torch.manual_seed(spec.seed)
         tokenizer = load_tokenizer(spec.model_path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
-        engine = build_engine(cfg, optim_cfg, spec.model_path, spec.steps, rank, world)
+        engine = build_engine(cfg, optim_cfg, spec.model_path, spec.steps, rank, world, kind=spec.kind)
         import ray.train
 
         with_scores = spec.reads_scores(cfg)

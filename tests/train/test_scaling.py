@@ -178,11 +178,13 @@ def test_zero2_matches_the_resumed_zero3_run(zero3_run, tiny_run, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_lora_generalist(tiny_run, tmp_path):
+    """A LoRA generalist beside the session's full-weight specialists (`generalist.lora`, not `model.lora`)."""
     from ama_ray.stages.generalist import train_generalist, train_sizes
 
     steps = 30
-    cfg = _config(tiny_run, tmp_path, [*LORA, f"generalist.optim.steps={steps}", "generalist.optim.checkpoint_every=10",
-                                       "generalist.optim.lr=3e-2", "generalist.optim.warmup_steps=2"])
+    cfg = _config(tiny_run, tmp_path, ["generalist.lora={enabled: true, r: 8}", f"generalist.optim.steps={steps}",
+                                       "generalist.optim.checkpoint_every=10", "generalist.optim.lr=3e-2", "generalist.optim.warmup_steps=2"])
+    assert not cfg.model.lora.enabled and cfg.lora_for("generalist").enabled and not cfg.lora_for("specialist").enabled
     path = train_generalist(cfg, "ama_s", 0, base_model_path(cfg), train_sizes(RunDir(cfg.run_dir), cfg), force=True)
     final = RunDir(cfg.run_dir).unit("generalist", "ama_s", "seed0").manifest()["final_metrics"]
     assert final["check/alpha_agree"] == 1.0 and final["check/replica_max_diff"] == 0.0
