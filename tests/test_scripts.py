@@ -75,6 +75,16 @@ def test_partition_study_scripts(tmp_path, monkeypatch):
     assert all(("?" in r["prompt"]) == (r["task"] == "flagged") for r in flagged)  # a flagged request is a question in front
 
 
+def test_lora_study_script_parses_and_compares_what_it_writes():
+    script = SCRIPT.parent / "lora_study.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    written = set(re.findall(r"storage\.run_name=(\w+)", text)) - {"imbalance"}
+    written |= {f"{run}_eval" for run in re.findall(r"for run in ([\w ]+);", text)[0].split()}
+    compared = set(re.findall(r"\$ROOT/(\w+)=", text))
+    assert compared == {"lora_specialists_eval", "lora_generalist_eval"} and compared <= written
+
+
 def test_alpha_phases_averages_seeds_by_phase(tmp_path, capsys, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
