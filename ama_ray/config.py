@@ -108,25 +108,46 @@ RENAMED = {  # keys of earlier versions -> what replaced them
 }
 
 
-def _partition_tasks(raw: Any) -> Any:
-    """With `data.partition`, `data.tasks` is one task per cluster: filled in when absent, and
-    accepted when given only if it is exactly that list (a dumped config read back)."""
-    if not isinstance(raw, dict) or not raw.get("partition"):
-        if isinstance(raw, dict) and any(isinstance(t, dict) and t.get("cluster") is not None for t in raw.get("tasks") or []):
+PER_CLUSTER = ("specialist_steps", "max_rows")  # what a task made by data.partition may set for itself
+
+
+def _partition_overrides(raw: Any) -> Any:
+    """`data.tasks.N.<key>=...` on a partitioned job: an override names a cluster's task by index
+    before any list exists; make it a list entry for that cluster. `data.tasks: null` is no tasks."""
+    if isinstance(raw, dict) and "tasks" in raw and raw["tasks"] is None:
+        raw = {k: v for k, v in raw.items() if k != "tasks"}
+    if not isinstance(raw, dict) or not raw.get("partition") or not isinstance(raw.get("tasks"), dict):
+        return raw
+    tasks = raw["tasks"]
+    if not all(str(key).isdigit() for key in tasks):
+        return raw
+    names = raw["partition"].get("names") if isinstance(raw["partition"], dict) else None
+    name = lambda i: names[i] if isinstance(names, list) and i < len(names) else f"cluster{i}"  # noqa: E731  (rebuilt after validation)
+    return {**raw, "tasks": [{"name": name(int(key)), **value, "cluster": int(key)} for key, value in sorted(tasks.items(), key=lambda kv: int(kv[0]))
+                             if isinstance(value, dict)]}
+
+
+def _partition_tasks(data: "DataConfig") -> list[TaskConfig]:
+    """The tasks of a job: `data.tasks` as given, or with `data.partition` one per cluster. A
+    partitioned job's `data.tasks` may only be those cluster tasks (a dumped config read back, or
+    per-cluster `specialist_steps`/`max_rows` overrides); they are rebuilt from the partition."""
+    given = data.tasks
+    if data.partition is None:
+        if not given:
+            raise ValueError("no tasks: give data.tasks (one entry per task), or data.partition to find them in one mixed file")
+        if any(t.cluster is not None for t in given):
             raise ConfigError("a task with `cluster` needs data.partition", where="data.tasks",
                               fix="give the mixed data as data.partition.sources (docs/partition.md)")
-        return raw
-    part = PartitionConfig.model_validate(raw["partition"])
-    made = [{"name": name, "cluster": i} for i, name in enumerate(part.task_names())]
-    given = raw.get("tasks")
-    if given is None:
-        return {**raw, "tasks": made}
-    as_made = [(t.get("name"), t.get("cluster")) if isinstance(t, dict) else (t.name, t.cluster) for t in given]
-    if as_made != [(m["name"], m["cluster"]) for m in made]:
+        return given
+    if any(t.cluster is None for t in given):
         raise ConfigError("data.tasks and data.partition are both set", where="data.tasks",
                           fix="with data.partition, list the mixed data under data.partition.sources and leave data.tasks out "
-                              "(it becomes one task per cluster)")
-    return raw
+                              "(add data.tasks=null to an override of a job file that lists tasks)")
+    extras = {t.cluster: {k: getattr(t, k) for k in PER_CLUSTER if getattr(t, k) is not None} for t in given}
+    if any(c >= data.partition.k for c in extras):
+        raise ConfigError(f"data.tasks names cluster {max(extras)}, but data.partition.k is {data.partition.k}", where="data.tasks",
+                          fix=f"per-cluster settings go on clusters 0-{data.partition.k - 1}")
+    return [TaskConfig(name=name, cluster=i, **extras.get(i, {})) for i, name in enumerate(data.partition.task_names())]
 
 
 def _plain_name(name: str) -> str:
@@ -149,8 +170,8 @@ class PartitionConfig(Section):
     """One mixed dataset split into tasks by clustering its prompts (the `partition` stage)."""
 
     sources: list[TaskConfig] = Field(
-        ..., min_length=1, description="The mixed data: task entries (benchmark, path or hf_dataset) whose rows are pooled and clustered; "
-        "their names only label where a row came from.")
+        ..., min_length=1, description="The mixed data: task entries (benchmark, path or hf_dataset; `max_rows` caps each) whose "
+        "rows are pooled and clustered; a name labels where a row came from (and seeds a benchmark source, as a task's does).")
     k: int = Field(..., ge=2, description="Number of tasks to find.")
     method: Literal["embedding", "tfidf"] = Field(
         "embedding", description="What is clustered: `embedding`, the base model's mean last hidden state over each prompt's tokens "
@@ -160,13 +181,19 @@ class PartitionConfig(Section):
     seed: int = Field(0, description="Seed of k-means (scikit-learn, 10 restarts).")
     label_field: Optional[str] = Field(
         None, description="A column of the sources holding known task labels: never used to cluster, only to score the "
-        "partition (adjusted Rand index in the manifest and report). Default: the source's name when there are several sources.")
+        "partition (adjusted Rand index in the manifest and report; every row needs it, so not with benchmark sources). "
+        "Default: the source's name when there are several sources.")
     examples: int = Field(5, ge=0, description="Example prompts per cluster kept for the report.")
 
     @model_validator(mode="after")
     def _names(self) -> "PartitionConfig":
-        if any(t.cluster is not None for t in self.sources):
-            raise ValueError("partition.sources are the mixed data (benchmark, path or hf_dataset), not clusters")
+        if any(t.cluster is not None or t.specialist_steps is not None for t in self.sources):
+            raise ValueError("partition.sources are the mixed data (benchmark, path or hf_dataset): no cluster or specialist_steps "
+                             "(set those per found task: data.tasks.N.specialist_steps)")
+        names = [t.name for t in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"partition.sources have duplicate names {sorted({n for n in names if names.count(n) > 1})}; "
+                             "a source's name labels its rows")
         if self.names is not None:
             if len(self.names) != self.k:
                 raise ValueError(f"partition.names has {len(self.names)} names for k={self.k} clusters; give one per cluster")
@@ -179,7 +206,9 @@ class PartitionConfig(Section):
 
 
 class DataConfig(Section):
-    tasks: list[TaskConfig] = Field(..., min_length=1, description="The preference tasks, one specialist each (made by `partition` when it is set).")
+    tasks: list[TaskConfig] = Field(
+        default_factory=list, description="The preference tasks, one specialist each (with `partition`: one per cluster, made for you; "
+        "per-cluster `specialist_steps`/`max_rows` may be set as `data.tasks.N.<key>`).")
     partition: Optional[PartitionConfig] = Field(
         None, description="Find the tasks: pool `partition.sources` and split them into `partition.k` tasks by clustering the "
         "prompts (docs/partition.md); `tasks` is then written for you, one per cluster.")
@@ -210,7 +239,14 @@ class DataConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, raw: Any) -> Any:
-        return _partition_tasks(_refuse_renamed("data", raw))
+        return _partition_overrides(_refuse_renamed("data", raw))
+
+    @model_validator(mode="after")
+    def _tasks(self) -> "DataConfig":
+        tasks = _partition_tasks(self)
+        if tasks is not self.tasks:
+            object.__setattr__(self, "tasks", tasks)  # not `self.tasks = ...`: assignment would validate the model again
+        return self
 
     @model_validator(mode="after")
     def _heldout_sizes(self) -> "DataConfig":
@@ -473,6 +509,9 @@ class Config(Section):
             dump["data"].pop("signal_fraction")
         if self.data.partition is None:
             dump["data"].pop("partition")
+        else:  # read only by the partition's manifest and report (its own hash adds them)
+            for key in ("examples", "label_field"):
+                dump["data"]["partition"].pop(key)
         for stage in ("specialists", "generalist"):
             if dump[stage]["lora"] is None:  # the stage trains with model.lora, which every training hash names
                 dump[stage].pop("lora")

@@ -45,14 +45,14 @@ ROWS, POOLED = "rows", ".pooled"  # partition/rows.parquet; the staging file (hi
 POOLED_SCHEMA = pa.schema([("row", pa.int64()), ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
                            ("source", pa.string()), ("label", pa.string())])
 ROWS_SCHEMA = pa.schema([*POOLED_SCHEMA, ("cluster", pa.int32())])
-EXAMPLE_CHARS = 300  # an example prompt in the manifest and report is cut to this many characters
+EXAMPLE_CHARS = 300  # an example prompt in the manifest and report keeps its last this many characters
 
 
 def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     """Partition the sources unless committed with the same settings; returns the unit path."""
     part = cfg.data.partition
     if part is None:
-        log.debug("partition: data.partition is not set; the tasks are data.tasks")
+        log.info("partition: data.partition is not set; the tasks are data.tasks (nothing to do)")
         return []
     run_dir = open_run(cfg)
     unit = run_dir.partition()
@@ -74,6 +74,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
                  n, len(part.sources), part.method, part.k)
         features = embeddings(cfg, model_path, unit, n) if part.method == "embedding" else tfidf(unit)
         cluster, nearest = kmeans(features, part.k, part.seed, part.examples)
+        check_sizes(cfg, cluster)
         summary = write_rows(unit, part, cluster, nearest, labelled)
         unit.fs.delete_file(unit.file(unit.split_file(POOLED)))
         unit.commit(digest, stage=STAGE, method=part.method, k=part.k, seed=part.seed, model=model_path,
@@ -89,8 +90,14 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
 
 
 def partition_hash(cfg: Config) -> str:
-    return cfg.section_hash("model.name", "model.revision", "model.tiny", "model.dtype", "data.partition",
-                            "data.max_prompt_length", "data.benchmark_chat", "data.seed", "data.arithmetic_flagged_share")
+    """The clustering's settings, plus what only its manifest reads (`examples`, `label_field`:
+    `Config.section_hash` leaves those out of every later stage's hash, so they redo this stage only)."""
+    from ama_ray.config import short_hash
+
+    part = cfg.data.partition
+    summary = short_hash({"examples": part.examples, "label_field": part.label_field})[:8]
+    return cfg.section_hash("model.name", "model.revision", "model.tiny", "model.dtype", "data.partition", "data.max_prompt_length",
+                            "data.benchmark_chat", "data.seed", "data.arithmetic_flagged_share") + "-" + summary
 
 
 def rows_of(cfg: Config, cluster: int):
@@ -125,7 +132,10 @@ def pool(cfg: Config, part: PartitionConfig, tokenizer: Any, unit: Unit) -> tupl
     n = 0
     with SplitWriters({POOLED: (unit, POOLED)}, POOLED_SCHEMA) as writer:
         for source in part.sources:
+            kept = 0
             for where, raw in raw_rows(cfg, source):
+                if source.max_rows and kept >= source.max_rows:
+                    break
                 label = label_of(source.name, where, raw)
                 norm = normalize_row({k: v for k, v in raw.items() if k != part.label_field}, source.layout, source.column_map,
                                      source.pku_pair_key)
@@ -139,7 +149,7 @@ def pool(cfg: Config, part: PartitionConfig, tokenizer: Any, unit: Unit) -> tupl
                     continue
                 seen.add(key)
                 pending.append({"row": n, "prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source.name, "label": label})
-                n += 1
+                n, kept = n + 1, kept + 1
                 if len(pending) == ROW_GROUP_ROWS:
                     writer.add(POOLED, pa.Table.from_pylist(pending, POOLED_SCHEMA))
                     pending = []
@@ -284,6 +294,26 @@ def kmeans(features, k: int, seed: int, examples: int) -> tuple[np.ndarray, list
     return cluster, nearest
 
 
+def _tail(prompt: str) -> str:
+    """A prompt's last EXAMPLE_CHARS characters: a chat template puts its boilerplate first, the
+    question last."""
+    return prompt if len(prompt) <= EXAMPLE_CHARS else "…" + prompt[-EXAMPLE_CHARS:]
+
+
+def check_sizes(cfg: Config, cluster: np.ndarray) -> None:
+    """DataError before anything commits when a cluster is too small to split into training,
+    validation and test rows (prepare's rule, `prepare.heldout_sizes`)."""
+    from ama_ray.stages.prepare import heldout_sizes
+
+    sizes = np.bincount(cluster, minlength=cfg.data.partition.k)
+    for c, name in enumerate(cfg.data.partition.task_names()):
+        try:
+            heldout_sizes(int(sizes[c]), cfg.data, name, f"partition cluster {c} ({name})")
+        except DataError as err:
+            raise DataError(err.what, where=err.where,
+                            fix=f"lower data.partition.k (clusters: {', '.join(str(int(n)) for n in sizes)} rows), or {err.fix}") from None
+
+
 def write_rows(unit: Unit, part: PartitionConfig, cluster: np.ndarray, nearest: list[list[int]], labelled: bool) -> dict:
     """Stream the pooled rows into `rows.parquet` with their cluster; returns the manifest's
     summary (sizes, example prompts, labels' contingency table and adjusted Rand index)."""
@@ -301,7 +331,7 @@ def write_rows(unit: Unit, part: PartitionConfig, cluster: np.ndarray, nearest: 
             writer.add(ROWS, table.append_column("cluster", pa.array(cluster[rows], pa.int32())).cast(ROWS_SCHEMA))
             for i, prompt in zip(rows, table["prompt"].to_pylist()):
                 if i in wanted:
-                    examples[names[wanted[i]]].append((int(i), prompt[:EXAMPLE_CHARS]))
+                    examples[names[wanted[i]]].append((int(i), _tail(prompt)))
             if labelled:
                 for i, label in zip(rows, table["label"].to_pylist()):
                     labels.append(label)

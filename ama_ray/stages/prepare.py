@@ -144,10 +144,17 @@ def stage_task(cfg: Config, task: TaskConfig, tokenizer: Any, unit: Unit) -> Cou
     if not written:
         raise DataError(
             f"task '{task.name}' has no usable rows (dropped: {dict(drops) or 'none read'}{first_drop})",
-            where=task.path or task.benchmark or str(task.hf_dataset),
+            where=_where(task),
             fix="check the file's layout and column names (docs/data-formats.md) or set data.tasks[].layout/column_map",
         )
     return drops
+
+
+def _where(task: TaskConfig) -> str:
+    """A task's source, for errors."""
+    if task.cluster is not None:
+        return f"partition/rows.parquet, cluster {task.cluster} (task '{task.name}')"
+    return task.path or task.benchmark or str(task.hf_dataset)
 
 
 def _example_id(task: str, prompt: str, chosen: str, rejected: str) -> str:
@@ -290,10 +297,10 @@ def _write_task(cfg: Config, unit: Unit, task: TaskConfig, kept: Kept, drops: Co
     if not len(ids):
         raise DataError(
             f"task '{task.name}' has no rows within data.max_completion_length={cfg.data.max_completion_length}",
-            where=task.path or task.benchmark or str(task.hf_dataset),
+            where=_where(task),
             fix="raise data.max_completion_length",
         )
-    where = task.path or task.benchmark or str(task.hf_dataset)
+    where = _where(task)
     codes = split_codes(ids, cfg.data.seed, *heldout_sizes(len(ids), cfg.data, task.name, where))
     splits = cfg.splits
     rows = {split: int((codes == ALL_SPLITS.index(split)).sum()) for split in splits}

@@ -47,16 +47,17 @@ def hand_ari(truth: list[str], found: list[int]) -> float:
 
 
 def test_partition_command_from_relative_paths(tmp_path, model_cache):
-    rows = write_mixture(tmp_path / "mixed.jsonl")
+    rows = write_mixture(tmp_path / "mixed.jsonl")[:300]  # the source's max_rows
     (tmp_path / "job.yaml").write_text(f"""\
 model: {{name: tiny, cache_dir: {model_cache}}}
 data:
   partition:
-    sources: [{{name: mixed, path: mixed.jsonl}}]
+    sources: [{{name: mixed, path: mixed.jsonl, max_rows: 300}}]
     k: 3
     method: tfidf
     label_field: task
     names: [big, mid, small]
+  min_heldout_examples: 10
 storage: {{path: ./runs, run_name: part}}
 """)
     out = subprocess.run([str(BIN / "ama-ray"), "partition", "--config", "job.yaml"], cwd=tmp_path, capture_output=True,
@@ -74,7 +75,7 @@ storage: {{path: ./runs, run_name: part}}
     assert man["ari"] == pytest.approx(hand_ari([r["label"] for r in table], [r["cluster"] for r in table]), abs=1e-9)
     assert man["ari"] > 0.6, man["contingency"]  # the benchmark's tasks differ in their words
     # The brackets task shares no word with the others: TF-IDF finds it exactly.
-    assert {"brackets": SIZES["brackets"]} in man["contingency"].values()
+    assert {"brackets": sum(r["task"] == "brackets" for r in rows)} in man["contingency"].values()
     for c, name in enumerate(["big", "mid", "small"]):
         members = {r["prompt"] for r in table if r["cluster"] == c}
         assert len(man["examples"][name]) == 5 and set(man["examples"][name]) <= members
@@ -99,6 +100,45 @@ def test_partition_config_shapes(tmp_path):
     # (tests/stages/test_heldout_mixing.py holds them).
     other = Config.model_validate({**raw, "data": {"partition": {**raw["data"]["partition"], "method": "tfidf"}}})
     assert other.section_hash("data") != cfg.section_hash("data")
+    # What only the partition's manifest reads redoes the partition alone, not the stages after it.
+    from ama_ray.stages.partition import partition_hash
+
+    fewer = Config.model_validate({**raw, "data": {"partition": {**raw["data"]["partition"], "examples": 2}}})
+    assert fewer.section_hash("data") == cfg.section_hash("data") and partition_hash(fewer) != partition_hash(cfg)
+
+
+def test_partitioned_job_files_take_overrides(tmp_path):
+    """A dumped partitioned config (`ama-ray config`, Tune's best.yaml) reads back and takes
+    overrides of the partition and of one found task; a bad partition key is named as such."""
+    from ama_ray.config import Config, dump_yaml, load_config
+
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_yaml(Config.model_validate({
+        "model": {"name": "tiny"}, "storage": {"path": str(tmp_path)},
+        "data": {"partition": {"sources": [{"name": "m", "benchmark": "brackets"}], "k": 2}}})))
+    cfg = load_config(job, ["data.partition.k=3", "data.tasks.1.specialist_steps=7"])
+    assert [(t.name, t.cluster, t.specialist_steps) for t in cfg.data.tasks] == [("cluster0", 0, None), ("cluster1", 1, 7), ("cluster2", 2, None)]
+    with pytest.raises(ConfigError, match="unknown key 'data.partition.kk'"):
+        load_config(job, ["data.partition.kk=3"])
+    with pytest.raises(ConfigError, match="duplicate names"):
+        load_config(job, ["data.partition.sources=[{name: m, benchmark: brackets}, {name: m, benchmark: refusal}]"])
+    with pytest.raises(ConfigError, match="data.tasks=null"):
+        load_config(None, ["data.partition={sources: [{name: m, benchmark: brackets}], k: 2}"])
+
+
+def test_a_cluster_too_small_to_split_stops_before_anything_commits(tmp_path):
+    import numpy as np
+
+    from ama_ray.config import Config
+    from ama_ray.errors import DataError
+    from ama_ray.stages.partition import check_sizes
+
+    cfg = Config.model_validate({"model": {"name": "tiny"}, "storage": {"path": str(tmp_path)},
+                                 "data": {"partition": {"sources": [{"name": "m", "benchmark": "brackets"}], "k": 2}}})
+    check_sizes(cfg, np.array([0] * 200 + [1] * 150))
+    with pytest.raises(DataError, match="task 'cluster1' has 30 usable rows") as err:
+        check_sizes(cfg, np.array([0] * 300 + [1] * 30))
+    assert "partition cluster 1" in str(err.value) and "300, 30 rows" in str(err.value)
 
 
 def test_prompt_embedder_ignores_padding(model_cache):
