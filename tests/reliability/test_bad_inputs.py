@@ -135,7 +135,7 @@ CASES = {
         lambda c: ["prepare", "--config", str(c.config), "data.tasks=[{name: a, benchmark: arithmetic}, {name: a, benchmark: brackets}]"],
         errors.ConfigError, ["'data.tasks'", "duplicate task names ['a']", "own name"]),
     "config-unknown-force-stage": Case(lambda c: ["prepare", "--config", str(c.config), "--force", "prepair"],
-                                       errors.AmaError, ["--force prepair", "use one of prepare"]),
+                                       errors.AmaError, ["--force prepair", "use one of partition, prepare"]),
     "config-unknown-benchmark": Case(lambda c: ["prepare", "--config", str(c.config), "data.tasks=[{name: a, benchmark: chess}]"],
                                      errors.ConfigError, ["data.tasks[a].benchmark", "chess", "use one of"]),
     "config-column-map-unknown-field": Case(

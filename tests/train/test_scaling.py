@@ -152,6 +152,7 @@ def test_zero3_specialist(zero3_run):
     ]
 
 
+@pytest.mark.slow  # 37 s; ZeRO-3 through a worker kill stays in CI (test_zero3_specialist); the suite is at its budget
 @pytest.mark.timeout(900)
 def test_zero2_matches_the_resumed_zero3_run(zero3_run, tiny_run, tmp_path):
     """An uninterrupted, unpartitioned ZeRO-2 run and the killed-and-resumed ZeRO-3 run follow one
