@@ -107,8 +107,9 @@ def dispatch(args: argparse.Namespace) -> int:
     bad = [s for s in args.force if s not in (*STAGES, "tune")]
     if bad:
         raise AmaError(f"--force {bad[0]}: unknown stage", fix=f"use one of {', '.join(STAGES)}, tune")
-    if "partition" in args.force and cfg.data.partition is None:  # it would redo every later stage for nothing
-        raise AmaError("--force partition: this job has no data.partition", fix="force the stage you mean to redo (prepare redoes all tasks)")
+    if cfg.data.partition is None and (args.command == "partition" or "partition" in args.force):  # nothing to partition
+        raise AmaError(f"{'ama-ray partition' if args.command == 'partition' else '--force partition'}: this job has no data.partition",
+                       fix="set data.partition (docs/partition.md), or force the stage you mean to redo (prepare redoes every task)")
     entry = _stage_entry(args.command)
     kwargs = {"force": set(args.force)}
     if args.command == "report" and args.run_dir:

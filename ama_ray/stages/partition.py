@@ -52,7 +52,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     """Partition the sources unless committed with the same settings; returns the unit path."""
     part = cfg.data.partition
     if part is None:
-        log.info("partition: data.partition is not set; the tasks are data.tasks (nothing to do)")
+        log.debug("partition: data.partition is not set; the tasks are data.tasks")  # `ama-ray partition` refuses such a job
         return []
     run_dir = open_run(cfg)
     unit = run_dir.partition()

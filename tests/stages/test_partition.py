@@ -82,6 +82,12 @@ storage: {{path: ./runs, run_name: part}}
         assert sum(man["contingency"][name].values()) == man["sizes"][name]
 
 
+def test_partition_command_without_a_partition_is_one_clear_line(tmp_path):
+    for argv in (["partition"], ["prepare", "--force", "partition"]):
+        out = subprocess.run([str(BIN / "ama-ray"), *argv, f"storage.path={tmp_path}"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "this job has no data.partition" in out.stderr, out.stderr[-2000:]
+
+
 def test_partition_config_shapes(tmp_path):
     from ama_ray.config import Config
 
