@@ -57,3 +57,21 @@ $AMA compare "$MAIN=full" "$ROOT/lora_specialists_eval=lora_spec" "$ROOT/lora_ge
   --paired "lora_spec ama_s" "full ama_s"
 $AMA compare "$MAIN=full" "$ROOT/lora_generalist_eval=lora_gen" --paired "lora_gen ama_s" "full ama_s"
 $AMA compare "$MAIN=full" "$ROOT/lora_specialists_eval=lora_spec" --paired "lora_spec ama_s" "full balanced"
+
+# The compute side, side by side (TIME=1): the specialists stage alone, 100 steps, full and LoRA
+# alternating twice, on copies of the main run's prepared and reference units; wall time of
+# each and every specialist's train/seconds_per_step and peak worker RSS from its manifest.
+if [[ ${TIME:-0} == 1 ]]; then
+  for arm in full lora full2 lora2; do
+    dir=$ROOT/time_$arm
+    rm -rf "$dir" && copy_units "$MAIN" "$dir" prepared reference
+    extra=(); [[ $arm == lora* ]] && extra=("specialists.lora=$LORA" specialists.optim.lr=1.0e-2)
+    start=$(date +%s)
+    $AMA specialists "${COMMON[@]}" "storage.run_name=time_$arm" specialists.optim.steps=100 \
+      specialists.optim.checkpoint_every=100 "${extra[@]}" > "$dir.log" 2>&1
+    echo "$arm: specialists stage $(( $(date +%s) - start )) s"
+    for manifest in "$dir"/specialists/*/_manifest.json; do
+      ${PYTHON:-python} -c "import json,sys; m=json.load(open(sys.argv[1]))['final_metrics']; print('  ', sys.argv[1].split('/')[-2], round(m['train/seconds_per_step'], 3), 's/step', round(m['check/peak_rss_mb']), 'MB')" "$manifest"
+    done
+  done
+fi
