@@ -37,43 +37,36 @@ esac
 COMMON=(--config "$JOB" "storage.path=$ROOT" "generalist.seeds=$SEEDS" "${STEPS[@]}")
 MAIN=$ROOT/$CONFIG
 
-copy_units() {  # copy_units DEST STAGE... : the main run's committed units of those stages
-  local dest=$1; shift
-  for stage in "$@"; do
-    if [[ -d $MAIN/$stage && ! -d $dest/$stage ]]; then
-      mkdir -p "$dest" && cp -r "$MAIN/$stage" "$dest/$stage"
-    fi
-  done
-}
+source "$(dirname "$0")/study_lib.sh"  # copy_units
 
 echo "== $CONFIG: main run (baselines, AMA-S, merging) =="
 $AMA run "${COMMON[@]}" "storage.run_name=$CONFIG" \
   "generalist.algorithms=[proportional,balanced,ama_s]" "merging.methods=[average,task_arithmetic,ties]"
 
 echo "== $CONFIG: AMA-S with clip none =="
-copy_units "$ROOT/${CONFIG}_clip_none" prepared reference specialists scores
+copy_units "$MAIN" "$ROOT/${CONFIG}_clip_none" prepared reference specialists scores
 $AMA run "${COMMON[@]}" "storage.run_name=${CONFIG}_clip_none" "generalist.algorithms=[ama_s]" \
   mixing.clip=none "merging.methods=[]"
 
 echo "== $CONFIG: specialist-free AMA-S (history target; per-task-mean clip, as docs/algorithms.md advises) =="
-copy_units "$ROOT/${CONFIG}_history_task_mean" prepared reference specialists scores
+copy_units "$MAIN" "$ROOT/${CONFIG}_history_task_mean" prepared reference specialists scores
 $AMA run "${COMMON[@]}" "storage.run_name=${CONFIG}_history_task_mean" "generalist.algorithms=[ama_s]" \
   mixing.excess_target=history mixing.clip=per_task_mean "merging.methods=[average]"
 
 echo "== $CONFIG: specialist-free AMA-S (history target; the default per-example clip) =="
-copy_units "$ROOT/${CONFIG}_history" prepared reference specialists scores
+copy_units "$MAIN" "$ROOT/${CONFIG}_history" prepared reference specialists scores
 $AMA run "${COMMON[@]}" "storage.run_name=${CONFIG}_history" "generalist.algorithms=[ama_s]" \
   mixing.excess_target=history "merging.methods=[average]"
 
 for variant in half:$((SPEC_STEPS / 2)) triple:$((SPEC_STEPS * 3)); do
   name=${variant%%:*}; steps=${variant##*:}
   echo "== $CONFIG: AMA-S against specialists of $steps steps =="
-  copy_units "$ROOT/${CONFIG}_spec_$name" prepared reference
+  copy_units "$MAIN" "$ROOT/${CONFIG}_spec_$name" prepared reference
   $AMA run "${COMMON[@]}" "storage.run_name=${CONFIG}_spec_$name" "generalist.algorithms=[ama_s]" \
     "specialists.optim.steps=$steps" "merging.methods=[]"
   # The same generalists, measured against the main run's specialists.
   eval_dir=$ROOT/${CONFIG}_spec_${name}_eval
-  copy_units "$eval_dir" prepared reference specialists scores
+  copy_units "$MAIN" "$eval_dir" prepared reference specialists scores
   if [[ ! -d $eval_dir/generalist ]]; then
     cp -r "$ROOT/${CONFIG}_spec_$name/generalist" "$eval_dir/generalist"
   fi

@@ -45,14 +45,7 @@ COMMON=(--config "$JOB" "storage.path=$ROOT" "generalist.seeds=$SEEDS" "${STEPS[
 MAIN=$ROOT/$BASE
 MERGES="merging.methods=[average,task_arithmetic,ties]"  # the main run's, so its evaluation stays as it is
 
-copy_units() {  # copy_units SRC DEST STAGE... : SRC's committed units of those stages
-  local src=$1 dest=$2; shift 2
-  for stage in "$@"; do
-    if [[ -d $src/$stage && ! -d $dest/$stage ]]; then
-      mkdir -p "$dest" && cp -r "$src/$stage" "$dest/$stage"
-    fi
-  done
-}
+source "$(dirname "$0")/study_lib.sh"  # copy_units
 
 evaluate_against_main() {  # evaluate_against_main RUN ALGORITHMS [overrides...]: RUN's generalists, main's yardstick
   local run=$1 algorithms=$2; shift 2

@@ -22,14 +22,7 @@ LORA="{enabled: true, r: 8}"
 COMMON=(--config jobs/imbalance.yaml "storage.path=$ROOT" "merging.methods=[]")
 MAIN=$ROOT/imbalance
 
-copy_units() {  # copy_units SRC DEST STAGE... : SRC's committed units of those stages
-  local src=$1 dest=$2; shift 2
-  for stage in "$@"; do
-    if [[ -d $src/$stage && ! -d $dest/$stage ]]; then
-      mkdir -p "$dest" && cp -r "$src/$stage" "$dest/$stage"
-    fi
-  done
-}
+source "$(dirname "$0")/study_lib.sh"  # copy_units
 
 echo "== the main run (full weights everywhere): $MAIN =="
 $AMA run --config jobs/imbalance.yaml "storage.path=$ROOT" storage.run_name=imbalance "generalist.seeds=[0,1,2,3,4]" \

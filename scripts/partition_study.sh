@@ -34,6 +34,7 @@ COMMON=(--config jobs/imbalance.yaml "storage.path=$ROOT" "generalist.seeds=$SEE
 MAIN=$ROOT/imbalance
 RUN=partition_$METHOD
 MIXED=$ROOT/$RUN.mixed.jsonl
+source "$(dirname "$0")/study_lib.sh"  # copy_units
 
 echo "== the true tasks: $MAIN =="
 $AMA run "${COMMON[@]}" storage.run_name=imbalance "generalist.algorithms=[proportional,balanced,ama_s]" \
@@ -47,9 +48,7 @@ FOUND=(data.tasks=null
 echo "== found tasks ($METHOD): $ROOT/$RUN =="
 $AMA run "${COMMON[@]}" "storage.run_name=$RUN" "generalist.algorithms=[ama_s]" "merging.methods=[]" "${FOUND[@]}"
 if [[ $ON_WEAK == warn ]]; then
-  for stage in partition prepared reference specialists scores; do
-    [[ -d $ROOT/${RUN}_warn/$stage ]] || { mkdir -p "$ROOT/${RUN}_warn" && cp -r "$ROOT/$RUN/$stage" "$ROOT/${RUN}_warn/$stage"; }
-  done
+  copy_units "$ROOT/$RUN" "$ROOT/${RUN}_warn" partition prepared reference specialists scores
   RUN=${RUN}_warn
   echo "== found tasks ($METHOD), a weak specialist kept as the target: $ROOT/$RUN =="
   $AMA run "${COMMON[@]}" "storage.run_name=$RUN" "generalist.algorithms=[ama_s]" "merging.methods=[]" "${FOUND[@]}" \
@@ -58,9 +57,7 @@ fi
 
 echo "== the found-task generalists on the true tasks =="
 EVAL=$ROOT/${RUN}_eval
-for stage in prepared reference specialists scores; do
-  [[ -d $EVAL/$stage ]] || { mkdir -p "$EVAL" && cp -r "$MAIN/$stage" "$EVAL/$stage"; }
-done
+copy_units "$MAIN" "$EVAL" prepared reference specialists scores
 mkdir -p "$EVAL/generalist"
 [[ -d $EVAL/generalist/ama_s ]] || cp -r "$ROOT/$RUN/generalist/ama_s" "$EVAL/generalist/"
 $AMA evaluate "${COMMON[@]}" "storage.run_name=${RUN}_eval" "generalist.algorithms=[ama_s]" "merging.methods=[]"
