@@ -66,7 +66,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     unit.begin()
     try:
-        n, labelled, drops = pool(cfg, part, tokenizer, unit)
+        n, drops = pool(cfg, part, tokenizer, unit)
         if n < part.k:
             raise DataError(f"the sources have {n} usable rows, fewer than partition.k={part.k} clusters",
                             where="data.partition.sources", fix="add rows or lower data.partition.k")
@@ -75,7 +75,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         features = embeddings(cfg, model_path, unit, n) if part.method == "embedding" else tfidf(unit)
         cluster, nearest = kmeans(features, part.k, part.seed, part.examples)
         check_sizes(cfg, cluster)
-        summary = write_rows(unit, part, cluster, nearest, labelled)
+        summary = write_rows(unit, part, cluster, nearest)
         unit.fs.delete_file(unit.file(unit.split_file(POOLED)))
         unit.commit(digest, stage=STAGE, method=part.method, k=part.k, seed=part.seed, model=model_path,
                     model_identity=model_identity(cfg), rows=n, dropped=dict(drops), **summary)
@@ -100,7 +100,7 @@ def partition_hash(cfg: Config) -> str:
                             "data.benchmark_chat", "data.seed", "data.arithmetic_flagged_share") + "-" + summary
 
 
-def rows_of(cfg: Config, cluster: int):
+def cluster_rows(cfg: Config, cluster: int):
     """(where, row) pairs of cluster `cluster` of the committed partition: what prepare reads
     for a task made by `data.partition`. StageInputError when the partition is not committed."""
     from ama_ray.storage import RunDir
@@ -119,9 +119,9 @@ def rows_of(cfg: Config, cluster: int):
 
 # --- pooling ------------------------------------------------------------------------------
 
-def pool(cfg: Config, part: PartitionConfig, tokenizer: Any, unit: Unit) -> tuple[int, bool, Counter]:
+def pool(cfg: Config, part: PartitionConfig, tokenizer: Any, unit: Unit) -> tuple[int, Counter]:
     """Stream every source's usable rows, as text, into the unit's `.pooled.parquet`; returns
-    (rows, whether rows carry labels, drop counts). DataError for a row without `label_field`."""
+    (rows, drop counts). DataError for a row without `label_field`."""
     from ama_ray.data.formats import Dropped, normalize_row, to_text
     from ama_ray.stages.prepare import raw_rows
 
@@ -155,11 +155,12 @@ def pool(cfg: Config, part: PartitionConfig, tokenizer: Any, unit: Unit) -> tupl
                     pending = []
         if pending:
             writer.add(POOLED, pa.Table.from_pylist(pending, POOLED_SCHEMA))
-    return n, label_of is not _no_label, drops
+    return n, drops
 
 
-def _no_label(source: str, where: str, raw: dict) -> None:
-    return None
+def labelled(part: PartitionConfig) -> bool:
+    """Whether rows carry a known label: a `label_field`, or several sources (their names)."""
+    return part.label_field is not None or len(part.sources) > 1
 
 
 def _labeller(part: PartitionConfig):
@@ -175,9 +176,7 @@ def _labeller(part: PartitionConfig):
             return str(raw[field])
 
         return label
-    if len(part.sources) > 1:
-        return lambda source, where, raw: source
-    return _no_label
+    return (lambda source, where, raw: source) if labelled(part) else (lambda source, where, raw: None)
 
 
 # --- features and clusters ------------------------------------------------------------------
@@ -314,12 +313,12 @@ def check_sizes(cfg: Config, cluster: np.ndarray) -> None:
                             fix=f"lower data.partition.k (clusters: {', '.join(str(int(n)) for n in sizes)} rows), or {err.fix}") from None
 
 
-def write_rows(unit: Unit, part: PartitionConfig, cluster: np.ndarray, nearest: list[list[int]], labelled: bool) -> dict:
+def write_rows(unit: Unit, part: PartitionConfig, cluster: np.ndarray, nearest: list[list[int]]) -> dict:
     """Stream the pooled rows into `rows.parquet` with their cluster; returns the manifest's
     summary (sizes, example prompts, labels' contingency table and adjusted Rand index)."""
     from sklearn.metrics import adjusted_rand_score
 
-    names = part.task_names()
+    names, has_labels = part.task_names(), labelled(part)
     wanted = {i: c for c, rows in enumerate(nearest) for i in rows}
     examples: dict[str, list[str]] = {name: [] for name in names}
     labels: list[str] = []
@@ -332,7 +331,7 @@ def write_rows(unit: Unit, part: PartitionConfig, cluster: np.ndarray, nearest: 
             for i, prompt in zip(rows, table["prompt"].to_pylist()):
                 if i in wanted:
                     examples[names[wanted[i]]].append((int(i), _tail(prompt)))
-            if labelled:
+            if has_labels:
                 for i, label in zip(rows, table["label"].to_pylist()):
                     labels.append(label)
                     contingency[names[cluster[i]]][label] += 1
@@ -344,7 +343,7 @@ def write_rows(unit: Unit, part: PartitionConfig, cluster: np.ndarray, nearest: 
         "tasks": names,
         "sizes": {name: int(sizes[c]) for c, name in enumerate(names)},
         "examples": examples,
-        "label_source": (f"field '{part.label_field}'" if part.label_field else "source name") if labelled else None,
-        "ari": float(adjusted_rand_score(labels, [names[c] for c in cluster])) if labelled else None,
-        "contingency": {name: dict(sorted(counts.items())) for name, counts in contingency.items()} if labelled else None,
+        "label_source": (f"field '{part.label_field}'" if part.label_field else "source name") if has_labels else None,
+        "ari": float(adjusted_rand_score(labels, [names[c] for c in cluster])) if has_labels else None,
+        "contingency": {name: dict(sorted(counts.items())) for name, counts in contingency.items()} if has_labels else None,
     }

@@ -84,9 +84,9 @@ def prepare_hash(cfg: Config) -> str:
 def raw_rows(cfg: Config, task: TaskConfig) -> Iterator[tuple[str, dict]]:
     """(where, row) pairs of a task's source; `where` names the file and line/row for errors."""
     if task.cluster is not None:  # a task found by `data.partition`
-        from ama_ray.stages.partition import rows_of
+        from ama_ray.stages.partition import cluster_rows
 
-        yield from rows_of(cfg, task.cluster)
+        yield from cluster_rows(cfg, task.cluster)
         return
     if task.benchmark is not None:
         from ama_ray.data import benchmark  # the task name was checked when the config loaded
