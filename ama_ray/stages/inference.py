@@ -125,25 +125,14 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
     `drop` names input columns not to carry into the output. Raises StageInputError when a
     source's output row count differs from its input's.
     """
-    import ray
-
-    from ama_ray.cluster import check_fits, ensure_ray
+    from ama_ray.cluster import ensure_ray
 
     ensure_ray()
     ref = cfg.reference
-    check_fits("inference actors", {"CPU": ref.cpus_per_actor, "GPU": ref.gpus_per_actor}, ref.num_actors, "reference.num_actors")
     by_key = {s.key: s for s in sources}
     ds = parquet_dataset([(s.inp, s.split) for s in sources], tags=[s.key for s in sources], drop=drop)
-    ds = ds.map_batches(
-        LogpScorer,
-        fn_constructor_args=(model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)), loss_cfg,
-                             ref.batch_size, cfg.model.revision, ref.gpus_per_actor > 0),
-        batch_size=ref.batch_size * BUCKETS,
-        batch_format="pyarrow",
-        num_cpus=ref.cpus_per_actor,
-        num_gpus=ref.gpus_per_actor or None,
-        compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
-    )
+    ds = on_actor_pool(cfg, ds, LogpScorer, (model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)),
+                                             loss_cfg, ref.batch_size, cfg.model.revision, ref.gpus_per_actor > 0))
     # Rows come back in input order, so the written files (and so training's pass order) are the
     # same on every rerun; the actors still score out of order.
     ds.context.execution_options.preserve_order = True
@@ -159,6 +148,27 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
             raise StageInputError(f"scored {written[key]} of {expected} rows of {key}", where=source.out.path,
                                   fix="rerun the stage with --force; if it repeats, report it as a bug")
     return written
+
+
+def on_actor_pool(cfg: Config, ds, fn: type, args: tuple):
+    """`ds.map_batches(fn(*args))` on the inference actor pool `reference.*` describes (its size,
+    CPUs and GPUs per actor; Arrow batches of `reference.batch_size` x BUCKETS rows), checked to
+    fit the cluster first. Shared by reference/score and the partition stage's embeddings."""
+    import ray
+
+    from ama_ray.cluster import check_fits
+
+    ref = cfg.reference
+    check_fits("inference actors", {"CPU": ref.cpus_per_actor, "GPU": ref.gpus_per_actor}, ref.num_actors, "reference.num_actors")
+    return ds.map_batches(
+        fn,
+        fn_constructor_args=args,
+        batch_size=ref.batch_size * BUCKETS,
+        batch_format="pyarrow",
+        num_cpus=ref.cpus_per_actor,
+        num_gpus=ref.gpus_per_actor or None,
+        compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
+    )
 
 
 def padding_share(table: pa.Table, batch_size: int) -> float:

@@ -236,25 +236,15 @@ class PromptEmbedder:
 def embeddings(cfg: Config, model_path: str, unit: Unit, n: int) -> np.ndarray:
     """Every pooled prompt's embedding (rows x hidden), centred and unit length, computed on a
     Ray Data actor pool configured like the reference stage's."""
-    import ray
-
-    from ama_ray.cluster import check_fits, ensure_ray
-    from ama_ray.stages.inference import BUCKETS
+    from ama_ray.cluster import ensure_ray
+    from ama_ray.stages.inference import on_actor_pool
     from ama_ray.train.data import parquet_dataset
 
     ensure_ray()
     ref = cfg.reference
-    check_fits("inference actors", {"CPU": ref.cpus_per_actor, "GPU": ref.gpus_per_actor}, ref.num_actors, "reference.num_actors")
-    ds = parquet_dataset([(unit, POOLED)], drop=("chosen", "rejected", "source", "label")).map_batches(
-        PromptEmbedder,
-        fn_constructor_args=(model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)), ref.batch_size,
-                             cfg.data.max_prompt_length, cfg.model.revision, ref.gpus_per_actor > 0),
-        batch_size=ref.batch_size * BUCKETS,
-        batch_format="pyarrow",
-        num_cpus=ref.cpus_per_actor,
-        num_gpus=ref.gpus_per_actor or None,
-        compute=ray.data.ActorPoolStrategy(size=ref.num_actors),
-    )
+    ds = on_actor_pool(cfg, parquet_dataset([(unit, POOLED)], drop=("chosen", "rejected", "source", "label")), PromptEmbedder,
+                       (model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)), ref.batch_size,
+                        cfg.data.max_prompt_length, cfg.model.revision, ref.gpus_per_actor > 0))
     features: np.ndarray | None = None
     done = 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
