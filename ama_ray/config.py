@@ -67,7 +67,7 @@ class TaskConfig(Section):
     hf_dataset: Optional[dict[str, Any]] = Field(
         None, description="Keyword arguments of `datasets.load_dataset` (e.g. {path: json, data_files: x.jsonl, split: train})."
     )
-    layout: str = Field("auto", description="Row layout: auto, explicit, implicit, hh_rlhf, pku_saferlhf, ultrafeedback, codeultrafeedback.")
+    layout: str = Field("auto", description="Row layout: auto, explicit, implicit, hh_rlhf, pku_saferlhf, ultrafeedback, codeultrafeedback, completion (prompt/completion rows, for dpo.objective sft).")
     column_map: Optional[dict[str, str]] = Field(None, description="Map a field to your column, e.g. {prompt: question, chosen: good, rejected: bad}.")
     pku_pair_key: Literal["better_response_id", "safer_response_id"] = Field(
         "better_response_id", description="PKU-SafeRLHF: which label picks the chosen response."
@@ -420,7 +420,7 @@ class TuneConfig(Section):
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(..., description="Tasks and preprocessing.")
-    dpo: DPOLossConfig = Field(default_factory=DPOLossConfig, description="The one DPO loss (`ama_ray.dpo.DPOLossConfig`).")
+    dpo: DPOLossConfig = Field(default_factory=DPOLossConfig, description="The one training loss: DPO, or with `dpo.objective: sft` the completion NLL (`ama_ray.dpo.DPOLossConfig`).")
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference and score inference.")
     specialists: SpecialistsConfig = Field(default_factory=SpecialistsConfig, description="Per-task specialists.")
     generalist: GeneralistConfig = Field(default_factory=GeneralistConfig, description="The mixed generalist.")
@@ -507,6 +507,8 @@ class Config(Section):
             dump["mixing"].pop("heldout_every")
         if not self.data.signal_fraction:
             dump["data"].pop("signal_fraction")
+        if self.dpo.objective == "dpo":
+            dump["dpo"].pop("objective")
         if self.data.partition is None:
             dump["data"].pop("partition")
         else:  # read only by the partition's manifest and report (its own hash adds them)

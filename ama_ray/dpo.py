@@ -1,12 +1,14 @@
-"""Response-only sequence log-probs and the one per-example DPO loss.
+"""Response-only sequence log-probs and the one per-example training loss (DPO, or SFT's NLL).
 
-Every stage that needs a DPO loss (specialists, scoring, the generalist, evaluation) calls
+Every stage that needs a loss (specialists, scoring, the generalist, evaluation) calls
 `per_example_loss`, so training and scoring cannot drift apart. This module imports torch,
 numpy and the project's errors only: one training step runs on a bare GPU machine without Ray.
 
 Batch layout (TRL's): rows `[prompt+chosen for all B; prompt+rejected for all B]`, and
 `completion_mask` marks the completion tokens (which end with EOS). Rewards are
-`beta * (log pi(y|x) - log pi_ref(y|x))`, TRL's implicit rewards.
+`beta * (log pi(y|x) - log pi_ref(y|x))`, TRL's implicit rewards. With `objective: sft` a
+batch holds the B rows prompt+chosen only (`collate(..., pairs=False)`) and the loss is the
+completion's per-token NLL, with no reference.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor
 from ama_ray.errors import ConfigError
 
 LOSS_TYPES = ("sigmoid", "ipo")
+OBJECTIVES = ("dpo", "sft")
 
 
 def pad_sequences(
@@ -62,15 +65,16 @@ def pad_sequences(
     }
 
 
-def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, Tensor]:
+def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right", pairs: bool = True) -> dict[str, Tensor]:
     """Collate tokenized preference examples into one (2B, L) batch.
 
     Each example holds `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (lists of
     ints; completions already end with EOS). Rows 0..B-1 are prompt+chosen, rows B..2B-1
-    prompt+rejected. Other keys are ignored.
+    prompt+rejected. Other keys are ignored. `pairs=False` (the SFT objective,
+    `DPOLossConfig.pairs`): the B rows prompt+chosen only, and `rejected_input_ids` may be absent.
     """
     sequences, starts = [], []
-    for column in ("chosen_input_ids", "rejected_input_ids"):
+    for column in ("chosen_input_ids", "rejected_input_ids") if pairs else ("chosen_input_ids",):
         for ex in examples:
             prompt = list(ex["prompt_input_ids"])
             sequences.append(prompt + list(ex[column]))
@@ -204,9 +208,11 @@ def dpo_loss(
 
 @dataclass
 class DPOLossConfig:
-    """The settings of the one DPO loss (`dpo.*` in the config; field names follow TRL's
+    """The settings of the one training loss (`dpo.*` in the config; field names follow TRL's
     `DPOConfig`): the one class that owns their defaults, help and checks."""
 
+    objective: str = "dpo"
+    """`dpo` (preference pairs) or `sft`: the completion's per-token NLL of prompt/completion rows (or the chosen side of preference rows), no reference; the other `dpo.*` keys then do not apply (docs/sft.md)."""
     beta: float = 0.1
     """DPO temperature; for `ipo` the regularisation parameter tau."""
     loss_type: str = "sigmoid"
@@ -217,6 +223,11 @@ class DPOLossConfig:
     """Weight of the NLL of the chosen response (per token) added to each example's loss."""
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}", where="dpo.objective", fix=f"use one of {OBJECTIVES}")
+        if self.objective == "sft" and self.sft_weight:
+            raise ConfigError("sft_weight adds an NLL term to the DPO loss; with objective sft the loss is that NLL",
+                              where="dpo.sft_weight", fix="set dpo.sft_weight=0 with dpo.objective=sft")
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"beta must be > 0, got {self.beta}", where="dpo.beta")
         if self.loss_type not in LOSS_TYPES:
@@ -236,16 +247,25 @@ class DPOLossConfig:
         if not self.sft_weight >= 0:
             raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}", where="dpo.sft_weight")
 
+    @property
+    def pairs(self) -> bool:
+        """Whether batches hold chosen and rejected rows (DPO) or the chosen rows only (SFT)."""
+        return self.objective == "dpo"
+
     def to_dict(self) -> dict:
-        """A plain, JSON-serialisable copy (for Ray Data actors and manifests)."""
-        return asdict(self)
+        """A plain, JSON-serialisable copy (for Ray Data actors and manifests); `objective` only
+        when it is not `dpo`, so manifests written before it existed still compare equal."""
+        out = asdict(self)
+        if self.objective == "dpo":
+            out.pop("objective")
+        return out
 
 
 def per_example_loss(
     model: Any,
     batch: dict[str, Tensor],
-    ref_chosen_logps: Tensor | np.ndarray | Sequence[float],
-    ref_rejected_logps: Tensor | np.ndarray | Sequence[float],
+    ref_chosen_logps: Tensor | np.ndarray | Sequence[float] | None,
+    ref_rejected_logps: Tensor | np.ndarray | Sequence[float] | None,
     cfg: DPOLossConfig,
 ) -> dict[str, Tensor]:
     """The per-example DPO (+ optional NLL) loss of `model` on a `collate`d batch.
@@ -254,8 +274,14 @@ def per_example_loss(
     `nll` = -chosen_logps / n_chosen_tokens (per token); these three carry gradients. Also,
     detached: `chosen_logps`, `rejected_logps`, `chosen_rewards`, `rejected_rewards`.
     The caller reduces (mean, masked mean, per-task sums).
+
+    With `cfg.objective == "sft"` the batch is `collate(..., pairs=False)`, the references are
+    not read (pass None), and the output is `loss` = `nll` and `chosen_logps` only.
     """
     logps, n_tokens, _ = sequence_logps(model, batch)
+    if not cfg.pairs:
+        nll = -logps / n_tokens.clamp(min=1.0)
+        return {"loss": nll, "nll": nll, "chosen_logps": logps.detach()}
     chosen_logps, rejected_logps = logps.chunk(2)
     n_chosen, n_rejected = n_tokens.chunk(2)
     ref_chosen, ref_rejected = _vector(ref_chosen_logps, logps.device), _vector(ref_rejected_logps, logps.device)

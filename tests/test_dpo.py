@@ -390,3 +390,35 @@ def test_logps_skip_prompt_logits_and_chunk_the_log_softmax(models, tokenizer, a
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     first = int(batch["completion_mask"][:, 1:].any(dim=0).nonzero()[0])
     assert asked[0] == batch["input_ids"].shape[1] - first and first > 0  # prompt positions got no logits
+
+
+def _direct_nll(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    """Per-token NLL of a completion by plain cross-entropy on one unpadded sequence."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].double()
+    targets = ids[0, 1:]
+    losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    return float(losses[len(prompt_ids) - 1 :].mean())
+
+
+def test_sft_objective_is_the_completion_nll_without_a_reference(models, tokenizer):
+    policy, _ = models
+    rows = _rows(6, seed=11)
+    examples = [{"prompt_input_ids": tokenizer(r["prompt"])["input_ids"],
+                 "chosen_input_ids": tokenizer(r["chosen"])["input_ids"] + [tokenizer.eos_token_id]} for r in rows]
+    cfg = DPOLossConfig(objective="sft")
+    batch = collate(examples, tokenizer.pad_token_id, pairs=False)  # no rejected side needed
+    assert batch["input_ids"].shape[0] == len(examples)
+    policy.eval()
+    with torch.no_grad():
+        out = per_example_loss(policy, batch, None, None, cfg)
+    assert set(out) == {"loss", "nll", "chosen_logps"}
+    want = [_direct_nll(policy, ex["prompt_input_ids"], ex["chosen_input_ids"]) for ex in examples]
+    np.testing.assert_allclose(out["loss"].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert DPOLossConfig().to_dict() == {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "sft_weight": 0.0}
+    assert cfg.to_dict()["objective"] == "sft" and DPOLossConfig(**cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="dpo.objective"):
+        DPOLossConfig(objective="ppo")
+    with pytest.raises(ConfigError, match="dpo.sft_weight"):
+        DPOLossConfig(objective="sft", sft_weight=0.5)

@@ -12,7 +12,9 @@ Layouts (column names of the public datasets): ``explicit`` (prompt, chosen, rej
 ``pku_saferlhf`` (prompt, response_0, response_1, better_/safer_response_id),
 ``ultrafeedback`` (UltraFeedback-binarized: prompt string, chosen/rejected conversations),
 ``codeultrafeedback`` (instruction + chosen/rejected, or + responses/annotations with
-ratings), and ``auto`` (detected per row by ``detect_layout``). See docs/data-formats.md.
+ratings), ``completion`` (prompt, completion: supervised rows for ``dpo.objective: sft``;
+``rejected`` is None), and ``auto`` (detected per row by ``detect_layout``). See
+docs/data-formats.md.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from dataclasses import dataclass
 from ama_ray.errors import ConfigError, DataError, ModelError
 
 LAYOUTS = ("auto", "explicit", "implicit", "hh_rlhf", "pku_saferlhf", "ultrafeedback",
-           "codeultrafeedback")
+           "codeultrafeedback", "completion")
 DROP_REASONS = ("missing_field", "empty_field", "wrong_type", "identical", "unparsable", "tied")
 PKU_PAIR_KEYS = ("better_response_id", "safer_response_id")
 # Column names a column map may point to: the fields the layouts read.
 FIELDS = ("prompt", "chosen", "rejected", "response_0", "response_1", *PKU_PAIR_KEYS,
-          "instruction", "responses", "annotations")
+          "instruction", "responses", "annotations", "completion")
 
 _ROLES = ("system", "user", "assistant", "tool")
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
@@ -80,6 +82,32 @@ def _finish(prompt, chosen, rejected) -> dict | Dropped:
     if chosen == rejected:
         return Dropped("identical", "chosen == rejected")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _completion(row: dict) -> dict | Dropped:
+    """A prompt/completion row (supervised fine-tuning, `dpo.objective: sft`): the completion
+    becomes `chosen` and `rejected` is None. Text, or message lists (TRL's conversational
+    prompt-completion format; a text prompt with a message completion becomes one user turn)."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if value is None:
+            return Dropped("missing_field", name)
+    if isinstance(completion, str):
+        if not isinstance(prompt, str):
+            return Dropped("wrong_type", "prompt is a message list but completion is text")
+        if not prompt.strip() or not completion.strip():
+            return Dropped("empty_field", "prompt" if not prompt.strip() else "completion")
+        return {"prompt": prompt, "chosen": completion, "rejected": None}
+    completion = _messages(completion, "completion")
+    if isinstance(completion, Dropped):
+        return completion
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
+    if isinstance(prompt, Dropped):
+        return prompt
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if not any(m["content"].strip() for m in value):
+            return Dropped("empty_field", name)
+    return {"prompt": prompt, "chosen": completion, "rejected": None}
 
 
 def _pair(row: dict) -> tuple | Dropped:
@@ -243,6 +271,8 @@ def detect_layout(row: dict) -> str | None:
             return "explicit"
         chosen = row["chosen"]
         return "hh_rlhf" if isinstance(chosen, str) and _HH_TURN.search(chosen) else "implicit"
+    if {"prompt", "completion"} <= keys:
+        return "completion"
     return None
 
 
@@ -258,7 +288,8 @@ def _rename(row: dict, column_map: dict) -> dict:
 
 def normalize_row(row: dict, layout: str = "auto", column_map: dict | None = None,
                   pku_pair_key: str = "better_response_id") -> dict | Dropped:
-    """Normalise one raw row to ``{"prompt", "chosen", "rejected"}`` or return Dropped.
+    """Normalise one raw row to ``{"prompt", "chosen", "rejected"}`` or return Dropped
+    (``rejected`` is None for a prompt/completion row).
 
     ``column_map`` maps a field (FIELDS) to the row's column, e.g. ``{"prompt": "question"}``;
     ``pku_pair_key`` picks the PKU-SafeRLHF preference (``better_response_id`` or
@@ -280,7 +311,7 @@ def normalize_row(row: dict, layout: str = "auto", column_map: dict | None = Non
         return _pku_saferlhf(row, pku_pair_key)
     normalizers = {"explicit": _explicit, "implicit": _implicit, "hh_rlhf": _hh_rlhf,
                    "ultrafeedback": lambda r: _explicit(r, conversational_only=True),
-                   "codeultrafeedback": _codeultrafeedback}
+                   "codeultrafeedback": _codeultrafeedback, "completion": _completion}
     return normalizers[layout](row)
 
 
@@ -290,7 +321,7 @@ def is_conversational(example: dict) -> bool:
 
 
 def to_text(example: dict, tokenizer=None) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) text of a normalised example.
+    """(prompt, chosen, rejected) text of a normalised example (rejected "" when it is None).
 
     Plain examples come back as they are. Conversational ones are rendered with the
     tokenizer's chat template (TRL ``apply_chat_template``): the prompt with the generation
@@ -299,14 +330,18 @@ def to_text(example: dict, tokenizer=None) -> tuple[str, str, str]:
     template, DataError when the template rejects the messages.
     """
     if not is_conversational(example):
-        return example["prompt"], example["chosen"], example["rejected"]
+        return example["prompt"], example["chosen"], example["rejected"] or ""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ModelError("conversational data needs a tokenizer with a chat template",
                          where="model.name",
                          fix="use a chat model, set a chat template, or supply plain-text data")
     from trl.data_utils import apply_chat_template
 
+    single = example["rejected"] is None  # a prompt/completion example: TRL's prompt-completion format
     try:
+        if single:
+            rendered = apply_chat_template({"prompt": example["prompt"], "completion": example["chosen"]}, tokenizer)
+            return rendered["prompt"], rendered["completion"], ""
         rendered = apply_chat_template(example, tokenizer)
     except ValueError as err:  # e.g. a prompt ending with a system turn
         raise DataError(f"chat template failed: {err}", where=f"prompt {example['prompt']!r}",

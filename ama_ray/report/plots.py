@@ -143,16 +143,20 @@ def _same_length(runs: list[History]) -> list[History]:
 
 
 def training_curves(specialists: dict[str, dict], generalists: dict[tuple[str, int], dict], tasks: list[str]) -> bytes:
-    """Two panels from TensorBoard scalars: specialists' DPO loss per task, generalists' mean loss.
+    """Two panels from TensorBoard scalars: specialists' DPO loss (or SFT NLL) per task, generalists' mean loss.
 
     Solid lines are training batches (smoothed), dashed lines with markers held-out evaluations.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    # DPO specialists log `dpo_loss`; SFT ones (`dpo.objective: sft`) have no pairs: their loss is the NLL.
+    dpo = any(key.startswith("train/dpo_loss/") for scalars in specialists.values() for key in scalars)
+    name = "dpo_loss" if dpo else "loss"
     for j, task in enumerate(tasks):
         scalars = specialists.get(task, {})
-        _curve(left, scalars, f"train/dpo_loss/{task}", f"eval/dpo_loss/{task}", TASK_COLORS[j % len(TASK_COLORS)], task)
-    left.axhline(math.log(2), color="0.5", lw=0.8, ls=":", label="log 2 (the base)")
-    left.set_title("Specialists: DPO loss on their own task", fontsize=10)
+        _curve(left, scalars, f"train/{name}/{task}", f"eval/{name}/{task}", TASK_COLORS[j % len(TASK_COLORS)], task)
+    if dpo:
+        left.axhline(math.log(2), color="0.5", lw=0.8, ls=":", label="log 2 (the base)")
+    left.set_title(f"Specialists: {'DPO loss' if dpo else 'NLL'} on their own task", fontsize=10)
     for (algo, seed), scalars in sorted(generalists.items()):
         _curve(right, scalars, "train/loss/mean", "eval/loss/mean", algorithm_color(algo), f"{algo} s{seed}")
     right.set_title("Generalists: loss, mean over tasks", fontsize=10)

@@ -251,7 +251,7 @@ def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results
     for m in models:
         per_task = results[m.key]["per_task"]
         entry = {k: v for k, v in asdict(m).items() if k not in ("key", "unit") and v is not None}
-        if m.kind == "base":
+        if m.kind == "base" and cfg.dpo.pairs:  # SFT has no reference, and no implicit rewards
             entry["reference_check"] = reference_check(per_task)
             for metrics in per_task.values():
                 metrics.update({name: 0.0 for name in REFERENCE_DEGENERATE})
@@ -299,8 +299,8 @@ def compute_flags(doc: dict, missing: list[str]) -> list[dict]:
     flags = []
     models = doc["models"]
     base = models["base"]["per_task"]
-    check = models["base"]["reference_check"]
-    if check["max_abs_dpo_loss_minus_log2"] > 1e-3:
+    check = models["base"].get("reference_check")
+    if check and check["max_abs_dpo_loss_minus_log2"] > 1e-3:
         flags.append({
             "kind": "reference_mismatch", "model": "base", "task": None, "evidence": check,
             "message": f"the base model's held-out DPO loss differs from log 2 by {check['max_abs_dpo_loss_minus_log2']:.4f}: "
@@ -346,7 +346,10 @@ def weak_specialist(task: str, own: dict, base: dict) -> dict | None:
     Clearly better = held-out DPO loss below log 2 - MIN_LOSS_DROP (the base's loss is log 2) and an
     accuracy gain of at least MIN_ACCURACY_GAIN: logps/accuracies over the base's, or
     rewards/accuracies over chance (0.5; the base's implicit rewards are 0 by definition).
+    Under SFT (no pair metrics): held-out NLL at least MIN_LOSS_DROP below the base's.
     """
+    if "dpo_loss" not in own:
+        return weak_sft_specialist(task, own, base)
     gain = max(own["logps/accuracies"] - base["logps/accuracies"], own["rewards/accuracies"] - 0.5)
     learned = own["dpo_loss"] < LOG2 - MIN_LOSS_DROP
     if learned and gain >= MIN_ACCURACY_GAIN:
@@ -359,6 +362,21 @@ def weak_specialist(task: str, own: dict, base: dict) -> dict | None:
         "kind": "weak_specialist", "model": f"specialist/{task}", "task": task, "evidence": evidence,
         "message": f"specialist of task '{task}' is not clearly better than the base on its held-out data "
         f"(DPO loss {own['dpo_loss']:.4f} vs log 2 = {LOG2:.4f}; accuracy gain {gain:+.3f}, needs +{MIN_ACCURACY_GAIN}): "
+        "its scores set a target of 'nothing to learn', so AMA will starve this task.",
+        "fix": f"Train it longer or harder (data.tasks[{task}].specialist_steps, specialists.optim.steps or .lr), "
+        "check the task's data, then rerun with --force specialists.",
+    }
+
+
+def weak_sft_specialist(task: str, own: dict, base: dict) -> dict | None:
+    """`weak_specialist` under `dpo.objective: sft`: its held-out NLL against the base's."""
+    if own["nll"] < base["nll"] - MIN_LOSS_DROP:
+        return None
+    return {
+        "kind": "weak_specialist", "model": f"specialist/{task}", "task": task,
+        "evidence": {"nll": own["nll"], "base_nll": base["nll"]},
+        "message": f"specialist of task '{task}' is not clearly better than the base on its held-out data "
+        f"(NLL {own['nll']:.4f} vs the base's {base['nll']:.4f}, needs {MIN_LOSS_DROP} lower): "
         "its scores set a target of 'nothing to learn', so AMA will starve this task.",
         "fix": f"Train it longer or harder (data.tasks[{task}].specialist_steps, specialists.optim.steps or .lr), "
         "check the task's data, then rerun with --force specialists.",

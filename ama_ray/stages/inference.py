@@ -53,11 +53,13 @@ class Source:
 class LogpScorer:
     """Ray Data callable: per-example sequence log-probs, and in score mode the per-example loss.
 
-    Takes and returns Arrow batches; every input column passes through.
+    Takes and returns Arrow batches; every input column passes through. Reference mode
+    (`loss_cfg` None) writes `ref_chosen_logps` and `ref_rejected_logps`, or with `objective`
+    `sft` the chosen side's only (the base's completion log-prob; SFT trains without a reference).
     """
 
     def __init__(self, model_path: str, dtype: str, trust_remote_code: bool, threads: int, loss_cfg: dict | None,
-                 batch_size: int, revision: str | None = None, use_gpu: bool = False):
+                 batch_size: int, revision: str | None = None, use_gpu: bool = False, objective: str = "dpo"):
         import torch
 
         from ama_ray.dpo import DPOLossConfig
@@ -70,6 +72,7 @@ class LogpScorer:
         self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision).to(self.device).eval()
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code, revision=revision).pad_token_id
         self.loss_cfg = DPOLossConfig(**loss_cfg) if loss_cfg is not None else None
+        self.pairs = (self.loss_cfg.objective if self.loss_cfg is not None else objective) == "dpo"
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -84,11 +87,14 @@ class LogpScorer:
         with torch.no_grad():
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
-                collated = dpo.collate(chunk, self.pad_id, padding_side=PADDING_SIDE)
+                collated = dpo.collate(chunk, self.pad_id, padding_side=PADDING_SIDE, pairs=self.pairs)
                 if self.loss_cfg is None:
                     logps, _, _ = dpo.sequence_logps(self.model, collated)
-                    chosen, rejected = logps.float().cpu().chunk(2)
-                    values = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+                    logps = logps.float().cpu()
+                    values = ({"ref_chosen_logps": logps} if not self.pairs else
+                              dict(zip(("ref_chosen_logps", "ref_rejected_logps"), logps.chunk(2))))
+                elif not self.pairs:
+                    values = {"specialist_loss": dpo.per_example_loss(self.model, collated, None, None, self.loss_cfg)["loss"]}
                 else:
                     part = batch.slice(start, len(chunk))
                     res = dpo.per_example_loss(self.model, collated, part["ref_chosen_logps"].to_numpy(),
@@ -132,7 +138,8 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
     by_key = {s.key: s for s in sources}
     ds = parquet_dataset([(s.inp, s.split) for s in sources], tags=[s.key for s in sources], drop=drop)
     ds = on_actor_pool(cfg, ds, LogpScorer, (model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)),
-                                             loss_cfg, ref.batch_size, cfg.model.revision, ref.gpus_per_actor > 0))
+                                             loss_cfg, ref.batch_size, cfg.model.revision, ref.gpus_per_actor > 0,
+                                             cfg.dpo.objective))
     # Rows come back in input order, so the written files (and so training's pass order) are the
     # same on every rerun; the actors still score out of order.
     ds.context.execution_options.preserve_order = True

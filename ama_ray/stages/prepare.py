@@ -126,6 +126,11 @@ def stage_task(cfg: Config, task: TaskConfig, tokenizer: Any, unit: Unit) -> Cou
                 drops[norm.reason] += 1
                 first_drop = first_drop or f"; first at {where}: {norm.reason} ({norm.detail})"
                 continue
+            if norm["rejected"] is None and cfg.dpo.pairs:
+                raise DataError(
+                    f"task '{task.name}' has a prompt/completion row (no rejected response): DPO trains on preference pairs",
+                    where=where, fix="set dpo.objective=sft to train on completions (docs/sft.md), or give chosen and rejected",
+                )
             prompt, chosen, rejected = to_text(norm, tokenizer)
             example_id = _example_id(task.name, prompt, chosen, rejected)
             if example_id in seen:
@@ -234,6 +239,8 @@ class Tokenize:
         # A chat template's assistant turn already ends with its end-of-turn (often the eos, then a
         # newline): a second eos would teach the model to emit two.
         chosen, rejected = ([c if eos in c[-2:] else c + [eos] for c in side] for side in (chosen, rejected))
+        # A prompt/completion row (`dpo.objective: sft`) has no rejected side: no tokens, not an eos.
+        rejected = [r if text else [] for r, text in zip(rejected, batch["rejected"])]
         out["too_long"] = np.array([max(len(c), len(r)) > self.max_completion for c, r in zip(chosen, rejected)])
         out["prompt_input_ids"], out["chosen_input_ids"], out["rejected_input_ids"] = prompts, chosen, rejected
         out["length"] = np.array([len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)])

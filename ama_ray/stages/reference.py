@@ -2,7 +2,9 @@
 
 Writes `reference/<task>/{train,validation,test}.parquet`: the prepared rows' `example_id` and
 token ids, plus `ref_chosen_logps` and `ref_rejected_logps` (TRL's names), streamed from the
-prepared files through the actor pool (`ama_ray.stages.inference`). From here on no training step
+prepared files through the actor pool (`ama_ray.stages.inference`). Under `dpo.objective: sft`
+only `ref_chosen_logps`: no loss reads it, but it is the base's NLL on each example, which the
+weak-specialist check compares a specialist with. From here on no training step
 runs the reference model, and nothing joins the two by id: the rows carry their log-probs.
 """
 
@@ -24,7 +26,8 @@ FORMAT = 2  # 2: rows carry their token ids (1 held ids and log-probs only, join
 
 
 def reference_hash(cfg: Config) -> str:
-    return prepare_hash(cfg) + "-" + cfg.section_hash("model.dtype") + f"-f{FORMAT}"
+    # Under SFT the rows carry the chosen side's log-prob only (`inference.LogpScorer`).
+    return prepare_hash(cfg) + "-" + cfg.section_hash("model.dtype") + f"-f{FORMAT}" + ("" if cfg.dpo.pairs else "-sft")
 
 
 def check_same_model(run_dir, tasks: list[str], model_path: str, identity: str) -> None:

@@ -141,7 +141,9 @@ def excess_words(info: dict) -> str:
     if not info.get("specialists", True):
         return (f"This run has no specialists (`mixing.excess_target: {info.get('excess_target')}`, no merging), so no "
                 "excess loss is reported: the generalists are compared on their own loss and accuracies.")
-    words = ("Excess loss is the mean clipped excess of the training loss (DPO + `dpo.sft_weight` × NLL) over the "
+    loss = ("completion NLL per token (`dpo.objective: sft`)" if (info.get("dpo") or {}).get("objective") == "sft"
+            else "training loss (DPO + `dpo.sft_weight` × NLL)")
+    words = (f"Excess loss is the mean clipped excess of the {loss} over the "
              "specialist's on the same example (0 = as good as the specialist).")
     if info.get("excess_target", "specialist") != "specialist":
         words += (f" The generalists were trained with `mixing.excess_target: {info['excess_target']}`: the specialists "

@@ -144,6 +144,8 @@ def weak_specialists(run_dir, cfg: Config) -> dict[str, dict]:
     report's `weak_specialist` flag, which also compares `logps/accuracies` with the base's. Tasks
     without committed scores are left out (the generalist refuses to train without them).
     """
+    if not cfg.dpo.pairs:
+        return _weak_sft_specialists(run_dir, cfg)
     base = base_dpo_loss(cfg)
     weak = {}
     for task in cfg.task_names:
@@ -160,6 +162,30 @@ def weak_specialists(run_dir, cfg: Config) -> dict[str, dict]:
     return weak
 
 
+def _weak_sft_specialists(run_dir, cfg: Config) -> dict[str, dict]:
+    """`weak_specialists` under `dpo.objective: sft`: the specialist's per-token NLL on each
+    validation example against the base's (from the reference log-prob the rows carry), with the
+    same thresholds (mean at least MIN_LOSS_DROP lower, lower on at least 0.5 + MIN_IMPROVED_GAIN
+    of the examples)."""
+    import pyarrow.compute as pc
+
+    weak = {}
+    for task in cfg.task_names:
+        unit = run_dir.scores(task)
+        if unit.manifest() is None:
+            continue
+        table = unit.read_parquet(unit.split_file(SELECT_SPLIT), columns=["specialist_loss", "ref_chosen_logps", "chosen_input_ids"])
+        if not table.num_rows:
+            continue
+        losses = np.asarray(table["specialist_loss"].to_numpy(), dtype=np.float64)
+        tokens = np.maximum(1, np.asarray(pc.list_value_length(table["chosen_input_ids"]).to_numpy(), dtype=np.float64))
+        base = -np.asarray(table["ref_chosen_logps"].to_numpy(), dtype=np.float64) / tokens
+        mean, base_mean, improved = float(losses.mean()), float(base.mean()), float((losses < base).mean())
+        if not (mean < base_mean - MIN_LOSS_DROP and improved >= 0.5 + MIN_IMPROVED_GAIN) or not math.isfinite(mean):
+            weak[task] = {"dpo_loss": mean, "base_dpo_loss": base_mean, "improved_share": improved, "examples": len(losses)}
+    return weak
+
+
 def raw_loss_tasks(run_dir, cfg: Config, announce: bool = False) -> list[str]:
     """The tasks whose excess target falls back to 0 (the raw loss) under `specialists.on_weak`:
     the weak specialists' tasks with `raw_loss`, else none. Only with `mixing.excess_target:
@@ -173,10 +199,11 @@ def raw_loss_tasks(run_dir, cfg: Config, announce: bool = False) -> list[str]:
     weak = weak_specialists(run_dir, cfg)
     policy = cfg.specialists.on_weak
     if announce and weak:
+        loss_name = "DPO loss" if cfg.dpo.pairs else "NLL"
         numbers = "; ".join(
-            f"{task}: validation DPO loss {e['dpo_loss']:.4f} vs the base's {e['base_dpo_loss']:.4f} (needs < "
+            f"{task}: validation {loss_name} {e['dpo_loss']:.4f} vs the base's {e['base_dpo_loss']:.4f} (needs < "
             f"{e['base_dpo_loss'] - MIN_LOSS_DROP:.4f}), better than the base on {e['improved_share']:.0%} of "
-            f"{e['examples']} pairs (needs >= {0.5 + MIN_IMPROVED_GAIN:.0%})" for task, e in weak.items())
+            f"{e['examples']} {'pairs' if cfg.dpo.pairs else 'examples'} (needs >= {0.5 + MIN_IMPROVED_GAIN:.0%})" for task, e in weak.items())
         if policy == "stop":
             raise StageInputError(
                 f"specialists not clearly better than the base: {numbers}; their excess would tell AMA there is nothing "

@@ -82,7 +82,11 @@ def mean_metrics(results: list[dict]) -> dict:
 
 
 def check_metric(cfg: Config) -> None:
-    """A study without specialists cannot optimise an excess over them: ConfigError."""
+    """A study without specialists cannot optimise an excess over them, nor an SFT study a
+    reward accuracy (there are no pairs): ConfigError."""
+    if "rewards" in cfg.tune.metric and not cfg.dpo.pairs:
+        raise ConfigError(f"tune.metric {cfg.tune.metric} needs preference pairs; dpo.objective sft has none",
+                          where="tune.metric", fix="set tune.metric=eval/excess_loss/worst or eval/loss/worst")
     if "excess" in cfg.tune.metric and not cfg.uses_specialists:
         raise ConfigError(
             f"tune.metric {cfg.tune.metric} needs specialists, and this run has none "

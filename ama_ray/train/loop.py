@@ -359,7 +359,9 @@ class Job:
         if self.world > 1:
             torch.distributed.all_reduce(sums)
         metrics = metrics_from_sums(sums, self.tasks, "eval", with_excess=self.eval_excess)
-        score = metrics["eval/dpo_loss/mean"]
+        # A specialist keeps its best held-out DPO loss (its NLL under SFT): the number its task's
+        # excess is measured against, without the sft_weight term.
+        score = metrics["eval/dpo_loss/mean" if self.loss_cfg.pairs else "eval/loss/mean"]
         if self.spec.kind == "specialist" and score < self.state.best_eval:
             self.state.best_eval, self.state.best_step = score, self.state.step
             self._save_best()
@@ -405,7 +407,7 @@ class Job:
         step = self.state.step
         # ~40 scalars per step cost 12-20% of a tiny model's step (benchmarks/dpo_throughput.py):
         # write them on log steps, evaluations and the last step only.
-        logged = step % self.cfg.eval.log_every_n_steps == 0 or step == self.spec.steps or "eval/dpo_loss/mean" in metrics
+        logged = step % self.cfg.eval.log_every_n_steps == 0 or step == self.spec.steps or "eval/loss/mean" in metrics
         if logged:
             self._scalars(metrics, step)
         self.progress.update(step, self.spec.steps, metrics)

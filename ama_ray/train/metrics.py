@@ -11,7 +11,7 @@ import torch
 
 from ama_ray import dpo
 
-SUM_KEYS = ("loss", "dpo_loss", "specialist_loss", "clipped_excess", "count", "reward_acc", "margin", "logps_acc", "nll")
+SUM_KEYS = ("loss", "dpo_loss", "specialist_loss", "clipped_excess", "count", "reward_acc", "margin", "logps_acc", "nll", "pairs")
 ROW = {key: i for i, key in enumerate(SUM_KEYS)}
 # sum key -> metric name (TRL's where it has one)
 METRIC_NAMES = {
@@ -23,23 +23,30 @@ METRIC_NAMES = {
     "logps_acc": "logps/accuracies",
     "nll": "nll",
 }
+# Measured on preference pairs only (averaged over the `pairs` count): absent under `dpo.objective: sft`.
+PAIR_KEYS = ("dpo_loss", "reward_acc", "margin", "logps_acc")
 
 
 def task_sums(out: dict[str, torch.Tensor], task_index: torch.Tensor, specialist_loss: torch.Tensor | None, k: int) -> torch.Tensor:
-    """(len(SUM_KEYS), k) float64 sums over the examples of each task; detached."""
+    """(len(SUM_KEYS), k) float64 sums over the examples of each task; detached. The PAIR_KEYS
+    rows (and `pairs`, their count) stay 0 for an SFT output, which has no rejected side."""
     loss = out["loss"].detach().double()
     spec = specialist_loss.double() if specialist_loss is not None else torch.zeros_like(loss)
     values = {
         "loss": loss,
-        "dpo_loss": out["dpo_loss"].detach().double(),
         "specialist_loss": spec,
         "clipped_excess": torch.relu(loss - spec),
         "count": torch.ones_like(loss),
-        "reward_acc": (out["chosen_rewards"] > out["rejected_rewards"]).double(),
-        "margin": (out["chosen_rewards"] - out["rejected_rewards"]).double(),
-        "logps_acc": (out["chosen_logps"] > out["rejected_logps"]).double(),
         "nll": out["nll"].detach().double(),
     }
+    if "rejected_logps" in out:
+        values.update({
+            "dpo_loss": out["dpo_loss"].detach().double(),
+            "reward_acc": (out["chosen_rewards"] > out["rejected_rewards"]).double(),
+            "margin": (out["chosen_rewards"] - out["rejected_rewards"]).double(),
+            "logps_acc": (out["chosen_logps"] > out["rejected_logps"]).double(),
+            "pairs": torch.ones_like(loss),
+        })
     sums = torch.zeros(len(SUM_KEYS), k, dtype=torch.float64)
     idx = task_index.to(torch.long).cpu()
     for key, vec in values.items():
@@ -62,13 +69,13 @@ def metrics_from_sums(sums: torch.Tensor, tasks: list[str], prefix: str, with_ex
 
     `worst` is the highest for losses and the lowest for accuracies and margins. A task with no
     examples (e.g. none drawn in a training step) has no per-task keys, not NaN ones, and does
-    not enter `mean` and `worst`.
+    not enter `mean` and `worst`; so are the pair metrics (PAIR_KEYS) of a task without pairs (SFT).
     """
     out: dict[str, float] = {}
-    counts = sums[ROW["count"]]
     for key, name in METRIC_NAMES.items():
         if key == "clipped_excess" and not with_excess:
             continue
+        counts = sums[ROW["pairs" if key in PAIR_KEYS else "count"]]
         seen = []
         for i, task in enumerate(tasks):
             if counts[i] > 0:
@@ -106,8 +113,10 @@ def evaluate_rows(
 
 
 def per_example(model, rows: list[dict], loss_cfg: dpo.DPOLossConfig, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """`dpo.per_example_loss` on rows that carry their reference log-probs."""
-    batch = dpo.collate(rows, pad_token_id)
+    """`dpo.per_example_loss` on rows that carry their reference log-probs (DPO; SFT reads none)."""
+    batch = dpo.collate(rows, pad_token_id, pairs=loss_cfg.pairs)
+    if not loss_cfg.pairs:
+        return dpo.per_example_loss(model, batch, None, None, loss_cfg)
     ref_c = [r["ref_chosen_logps"] for r in rows]
     ref_r = [r["ref_rejected_logps"] for r in rows]
     return dpo.per_example_loss(model, batch, ref_c, ref_r, loss_cfg)

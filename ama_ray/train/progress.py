@@ -7,7 +7,7 @@ import logging
 import sys
 
 log = logging.getLogger("ama_ray.train.launch")  # the driver's progress lines keep their logger name
-SHOWN = ("train/loss/mean", "eval/dpo_loss/mean", "eval/excess_loss/worst")
+SHOWN = ("train/loss/mean", "eval/dpo_loss/mean", "eval/excess_loss/worst")  # an SFT run has no dpo_loss: two shown
 
 
 class Progress:

@@ -193,3 +193,34 @@ def test_to_text_passes_plain_text_through_and_needs_a_template_for_chat():
         to_text(chat)
     with pytest.raises(ModelError, match="chat template"):
         to_text(chat, chat_tokenizer(template=None))
+
+
+def test_prompt_completion_rows_for_sft():
+    from ama_ray.data.formats import Dropped, detect_layout, normalize_row, to_text
+
+    row = {"prompt": "What is 2+3?", "completion": " 5"}
+    assert detect_layout(row) == "completion"
+    norm = normalize_row(row)
+    assert norm == {"prompt": "What is 2+3?", "chosen": " 5", "rejected": None}
+    assert to_text(norm) == ("What is 2+3?", " 5", "")
+    assert normalize_row({"prompt": "q", "completion": "  "}) == Dropped("empty_field", "completion")
+    assert normalize_row({"question": "q", "answer": "a"}, column_map={"prompt": "question", "completion": "answer"})["chosen"] == "a"
+    chat = normalize_row({"prompt": "What is 2+3?", "completion": [{"role": "assistant", "content": "5"}]})
+    assert chat["prompt"] == [{"role": "user", "content": "What is 2+3?"}] and chat["rejected"] is None
+    # Preference rows keep their layouts: a `completion` column does not turn a pair into SFT.
+    assert detect_layout({"prompt": "q", "chosen": "a", "rejected": "b", "completion": "a"}) == "explicit"
+
+
+def test_prompt_completion_conversations_render_through_the_chat_template(tmp_path):
+    from ama_ray.data.formats import normalize_row, to_text
+    from ama_ray.models.loading import load_tokenizer
+    from ama_ray.models.tiny import build_tiny
+
+    tok = load_tokenizer(str(build_tiny(tmp_path / "tiny", ["What is 2+3? 5"] * 20, hidden_size=16, num_heads=2,
+                                        intermediate_size=32)))
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    norm = normalize_row({"prompt": messages, "completion": [{"role": "assistant", "content": "5"}]})
+    prompt, completion, rejected = to_text(norm, tok)
+    whole = tok.apply_chat_template(messages + [{"role": "assistant", "content": "5"}], tokenize=False)
+    assert prompt == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert whole.startswith(prompt) and prompt + completion == whole and rejected == ""
