@@ -5,7 +5,7 @@
 #
 #   bash scripts/sft_study.sh
 #   ROOT=./runs/ablation AMA=ama-ray bash scripts/sft_study.sh
-#   ama-ray compare $ROOT/imbalance_sft --paired --metrics excess_loss,generation/accuracy,nll
+#   ama-ray compare $ROOT/imbalance_sft --paired "imbalance_sft ama_s" "imbalance_sft proportional"
 set -euo pipefail
 
 ROOT=$(realpath -m "${ROOT:-./runs/ablation}")

@@ -20,9 +20,13 @@ NO_SPECIALIST_METRICS = ("loss", "rewards/accuracies", "generation/accuracy")  #
 
 
 def default_metrics(runs: list[tuple[str, dict]]) -> list[str]:
-    """DEFAULT_METRICS, or with the loss first when no run has specialists (hence no excess)."""
+    """DEFAULT_METRICS, or with the loss first when no run has specialists (hence no excess);
+    without the reward accuracy when every run is SFT (`dpo.objective: sft`: no pairs)."""
     has_excess = any(doc["run"].get("specialists", True) for _, doc in runs)
-    return list(DEFAULT_METRICS if has_excess else NO_SPECIALIST_METRICS)
+    metrics = list(DEFAULT_METRICS if has_excess else NO_SPECIALIST_METRICS)
+    if all((doc["run"].get("dpo") or {}).get("objective") == "sft" for _, doc in runs):
+        metrics = [m if m != "rewards/accuracies" else "nll" for m in metrics]
+    return metrics
 
 
 def label_runs(args: list[str]) -> list[tuple[str, str]]:
