@@ -26,7 +26,7 @@ from ama_ray.errors import ConfigError, DataError, ModelError
 
 LAYOUTS = ("auto", "explicit", "implicit", "hh_rlhf", "pku_saferlhf", "ultrafeedback",
            "codeultrafeedback", "completion")
-DROP_REASONS = ("missing_field", "empty_field", "wrong_type", "identical", "unparsable", "tied")
+DROP_REASONS = ("missing_field", "empty_field", "wrong_type", "identical", "unparsable", "tied", "undesirable")
 PKU_PAIR_KEYS = ("better_response_id", "safer_response_id")
 # Column names a column map may point to: the fields the layouts read.
 FIELDS = ("prompt", "chosen", "rejected", "response_0", "response_1", *PKU_PAIR_KEYS,
@@ -87,7 +87,10 @@ def _finish(prompt, chosen, rejected) -> dict | Dropped:
 def _completion(row: dict) -> dict | Dropped:
     """A prompt/completion row (supervised fine-tuning, `dpo.objective: sft`): the completion
     becomes `chosen` and `rejected` is None. Text, or message lists (TRL's conversational
-    prompt-completion format; a text prompt with a message completion becomes one user turn)."""
+    prompt-completion format; a text prompt with a message completion becomes one user turn).
+    A row of TRL's unpaired preference format whose `label` is false is dropped (`undesirable`)."""
+    if row.get("label") is False:  # TRL's unpaired preference format (KTO data): not one to imitate
+        return Dropped("undesirable", "label is false")
     prompt, completion = row.get("prompt"), row.get("completion")
     for name, value in (("prompt", prompt), ("completion", completion)):
         if value is None:

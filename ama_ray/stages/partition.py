@@ -114,7 +114,9 @@ def cluster_rows(cfg: Config, cluster: int):
     for batch in pq.ParquetFile(path, filesystem=unit.fs).iter_batches(batch_size=ROW_GROUP_ROWS):
         table = pa.Table.from_batches([batch])
         for row in table.filter(pc.equal(table["cluster"], cluster)).to_pylist():
-            yield f"{path}#row{row['row']}", {k: row[k] for k in ("prompt", "chosen", "rejected")}
+            # A prompt/completion source's rows were pooled with no rejected side ("").
+            yield f"{path}#row{row['row']}", ({k: row[k] for k in ("prompt", "chosen", "rejected")} if row["rejected"] else
+                                              {"prompt": row["prompt"], "completion": row["chosen"]})
 
 
 # --- pooling ------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
 
 
 def prepare_hash(cfg: Config) -> str:
-    return cfg.section_hash("model.name", "model.revision", "model.tiny", "data")
+    # Under SFT the rows keep no rejected side (`stage_task`); a DPO run must not reuse them.
+    return cfg.section_hash("model.name", "model.revision", "model.tiny", "data") + ("" if cfg.dpo.pairs else "-sft")
 
 
 # --- reading and normalising -------------------------------------------------------------
@@ -132,6 +133,10 @@ def stage_task(cfg: Config, task: TaskConfig, tokenizer: Any, unit: Unit) -> Cou
                     where=where, fix="set dpo.objective=sft to train on completions (docs/sft.md), or give chosen and rejected",
                 )
             prompt, chosen, rejected = to_text(norm, tokenizer)
+            if not cfg.dpo.pairs:
+                # SFT trains on the chosen side only: pairs that differ only in their rejected
+                # response are one example (and must not land in train and test both).
+                rejected = ""
             example_id = _example_id(task.name, prompt, chosen, rejected)
             if example_id in seen:
                 drops["duplicate"] += 1

@@ -26,8 +26,8 @@ FORMAT = 2  # 2: rows carry their token ids (1 held ids and log-probs only, join
 
 
 def reference_hash(cfg: Config) -> str:
-    # Under SFT the rows carry the chosen side's log-prob only (`inference.LogpScorer`).
-    return prepare_hash(cfg) + "-" + cfg.section_hash("model.dtype") + f"-f{FORMAT}" + ("" if cfg.dpo.pairs else "-sft")
+    # Under SFT (in prepare_hash) the rows carry the chosen side's log-prob only (`inference.LogpScorer`).
+    return prepare_hash(cfg) + "-" + cfg.section_hash("model.dtype") + f"-f{FORMAT}"
 
 
 def check_same_model(run_dir, tasks: list[str], model_path: str, identity: str) -> None:

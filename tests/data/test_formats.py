@@ -207,6 +207,9 @@ def test_prompt_completion_rows_for_sft():
     assert normalize_row({"question": "q", "answer": "a"}, column_map={"prompt": "question", "completion": "answer"})["chosen"] == "a"
     chat = normalize_row({"prompt": "What is 2+3?", "completion": [{"role": "assistant", "content": "5"}]})
     assert chat["prompt"] == [{"role": "user", "content": "What is 2+3?"}] and chat["rejected"] is None
+    # TRL's unpaired preference format: an undesirable completion is not one to imitate.
+    assert normalize_row({"prompt": "q", "completion": "a", "label": False}) == Dropped("undesirable", "label is false")
+    assert normalize_row({"prompt": "q", "completion": "a", "label": True})["chosen"] == "a"
     # Preference rows keep their layouts: a `completion` column does not turn a pair into SFT.
     assert detect_layout({"prompt": "q", "chosen": "a", "rejected": "b", "completion": "a"}) == "explicit"
 

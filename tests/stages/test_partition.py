@@ -201,3 +201,23 @@ def test_embedding_partition_feeds_prepare(ray_session, tmp_path, model_cache):
     blocks = partition_section(run)
     assert blocks[0] == ("h2", "Tasks found by partitioning") and f"{man['ari']:.3f}" in blocks[1][1]
     assert [r[0] for r in blocks[2][2]] == ["cluster0", "cluster1"]
+
+
+def test_prompt_completion_sources_come_back_as_completion_rows(tmp_path, model_cache):
+    """An SFT partition (`dpo.objective: sft`): rows pooled without a rejected side reach prepare
+    as prompt/completion rows, not as pairs with an empty rejected response (dropped)."""
+    from ama_ray.config import Config
+    from ama_ray.data.formats import normalize_row
+    from ama_ray.stages import partition
+
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in write_mixture(tmp_path / "mixed.jsonl")]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Config.model_validate({
+        "model": {"name": "tiny", "cache_dir": model_cache}, "dpo": {"objective": "sft"},
+        "storage": {"path": str(tmp_path / "runs"), "run_name": "p"}, "data": {"min_heldout_examples": 10, "partition": {
+            "sources": [{"name": "mixed", "path": str(tmp_path / "sft.jsonl")}], "k": 3, "method": "tfidf"}}})
+    partition.run(cfg)
+    found = [row for c in range(3) for _, row in partition.cluster_rows(cfg, c)]
+    assert len(found) == len(rows) and all(set(row) == {"prompt", "completion"} for row in found)
+    assert sorted((r["prompt"], r["completion"]) for r in found) == sorted((r["prompt"], r["completion"]) for r in rows)
+    assert all(normalize_row(row)["rejected"] is None for row in found)

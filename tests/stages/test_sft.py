@@ -16,6 +16,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.timeout(420)
+DUPLICATES = 10
 JOB = """\
 model: {{name: tiny, cache_dir: {cache}}}
 dpo: {{objective: {objective}}}
@@ -55,9 +56,13 @@ def sft_run(ray_session, model_cache, tmp_path_factory, monkeypatch_module):
     from ama_ray.data import benchmark
 
     root = tmp_path_factory.mktemp("sft")
+    rows = benchmark.generate("brackets", 240, seed=5)
     with open(root / "brackets.jsonl", "w") as f:
-        for row in benchmark.generate("brackets", 240, seed=5):
+        for row in rows:
             f.write(json.dumps({"prompt": row["prompt"], "completion": row["chosen"]}) + "\n")
+        for row in rows[:DUPLICATES]:  # the same prompt and completion as pairs, twice: one SFT example each
+            for rejected in (row["rejected"], row["rejected"] + " )"):
+                f.write(json.dumps({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": rejected}) + "\n")
     monkeypatch_module.chdir(root)
     (root / "dpo.yaml").write_text(JOB.format(cache=model_cache, objective="dpo"))
     # DPO cannot train on completions: said (file and line) before anything commits.
@@ -80,10 +85,18 @@ def monkeypatch_module():
     mp.undo()
 
 
-def test_completion_rows_are_prepared_without_a_rejected_side(sft_run):
-    rows = pq.read_table(sft_run / "prepared" / "brackets" / "train.parquet").to_pylist()
-    assert rows and all(r["rejected_input_ids"] == [] and r["rejected"] == "" for r in rows)
-    assert all(r["chosen_input_ids"][-1] == 1 for r in rows)  # the tiny tokenizer's eos
+def test_rows_are_prepared_without_a_rejected_side_and_once_each(sft_run):
+    for task in ("arithmetic", "brackets"):  # preference rows (their chosen side), a prompt/completion file
+        splits = {split: pq.read_table(sft_run / "prepared" / task / f"{split}.parquet").to_pylist()
+                  for split in ("train", "validation", "test")}
+        rows = [r for split in splits.values() for r in split]
+        assert rows and all(r["rejected_input_ids"] == [] and r["rejected"] == "" for r in rows)
+        assert all(r["chosen_input_ids"][-1] == 1 for r in rows)  # the tiny tokenizer's eos
+        # Pairs that differ only in their rejected response are one SFT example: no prompt and
+        # completion is in two splits (it would be trained on and reported).
+        assert len({(r["prompt"], r["chosen"]) for r in rows}) == len(rows)
+    man = json.loads((sft_run / "prepared" / "brackets" / "_manifest.json").read_text())
+    assert man["dropped"] == {"duplicate": 2 * DUPLICATES}
     reference = pq.read_table(sft_run / "reference" / "brackets" / "train.parquet")
     assert "ref_chosen_logps" in reference.column_names and "ref_rejected_logps" not in reference.column_names
 
