@@ -22,14 +22,14 @@ model: {{name: tiny, cache_dir: {cache}}}
 dpo: {{objective: {objective}}}
 data:
   tasks:
-    - {{name: arithmetic, benchmark: arithmetic, size: 300}}
+    - {{name: arithmetic, benchmark: arithmetic, size: 600}}
     - {{name: brackets, path: brackets.jsonl}}
   validation_fraction: 0.15
   test_fraction: 0.15
   min_heldout_examples: 20
   max_heldout_examples: 40
 specialists:
-  optim: {{steps: 40, lr: 2.0e-3, batch_size: 16, warmup_steps: 4, checkpoint_every: 20}}
+  optim: {{steps: 60, lr: 1.0e-3, batch_size: 16, warmup_steps: 4, checkpoint_every: 20}}
 generalist:
   algorithms: [ama_s]
   optim: {{steps: 20, lr: 2.0e-3, batch_size: 16, warmup_steps: 2, checkpoint_every: 20}}
