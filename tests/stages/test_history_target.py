@@ -121,3 +121,14 @@ def test_a_run_without_specialists_cannot_tune_on_excess(minimal_cfg, tmp_path):
     check_metric(_cfg(minimal_cfg, tmp_path, "tune.metric=eval/loss/worst"))
     # Merging needs the specialists, so they are trained and the excess stays available.
     assert _cfg(minimal_cfg, tmp_path, "merging.methods=[average]").uses_specialists
+
+
+def test_an_sft_study_cannot_tune_on_reward_accuracy(tmp_path):
+    from ama_ray.config import load_config
+    from ama_ray.stages.tune import check_metric
+
+    job = "jobs/minimal.yaml"
+    with pytest.raises(ConfigError, match="needs preference pairs"):
+        check_metric(load_config(job, [f"storage.path={tmp_path}", "dpo.objective=sft", "tune.metric=eval/rewards/accuracies/mean"]))
+    check_metric(load_config(job, [f"storage.path={tmp_path}", "dpo.objective=sft"]))  # the excess is there under SFT
+    check_metric(load_config(job, [f"storage.path={tmp_path}", "tune.metric=eval/rewards/accuracies/mean"]))  # and pairs under DPO
