@@ -104,3 +104,10 @@ def test_paired_verdict_by_hand():
     assert "1 of 5 seeds higher" in mixed.describe(lower_is_better=False)
     with pytest.raises(ValueError, match="same seeds"):
         paired([0.1, 0.2], [0.1])
+
+
+def test_sft_runs_compare_on_the_nll_not_reward_accuracy():
+    sft = json.loads(json.dumps(RUN1))
+    sft["run"]["dpo"] = {**sft["run"].get("dpo", {}), "objective": "sft"}
+    assert compare.default_metrics([("r", sft)]) == ["excess_loss", "nll", "generation/accuracy"]
+    assert "rewards/accuracies" in compare.default_metrics([("r", sft), ("s", RUN1)])  # a DPO run among them has pairs
