@@ -93,13 +93,12 @@ class LogpScorer:
                     logps = logps.float().cpu()
                     values = ({"ref_chosen_logps": logps} if not self.pairs else
                               dict(zip(("ref_chosen_logps", "ref_rejected_logps"), logps.chunk(2))))
-                elif not self.pairs:
-                    values = {"specialist_loss": dpo.per_example_loss(self.model, collated, None, None, self.loss_cfg)["loss"]}
                 else:
                     part = batch.slice(start, len(chunk))
-                    res = dpo.per_example_loss(self.model, collated, part["ref_chosen_logps"].to_numpy(),
-                                               part["ref_rejected_logps"].to_numpy(), self.loss_cfg)
-                    values = {"specialist_loss": res["loss"], "specialist_dpo_loss": res["dpo_loss"]}
+                    refs = ((part["ref_chosen_logps"].to_numpy(), part["ref_rejected_logps"].to_numpy()) if self.pairs
+                            else (None, None))  # SFT has no reference
+                    res = dpo.per_example_loss(self.model, collated, *refs, self.loss_cfg)
+                    values = {"specialist_loss": res["loss"], **({"specialist_dpo_loss": res["dpo_loss"]} if self.pairs else {})}
                 for name, value in values.items():
                     outputs.setdefault(name, []).append(value.float().cpu().numpy())
         for name, parts in outputs.items():

@@ -143,47 +143,35 @@ def weak_specialists(run_dir, cfg: Config) -> dict[str, dict]:
     (for `sigmoid` that share is exactly `rewards/accuracies`). The same thresholds as the
     report's `weak_specialist` flag, which also compares `logps/accuracies` with the base's. Tasks
     without committed scores are left out (the generalist refuses to train without them).
+    Under `dpo.objective: sft` the same thresholds compare the specialist's per-token NLL on each
+    example with the base's (from the reference log-prob the rows carry).
     """
-    if not cfg.dpo.pairs:
-        return _weak_sft_specialists(run_dir, cfg)
-    base = base_dpo_loss(cfg)
     weak = {}
     for task in cfg.task_names:
         unit = run_dir.scores(task)
         if unit.manifest() is None:
             continue
-        column = unit.read_parquet(unit.split_file(SELECT_SPLIT), columns=["specialist_dpo_loss"])["specialist_dpo_loss"]
-        losses = np.asarray(column.to_numpy(), dtype=np.float64)
+        losses, base = _validation_losses(unit, cfg)
         if not len(losses):
             continue
-        mean, improved = float(losses.mean()), float((losses < base).mean())
-        if not (mean < base - MIN_LOSS_DROP and improved >= 0.5 + MIN_IMPROVED_GAIN) or not math.isfinite(mean):
-            weak[task] = {"dpo_loss": mean, "base_dpo_loss": base, "improved_share": improved, "examples": len(losses)}
-    return weak
-
-
-def _weak_sft_specialists(run_dir, cfg: Config) -> dict[str, dict]:
-    """`weak_specialists` under `dpo.objective: sft`: the specialist's per-token NLL on each
-    validation example against the base's (from the reference log-prob the rows carry), with the
-    same thresholds (mean at least MIN_LOSS_DROP lower, lower on at least 0.5 + MIN_IMPROVED_GAIN
-    of the examples)."""
-    import pyarrow.compute as pc
-
-    weak = {}
-    for task in cfg.task_names:
-        unit = run_dir.scores(task)
-        if unit.manifest() is None:
-            continue
-        table = unit.read_parquet(unit.split_file(SELECT_SPLIT), columns=["specialist_loss", "ref_chosen_logps", "chosen_input_ids"])
-        if not table.num_rows:
-            continue
-        losses = np.asarray(table["specialist_loss"].to_numpy(), dtype=np.float64)
-        tokens = np.maximum(1, np.asarray(pc.list_value_length(table["chosen_input_ids"]).to_numpy(), dtype=np.float64))
-        base = -np.asarray(table["ref_chosen_logps"].to_numpy(), dtype=np.float64) / tokens
-        mean, base_mean, improved = float(losses.mean()), float(base.mean()), float((losses < base).mean())
+        mean, base_mean, improved = float(losses.mean()), float(np.mean(base)), float((losses < base).mean())
         if not (mean < base_mean - MIN_LOSS_DROP and improved >= 0.5 + MIN_IMPROVED_GAIN) or not math.isfinite(mean):
             weak[task] = {"dpo_loss": mean, "base_dpo_loss": base_mean, "improved_share": improved, "examples": len(losses)}
     return weak
+
+
+def _validation_losses(unit, cfg: Config) -> tuple[np.ndarray, np.ndarray | float]:
+    """A task's validation losses under its specialist, and the base's (one number for DPO, whose
+    base is its own reference: `base_dpo_loss`; per example for SFT)."""
+    if cfg.dpo.pairs:
+        column = unit.read_parquet(unit.split_file(SELECT_SPLIT), columns=["specialist_dpo_loss"])["specialist_dpo_loss"]
+        return np.asarray(column.to_numpy(), dtype=np.float64), base_dpo_loss(cfg)
+    import pyarrow.compute as pc
+
+    table = unit.read_parquet(unit.split_file(SELECT_SPLIT), columns=["specialist_loss", "ref_chosen_logps", "chosen_input_ids"])
+    tokens = np.maximum(1, np.asarray(pc.list_value_length(table["chosen_input_ids"]).to_numpy(), dtype=np.float64))
+    base = -np.asarray(table["ref_chosen_logps"].to_numpy(), dtype=np.float64) / tokens
+    return np.asarray(table["specialist_loss"].to_numpy(), dtype=np.float64), base
 
 
 def raw_loss_tasks(run_dir, cfg: Config, announce: bool = False) -> list[str]:

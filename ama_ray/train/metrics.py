@@ -115,11 +115,8 @@ def evaluate_rows(
 def per_example(model, rows: list[dict], loss_cfg: dpo.DPOLossConfig, pad_token_id: int) -> dict[str, torch.Tensor]:
     """`dpo.per_example_loss` on rows that carry their reference log-probs (DPO; SFT reads none)."""
     batch = dpo.collate(rows, pad_token_id, pairs=loss_cfg.pairs)
-    if not loss_cfg.pairs:
-        return dpo.per_example_loss(model, batch, None, None, loss_cfg)
-    ref_c = [r["ref_chosen_logps"] for r in rows]
-    ref_r = [r["ref_rejected_logps"] for r in rows]
-    return dpo.per_example_loss(model, batch, ref_c, ref_r, loss_cfg)
+    refs = ([r["ref_chosen_logps"] for r in rows], [r["ref_rejected_logps"] for r in rows]) if loss_cfg.pairs else (None, None)
+    return dpo.per_example_loss(model, batch, *refs, loss_cfg)
 
 
 def specialist_losses(rows: list[dict], like: torch.Tensor | None = None) -> torch.Tensor | None:
