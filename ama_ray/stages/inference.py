@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ama_ray.errors import StageInputError
 from ama_ray.storage import SplitWriters, Unit
-from ama_ray.train.data import TAG, check_finite, parquet_dataset
+from ama_ray.train.data import TAG, check_finite, output_blocks, parquet_dataset
 
 if TYPE_CHECKING:  # LogpScorer runs without pydantic (benchmarks/gpu_check.py on a bare GPU machine)
     from ama_ray.config import Config
@@ -144,7 +144,7 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
     ds.context.execution_options.preserve_order = True
     check = lambda key, table: check_finite(table, f"{by_key[key].out.path} ({key})")  # noqa: E731
     with SplitWriters({key: (s.out, s.split) for key, s in by_key.items()}, check=check) as writers:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in output_blocks(ds):
             for key in pc.unique(batch[TAG]).to_pylist():
                 writers.add(key, batch.filter(pc.equal(batch[TAG], key)).drop_columns([TAG]))
     written = writers.written

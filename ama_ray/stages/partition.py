@@ -240,7 +240,7 @@ def embeddings(cfg: Config, model_path: str, unit: Unit, n: int) -> np.ndarray:
     Ray Data actor pool configured like the reference stage's."""
     from ama_ray.cluster import ensure_ray
     from ama_ray.stages.inference import on_actor_pool
-    from ama_ray.train.data import parquet_dataset
+    from ama_ray.train.data import output_blocks, parquet_dataset
 
     ensure_ray()
     ref = cfg.reference
@@ -249,7 +249,7 @@ def embeddings(cfg: Config, model_path: str, unit: Unit, n: int) -> np.ndarray:
                         cfg.data.max_prompt_length, cfg.model.revision, ref.gpus_per_actor > 0))
     features: np.ndarray | None = None
     done = 0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in output_blocks(ds):
         rows = batch["row"].to_numpy()
         values = np.stack(batch["embedding"].to_numpy(zero_copy_only=False))
         if features is None:

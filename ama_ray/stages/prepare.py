@@ -33,7 +33,7 @@ from ama_ray.config import Config, DataConfig, TaskConfig
 from ama_ray.errors import DataError
 from ama_ray.stages import base_model_path, model_identity, needs_work, open_run
 from ama_ray.storage import ROW_GROUP_ROWS, SplitWriters, Unit
-from ama_ray.train.data import ALL_SPLITS, TAG, parquet_dataset
+from ama_ray.train.data import ALL_SPLITS, TAG, output_blocks, parquet_dataset
 
 log = logging.getLogger(__name__)
 STAGE = "prepare"
@@ -290,7 +290,7 @@ def tokenize_all(cfg: Config, model_path: str, units: dict[str, Unit]) -> dict[s
     kept = {n: Kept() for n in names}
     schema = pa.schema([*OUTPUT, ("too_long", pa.bool_()), ("prompt_truncated", pa.bool_())])
     with SplitWriters({n: (units[n], TOKENIZED) for n in names}, schema) as writers:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in output_blocks(ds):
             for name in pc.unique(batch[TAG]).to_pylist():
                 part = batch.filter(pc.equal(batch[TAG], name)).select(schema.names).cast(schema)
                 kept[name].add(part)

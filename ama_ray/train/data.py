@@ -135,11 +135,11 @@ def limited(options, budget: int):
 
 def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None, drop: tuple[str, ...] = ()):
     """Split files (`(unit, split)` pairs) as one lazy Ray Data dataset in file order, in blocks of
-    at most ~1 MB of rows or one Parquet row group (`row_groups.READ_TASK_BYTES`). With `tags`,
+    one Parquet row group, one read task per file (`row_groups.RowGroups`). With `tags`,
     each row gets a `TAG` column naming its file (`tags[i]`); `drop` names columns not to read on.
 
-    A Ray Data datasource (`ama_ray.train.row_groups.RowGroups`) whose read tasks each read a run
-    of row groups. Not `ray.data.read_parquet`: its file-listing step asks for a whole CPU, and inside
+    A Ray Data datasource (`ama_ray.train.row_groups.RowGroups`) whose read tasks each read a
+    file's row groups in order. Not `ray.data.read_parquet`: its file-listing step asks for a whole CPU, and inside
     a training worker Ray Data's CPU budget is what the trainers left, often nothing on a small
     machine, so the read would wait forever. Reading a row group is I/O: these tasks ask for no CPU, and at
     most READ_TASKS run at once (zero-CPU tasks are otherwise unbounded, and every concurrent task
@@ -161,10 +161,28 @@ def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None,
     ds = ray.data.read_datasource(source, override_num_blocks=blocks, concurrency=min(READ_TASKS, blocks),
                                   num_cpus=0)
     limited(ds.context.execution_options, stream_budget(files))
-    # Blocks of about one row group: a read task's run would otherwise become one block (Ray Data
-    # merges a task's outputs up to its 128 MB default), and what is in flight grows with the run.
+    # Blocks of about one row group: a read task's file would otherwise become one block (Ray Data
+    # merges a task's outputs up to its 128 MB default), and what is in flight would grow with it.
     ds.context.target_max_block_size = max(1, max((s.size // max(1, s.groups) for s in sources), default=1))
     return ds
+
+
+def output_blocks(ds) -> Iterator[pa.Table]:
+    """The dataset's output blocks, in order (with `preserve_order`), as Arrow tables: what
+    `ds.iter_batches(batch_format="pyarrow", batch_size=None)` yields, without its stats.
+
+    Not `ds.iter_batches`: its iterator sends its whole `DatasetStats` to Ray Data's stats actor
+    every few seconds, and those stats keep a record per block of every operator, so each send is
+    an actor-call argument that grows with the data read so far (153 KB after 147 k short rows,
+    ~1.4 MB at 1.5 M), and past Ray's 100 KB inline limit it sits in the object store until the
+    actor takes it: the store's level in a pass followed the data (docs/performance.md section 4).
+    The block references carry no stats; the executor's own metrics (~6 KB) still go out."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    for bundle in ds.iter_internal_ref_bundles():
+        for ref in bundle.block_refs:
+            yield BlockAccessor.for_block(ray.get(ref)).to_arrow()
 
 
 TAG = "_ama_source"  # the file a row came from, while it is in flight (`parquet_dataset(tags=...)`)
