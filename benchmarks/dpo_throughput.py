@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -41,6 +43,8 @@ import common
 
 TARGETS = {("ours", "trl"): 1.3, ("ours", "trl-precomp"): 1.0, ("ours", "floor"): 0.9,
            ("ours+log", "trl"): 1.3, ("ours+log", "trl-precomp"): 1.0, ("ours+log", "floor"): 0.9}
+# At real lengths (issue 17): at least TRL's best configuration, and within 5% of the floor.
+LONG_TARGETS = {("ours", "trl"): 1.0, ("ours", "trl-precomp"): 1.0, ("ours", "floor"): 0.95}
 
 
 def trl_arm(model, tokenizer, dataset, workdir: Path, batch: int, lr: float, precompute: bool):
@@ -122,17 +126,38 @@ def floor_arm(model, pad_id: int, rows: list[dict], batch: int, lr: float):
     return run
 
 
-def build_arms(args, workdir: Path):
-    """The block runners and a description of the data."""
+def long_texts(tokenizer, n: int, length: int, seed: int = 0) -> list[tuple[int, dict]]:
+    """(task index, text row) pairs at real lengths: a prompt of about `length` / 2 tokens and a
+    chosen and a rejected answer of about `length` / 2 each (each between 3/4 and all of that, so
+    batches carry the padding mixed lengths bring), three tasks in turn. Words are the vocabulary's
+    single-token lowercase words with a leading space, so a text of k words is k tokens; only the
+    number of tokens matters to speed and memory."""
+    import re
+
+    words = [t for t in (tokenizer.decode([i]) for i in range(tokenizer.vocab_size)) if re.fullmatch(r" [a-z]{2,}", t)]
+    rng = np.random.default_rng(seed)
+    text = lambda: "".join(rng.choice(words, int(length / 2 * rng.uniform(0.75, 1.0))))  # noqa: E731
+    return [(i % 3, {"prompt": text(), "chosen": text(), "rejected": text()}) for i in range(n)]
+
+
+ARMS = ("trl", "trl-precomp", "ours", "ours+log", "ours+log/10", "floor")
+LONG_ARMS = ("trl", "trl-precomp", "ours", "floor")  # at real lengths: TensorBoard's cost is noise there
+
+
+def build_arms(args, workdir: Path, names: tuple[str, ...] = ARMS):
+    """The block runners of `names` and a description of the data."""
     from datasets import Dataset
 
     model, tokenizer = common.load(common.model_dir(args.model, workdir))
     tasks = ["arithmetic", "refusal", "brackets"]
-    labelled = common.texts(tasks, args.rows_per_task)
+    labelled = (long_texts(tokenizer, 3 * args.rows_per_task, args.length) if args.length
+                else common.texts(tasks, args.rows_per_task))
     dataset = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for _, row in labelled])
-    run_a, _ = trl_arm(model, tokenizer, dataset, workdir, args.batch, args.lr, precompute=False)
-    run_b, trainer_b = trl_arm(model, tokenizer, dataset, workdir, args.batch, args.lr, precompute=True)
-    # TRL's tokenized rows and its precomputed reference log-probs feed our arm: same data.
+    arms = {}
+    if "trl" in names:
+        arms["trl"], _ = trl_arm(model, tokenizer, dataset, workdir, args.batch, args.lr, precompute=False)
+    # TRL's tokenized rows and its precomputed reference log-probs feed our arms: same data.
+    arms["trl-precomp"], trainer_b = trl_arm(model, tokenizer, dataset, workdir, args.batch, args.lr, precompute=True)
     ours_rows: list[list[dict]] = [[] for _ in tasks]
     flat = []
     spec_loss = np.random.default_rng(0).uniform(0.55, 0.85, len(labelled))
@@ -143,35 +168,84 @@ def build_arms(args, workdir: Path):
                "ref_rejected_logps": float(r["ref_rejected_logps"]), "specialist_loss": float(spec_loss[i])}
         ours_rows[task].append(row)
         flat.append(row)
-    job = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr)
-    logged = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr,
-                             tensorboard_dir=str(workdir / "tb"))
-    every = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr,
-                            tensorboard_dir=str(workdir / "tb10"))
-    log_every_n_steps(every, 10)
-    # Shuffled, so the floor's batches mix tasks (and lengths) the way sampled batches do.
-    mixed = [flat[i] for i in np.random.default_rng(1).permutation(len(flat))]
-    floor = floor_arm(copy.deepcopy(model), tokenizer.pad_token_id, mixed, args.batch, args.lr)
+    if "ours" in names:
+        arms["ours"] = common.job_block(common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr))
+    if "ours+log" in names:
+        logged = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr,
+                                 tensorboard_dir=str(workdir / "tb"))
+        arms["ours+log"] = common.job_block(logged, log=True)
+    if "ours+log/10" in names:
+        every = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr,
+                                tensorboard_dir=str(workdir / "tb10"))
+        log_every_n_steps(every, 10)
+        arms["ours+log/10"] = common.job_block(every, log=True)
+    if "floor" in names:
+        # Shuffled, so the floor's batches mix tasks (and lengths) the way sampled batches do.
+        mixed = [flat[i] for i in np.random.default_rng(1).permutation(len(flat))]
+        arms["floor"] = floor_arm(copy.deepcopy(model), tokenizer.pad_token_id, mixed, args.batch, args.lr)
     lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in flat]
     facts = {"model": args.model, "params": sum(p.numel() for p in model.parameters()), "batch_pairs": args.batch,
              "rows": len(flat), "tokens_per_pair_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths)}
-    arms = {"trl": run_a, "trl-precomp": run_b, "ours": common.job_block(job),
-            "ours+log": common.job_block(logged, log=True), "ours+log/10": common.job_block(every, log=True),
-            "floor": floor}
-    return arms, facts
+    return {name: arms[name] for name in names}, facts
 
 
-def report(times: dict, batch: int) -> str:
+def peak_above(run, steps: int) -> float:
+    """MB of resident memory `run(steps)` peaks at above what the process held before it (Linux:
+    the high-water mark is reset through /proc/self/clear_refs, so set-up does not count).
+
+    The child runs with MALLOC_MMAP_THRESHOLD_ set low (`memory_table`), so freed buffers go back
+    to the system: otherwise memory a set-up freed (TRL's reference pass) stays resident and a
+    step reusing it would look free."""
+    import ctypes
+    import gc
+
+    def status(key: str) -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+        return int(line.split()[1]) / 1024
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    run(steps)
+    return status("VmHWM") - before
+
+
+def memory_table(args, lengths: list[int], names: tuple[str, ...]) -> str:
+    """Peak memory of each arm's steps at each length, each arm in a fresh process (its set-up
+    excluded, so a reference model kept by an arm counts, the one used to build the data does not)."""
+    import json
+    import subprocess
+
+    rows = []
+    for length in lengths:
+        peaks = {}
+        for name in names:
+            cmd = [sys.executable, __file__, "--peak", name, "--length", str(length), "--model", args.model, "--batch",
+                   str(args.batch), "--rows-per-task", str(args.rows_per_task), "--threads", str(args.threads)]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # see peak_above
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parent, env=env)
+            peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+        rows += [[length, name, round(peaks[name]), f"{peaks[name] / peaks[names[0]]:.2f}"] for name in names]
+    return common.table(["tokens per sequence", "arm", "peak RSS of two steps above set-up (MB)", f"/ {names[0]}"], rows)
+
+
+def report(times: dict, batch: int, targets: dict = TARGETS) -> str:
+    """The arms' step times and their ratios against the targets, for the arms that ran."""
     arm_rows = [[name, common.med(times, name, "wall") * 1e3, common.med(times, name, "cpu") * 1e3,
                  batch / common.med(times, name, "cpu")] for name in times]
     ratio_rows = []
-    for (num, den), target in TARGETS.items():
+    for (num, den), target in targets.items():
+        if num not in times or den not in times:
+            continue
         row = [f"{num} / {den}"]
         for kind in ("cpu", "wall"):
             values = common.ratios(times, num, den, kind)
             row += [common.spread(values), "yes" if statistics.median(values) >= target else "NO"]
         ratio_rows.append(row + [f">= {target}"])
     for num, den in (("ours+log/10", "ours+log"), ("ours+log/10", "floor")):
+        if num not in times or den not in times:
+            continue
         ratio_rows.append([f"{num} / {den}"] + [x for kind in ("cpu", "wall")
                                                  for x in (common.spread(common.ratios(times, num, den, kind)), "")]
                           + ["(proposed change)"])
@@ -189,17 +263,36 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--block", type=int, default=10, help="steps per arm per repetition")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--length", type=int, default=0,
+                        help="tokens per sequence of synthetic rows (0: the benchmark's short rows)")
+    parser.add_argument("--memory", default="", help="comma-separated lengths: peak-memory table only")
+    parser.add_argument("--arms", default="", help="comma-separated arms (default: all; at --length, "
+                        + ", ".join(LONG_ARMS) + ")")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmark runs")
+    parser.add_argument("--peak", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.rows_per_task, args.reps, args.block = 4, 12, 1, 2
     torch.set_num_threads(args.threads)
     common.quiet()
+    names = tuple(args.arms.split(",")) if args.arms else LONG_ARMS if (args.length or args.memory) else ARMS
+    if unknown := set(names) - set(ARMS):
+        parser.error(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        arms, facts = build_arms(args, Path(tmp))
+        if args.peak:  # one arm in this fresh process (memory_table's child)
+            arms, _ = build_arms(args, Path(tmp), (args.peak,))
+            # Two steps each: a TRL run of n steps runs n + 1 (its first interval starts at a step's end).
+            print(json.dumps({"peak_mb": peak_above(arms[args.peak], 1 if args.peak.startswith("trl") else 2)}))
+            return ""
+        if args.memory:
+            out = common.header("DPO step peak memory: TRL vs ours vs floor", model=args.model, batch_pairs=args.batch)
+            out += "\n" + memory_table(args, [int(x) for x in args.memory.split(",")], names)
+            print(out)
+            return out
+        arms, facts = build_arms(args, Path(tmp), names)
         times = common.alternate(arms, args.reps, args.block)
-    out = common.header("DPO throughput: TRL vs ours vs floor", reps=args.reps, block=args.block, **facts)
-    out += "\n" + report(times, args.batch)
+    out = common.header("DPO throughput: TRL vs ours vs floor", reps=args.reps, block=args.block, length=args.length, **facts)
+    out += "\n" + report(times, args.batch, LONG_TARGETS if args.length else TARGETS)
     print(out)
     return out
 

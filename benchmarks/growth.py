@@ -177,6 +177,7 @@ def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list
         out = subprocess.run([sys.executable, __file__, "--measure", str(root), *args],
                              check=True, capture_output=True, text=True, cwd=Path(__file__).parent)
         results[size] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{size}x", json.dumps(results[size]), file=sys.stderr, flush=True)  # the raw figures, as they come
         shutil.rmtree(root, ignore_errors=True)
     base = results[sizes[0]]
     rows = []
@@ -184,11 +185,11 @@ def memory_table(model_path: str, workdir: Path, rows_per_task: int, sizes: list
         r = results[size]
         ratio = {k: r[k] / max(base[k], 1e-9) for k in ("driver_peak_mb", "worker_peak_mb", "store_peak_mb")}
         flat = "yes" if max(ratio.values()) <= FLAT else "NO"
-        phases = " / ".join(f"{r[f'store_peak_mb_{p}']:.1f}" for p in ("reference", "score", "train"))
-        p95 = " / ".join(f"{r[f'store_p95_mb_{p}']:.1f} ({r[f'store_p95_mb_{p}'] / max(base[f'store_p95_mb_{p}'], 1e-9):.2f})"
+        phases = " / ".join(f"{r[f'store_peak_mb_{p}']:.3f}" for p in ("reference", "score", "train"))
+        p95 = " / ".join(f"{r[f'store_p95_mb_{p}']:.3f} ({r[f'store_p95_mb_{p}'] / max(base[f'store_p95_mb_{p}'], 1e-9):.2f})"
                          for p in ("reference", "score", "train"))
         rows.append([f"{size}x", r["rows"], round(r["driver_peak_mb"]), f"{ratio['driver_peak_mb']:.2f}",
-                     round(r["worker_peak_mb"]), f"{ratio['worker_peak_mb']:.2f}", round(r["store_peak_mb"], 1),
+                     round(r["worker_peak_mb"]), f"{ratio['worker_peak_mb']:.2f}", round(r["store_peak_mb"], 3),
                      f"{ratio['store_peak_mb']:.2f}", phases, p95, f"{r['store_samples']}/{r['store_samples'] + r['store_failed_polls']}",
                      flat if size != sizes[0] else ""])
     return common.table(["data", "rows (3 tasks)", "driver peak RSS (MB)", f"/ {sizes[0]}x", "worker peak RSS (MB)",

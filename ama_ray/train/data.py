@@ -135,11 +135,11 @@ def limited(options, budget: int):
 
 def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None, drop: tuple[str, ...] = ()):
     """Split files (`(unit, split)` pairs) as one lazy Ray Data dataset in file order, in blocks of
-    one Parquet row group, one read task per file (`row_groups.RowGroups`). With `tags`,
+    at most ~1 MB of rows or one Parquet row group (`row_groups.READ_TASK_BYTES`). With `tags`,
     each row gets a `TAG` column naming its file (`tags[i]`); `drop` names columns not to read on.
 
-    A Ray Data datasource (`ama_ray.train.row_groups.RowGroups`) whose read tasks each read a
-    file's row groups in order. Not `ray.data.read_parquet`: its file-listing step asks for a whole CPU, and inside
+    A Ray Data datasource (`ama_ray.train.row_groups.RowGroups`) whose read tasks each read a run
+    of row groups. Not `ray.data.read_parquet`: its file-listing step asks for a whole CPU, and inside
     a training worker Ray Data's CPU budget is what the trainers left, often nothing on a small
     machine, so the read would wait forever. Reading a row group is I/O: these tasks ask for no CPU, and at
     most READ_TASKS run at once (zero-CPU tasks are otherwise unbounded, and every concurrent task
@@ -161,8 +161,8 @@ def parquet_dataset(files: list[tuple[Any, str]], tags: list[str] | None = None,
     ds = ray.data.read_datasource(source, override_num_blocks=blocks, concurrency=min(READ_TASKS, blocks),
                                   num_cpus=0)
     limited(ds.context.execution_options, stream_budget(files))
-    # Blocks of about one row group: a read task's file would otherwise become one block (Ray Data
-    # merges a task's outputs up to its 128 MB default), and what is in flight would grow with it.
+    # Blocks of about one row group: a read task's run would otherwise become one block (Ray Data
+    # merges a task's outputs up to its 128 MB default), and what is in flight grows with the run.
     ds.context.target_max_block_size = max(1, max((s.size // max(1, s.groups) for s in sources), default=1))
     return ds
 

@@ -1,15 +1,16 @@
-"""A Ray Data datasource over Parquet row groups: one read task per file, yielding its row groups
-one table at a time, in file order (`ama_ray.train.data.parquet_dataset` builds it; the reason it
-is not `ray.data.read_parquet` is there).
+"""A Ray Data datasource over Parquet row groups: each read task reads a run of consecutive row
+groups of one file (about READ_TASK_BYTES of them, at least one), in file order
+(`ama_ray.train.data.parquet_dataset` builds it; the reason it is not `ray.data.read_parquet` is
+there).
 
-It holds the files, not their row groups, so nothing a read plans grows with the data. Ray Data
-keeps every read task in the object store for the whole read (`ray.put` in its read planner),
-~0.5 KB each: a task per row group (1,440 of them at 1.5 M short rows) and then a task per ~1 MB
-of rows both left a term in the store that grew with the data (docs/performance.md section 4).
-With a task per file the store's level during a pass is the same at 1x and 30x (24 KB). What a
-running task may read ahead is bounded by Ray Data's streaming-generator buffer (two blocks per
-task) and the dataset's read budget, not by the file: blocks are one row group each
-(`target_max_block_size`).
+It holds the files, not their row groups, so what a dataset's plan carries does not grow with
+the data, and nothing reaches the object store before a read task runs. Ray Data keeps every read
+task in the object store for the whole read (`ray.put` in its read planner), ~0.5 KB each: with a
+task per row group that was a term growing with the number of row groups (1,440 of them at 1.5 M
+short rows: +1.4 MB on a 2.7 MB level, docs/performance.md section 4). A task per ~1 MB of rows
+bounds that term to ~0.05% of the bytes read, and a task's run (<= READ_TASK_BYTES or one row
+group) bounds what a running task can put ahead of the read budget. The reader before that
+(`ray.data.from_items` of one item per row group) kept ~1 KB per row group as well.
 """
 
 from __future__ import annotations
@@ -37,16 +38,23 @@ class ParquetFileInfo:
     size: int  # uncompressed bytes of all row groups
 
 
+READ_TASK_BYTES = 2**20  # (uncompressed) rows one read task reads, in whole row groups, at least one
+
+
 class RowGroups(Datasource):
-    """One read task per file (none for a file without row groups), in file order; a read task
+    """Read tasks over runs of consecutive row groups of each file, in file order; a read task
     asks for no CPU and yields its row groups one table at a time."""
 
     def __init__(self, files: list[ParquetFileInfo], drop: tuple[str, ...] = ()):
         self.files, self.drop = list(files), tuple(drop)
 
     def spans(self) -> list[tuple[ParquetFileInfo, int, int]]:
-        """(file, first row group, row groups) of each read task: a file's whole run."""
-        return [(info, 0, info.groups) for info in self.files if info.groups]
+        """(file, first row group, row groups) of each read task: runs of about READ_TASK_BYTES."""
+        out = []
+        for info in self.files:
+            run = max(1, READ_TASK_BYTES * info.groups // max(1, info.size))
+            out += [(info, start, min(run, info.groups - start)) for start in range(0, info.groups, run)]
+        return out
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(f.size for f in self.files)

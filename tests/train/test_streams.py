@@ -70,10 +70,14 @@ def test_draw_batch_pulls_only_what_the_labels_ask_for():
     assert [s.position() for s in streams] == [[0, 1], [0, 1], [0, 3]]
 
 
-def test_a_ray_data_shard_streams_deterministically(ray_session, tmp_path):
+@pytest.mark.parametrize("task_bytes", [1, 2**20], ids=["a task per row group", "one task for the file"])
+def test_a_ray_data_shard_streams_deterministically(ray_session, tmp_path, monkeypatch, task_bytes):
     """The trainer's source: a Ray Data iterator over a Parquet file read in file order."""
     from ray.data import DataContext
 
+    from ama_ray.train import row_groups
+
+    monkeypatch.setattr(row_groups, "READ_TASK_BYTES", task_bytes)
     from ama_ray.storage import RunDir
     from ama_ray.train.data import parquet_dataset
 
@@ -101,24 +105,26 @@ def test_a_ray_data_shard_streams_deterministically(ray_session, tmp_path):
     assert set(first) == mine  # a whole epoch of exactly this rank's rows, then the next one
 
 
-def test_one_read_task_per_file_whatever_its_size():
-    """Ray Data keeps every read task in the object store for the whole read: one task per file
-    keeps what a read plans the same however many row groups (rows) the files hold."""
-    from ama_ray.train.row_groups import ParquetFileInfo, RowGroups
+def test_read_tasks_cover_every_row_group_once_in_runs_of_about_a_megabyte():
+    """Ray Data keeps every read task in the object store for the whole read: a task per ~1 MB
+    of rows (never less than a row group) keeps that term small however many row groups a file has."""
+    from ama_ray.train.row_groups import READ_TASK_BYTES, ParquetFileInfo, RowGroups
 
-    small = ParquetFileInfo("a", "", None, groups=5, size=5 * 2**17)
-    large = ParquetFileInfo("b", "", "tag", groups=1440, size=1440 * 2**17)
-    empty = ParquetFileInfo("c", "", None, groups=0, size=0)
-    source = RowGroups([small, large, empty])
-    assert [(f.path, start, n) for f, start, n in source.spans()] == [("a", 0, 5), ("b", 0, 1440)]
-    assert len(source.get_read_tasks(parallelism=8)) == 2
+    small = ParquetFileInfo("a", "", None, groups=480, size=480 * READ_TASK_BYTES // 8)  # 8 row groups per MB
+    wide = ParquetFileInfo("b", "", None, groups=5, size=5 * 3 * READ_TASK_BYTES)  # a row group is 3 MB
+    spans = RowGroups([small, wide]).spans()
+    assert [(f.path, start, n) for f, start, n in spans if f is wide] == [("b", g, 1) for g in range(5)]
+    runs = [(start, n) for f, start, n in spans if f is small]
+    assert len(runs) == 60 and {n for _, n in runs} == {8}
+    assert [g for start, n in runs for g in range(start, start + n)] == list(range(480))
+    odd = ParquetFileInfo("c", "", "tag", groups=10, size=10 * READ_TASK_BYTES // 4)
+    assert [(s, n) for _, s, n in RowGroups([odd]).spans()] == [(0, 4), (4, 4), (8, 2)]
 
 
 def test_output_blocks_yields_every_row_in_order_and_sends_no_iteration_stats(ray_session, tmp_path, monkeypatch):
     """The inference passes read their results with `output_blocks`: every row once, in file order,
     and none of the per-block stats `iter_batches` sends Ray Data's stats actor (they grew with the
     data read and sat in the object store: docs/performance.md section 4)."""
-    from ray.data import DataContext
     from ray.data._internal import stats
 
     from ama_ray.storage import RunDir
