@@ -46,6 +46,16 @@ def test_benchmark_quick_mode_prints_every_arm(name, monkeypatch, request):
     assert not missing, f"{name} --quick output lacks {missing}:\n{out}"
 
 
+@pytest.mark.timeout(240)
+def test_dpo_throughput_memory_mode_measures_every_arm_at_a_length(monkeypatch):
+    """`--memory`: each arm in its own process on synthetic rows of the given length (`--length`),
+    a peak above set-up per arm."""
+    out = _load("dpo_throughput", monkeypatch).main(["--quick", "--memory", "48"])
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 48 |")]
+    assert [r[2].strip() for r in rows] == ["trl", "trl-precomp", "ours", "floor"]
+    assert all(float(r[3]) > 0 for r in rows), out
+
+
 @pytest.mark.timeout(120)
 def test_gpu_step_runs_on_cpu_with_a_tiny_config(monkeypatch):
     result = _load("gpu_step", monkeypatch).main(["--tiny", "--device", "cpu"])
