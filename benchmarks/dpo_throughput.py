@@ -168,15 +168,16 @@ def build_arms(args, workdir: Path, names: tuple[str, ...] = ARMS):
                "ref_rejected_logps": float(r["ref_rejected_logps"]), "specialist_loss": float(spec_loss[i])}
         ours_rows[task].append(row)
         flat.append(row)
+
+    def ours(**kwargs):  # our step (AMA-S) on its own copy of the model and TRL's rows
+        return common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr, **kwargs)
+
     if "ours" in names:
-        arms["ours"] = common.job_block(common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr))
+        arms["ours"] = common.job_block(ours())
     if "ours+log" in names:
-        logged = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr,
-                                 tensorboard_dir=str(workdir / "tb"))
-        arms["ours+log"] = common.job_block(logged, log=True)
+        arms["ours+log"] = common.job_block(ours(tensorboard_dir=str(workdir / "tb")), log=True)
     if "ours+log/10" in names:
-        every = common.make_job(copy.deepcopy(model), tokenizer.pad_token_id, ours_rows, "ama_s", args.batch, lr=args.lr,
-                                tensorboard_dir=str(workdir / "tb10"))
+        every = ours(tensorboard_dir=str(workdir / "tb10"))
         log_every_n_steps(every, 10)
         arms["ours+log/10"] = common.job_block(every, log=True)
     if "floor" in names:
@@ -214,7 +215,6 @@ def peak_above(run, steps: int) -> float:
 def memory_table(args, lengths: list[int], names: tuple[str, ...]) -> str:
     """Peak memory of each arm's steps at each length, each arm in a fresh process (its set-up
     excluded, so a reference model kept by an arm counts, the one used to build the data does not)."""
-    import json
     import subprocess
 
     rows = []
