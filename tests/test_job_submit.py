@@ -108,8 +108,11 @@ def _wait_for_dashboard(url: str, env: dict) -> None:
 
 
 # The job file as typed, shortened by overrides (as a user would): the path under test is the
-# submission, the job's runtime environment and its logs; the full job length adds ~2 min of CI.
-SHORTER = ["specialists.optim.steps=40", "specialists.optim.checkpoint_every=20", "generalist.optim.steps=20",
+# submission, the job's runtime environment and its logs; the full job length adds ~2 min of CI,
+# and its third task (one more Train group and scoring pass) ~30 s. The override also checks a
+# YAML list survives the submission's shell quoting.
+SHORTER = ["data.tasks=[{name: arithmetic, benchmark: arithmetic, size: 600}, {name: brackets, benchmark: brackets, size: 600}]",
+           "specialists.optim.steps=40", "specialists.optim.checkpoint_every=20", "generalist.optim.steps=20",
            "generalist.optim.checkpoint_every=10", "generalist.algorithms=[ama_s]", "eval.every_n_steps=10",
            "eval.generation_examples=8", "merging.methods=[average]"]
 
@@ -135,6 +138,7 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path, model_cache):
     run_dir = runs / "minimal"
     assert (run_dir / "report" / "report.html").stat().st_size > 1000
     assert (run_dir / "generalist" / "ama_s" / "seed0" / "_manifest.json").exists()
+    assert sorted(p.parent.name for p in (run_dir / "specialists").glob("*/_manifest.json")) == ["arithmetic", "brackets"]
 
 
 def _wait_for_job(url: str, job_id: str, env: dict, timeout: float) -> str:

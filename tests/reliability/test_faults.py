@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -72,14 +73,18 @@ def test_killed_worker_resumes_and_replays_generalist_and_specialist(tiny_run, t
 
     cfg0, run_dir = tiny_run
     run = copy_run(run_dir, tmp_path)
-    cfg = derived(cfg0, tmp_path, *SHORT, *TWO_WORKERS, "specialists.optim.checkpoint_every=10")
+    cfg = derived(cfg0, tmp_path, *SHORT, *TWO_WORKERS, "specialists.optim.checkpoint_every=10", "scaling.cpus_per_worker=0.5")
     model_path, sizes = _base(run), train_sizes(RunDir(str(run)), cfg)
     gen = run / "generalist" / "ama_s" / "seed0"
     spec = run / "specialists" / "refusal"
 
     def both() -> tuple:
-        train_generalist(cfg, "ama_s", 0, model_path, sizes, force=True)
-        train_specialist(cfg, "refusal", 30, model_path, specialist_hash(cfg), force=True)
+        # Side by side, as the pipeline runs its units: two 2-worker groups at 0.5 CPU a worker.
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(train_generalist, cfg, "ama_s", 0, model_path, sizes, force=True),
+                    pool.submit(train_specialist, cfg, "refusal", 30, model_path, specialist_hash(cfg), force=True)]
+            for run_ in runs:
+                run_.result()
         history = pq.read_table(gen / "mixing_history.parquet")
         return history, weights(gen / "model"), weights(spec / "model"), RunDir(str(run)).unit("specialists", "refusal").manifest()
 
