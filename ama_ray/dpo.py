@@ -92,60 +92,84 @@ def sequence_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
     completion tokens, and the mean logit over completion tokens (detached; TRL's
     `logits/chosen` metric). Prompt and padding tokens contribute nothing.
 
-    Logits are computed only from the first position any row's completion needs (the model's
-    `logits_to_keep`), and the float32 log-softmax runs over row chunks of at most
-    LOGIT_CHUNK_ELEMENTS logits, each recomputed in backward (activation checkpointing), so the
-    full-vocabulary float32 logits of the micro-batch never exist at once (at 2 x 4 rows of
-    1,024 tokens and a 152k vocabulary they were 5 GB, held for backward; now the model-dtype
-    logits plus one 64 MB chunk).
+    The model is asked only for the logits a loss is taken on (`logits_to_keep`): with a boolean
+    mask, exactly the positions that predict a completion token (every transformers 5 model
+    that slices through `slice_logits_to_keep`), else the positions from the first one any
+    row's completion needs. The float32 log-softmax runs over chunks of at most
+    LOGIT_CHUNK_ELEMENTS logits, so the full-vocabulary float32 logits of the micro-batch never
+    exist at once (at 2 x 4 rows of 1,024 tokens and a 152k vocabulary they were 5 GB, held for
+    backward). A model whose logits are not float32 has each chunk recomputed in backward
+    (activation checkpointing), since its float32 copy would otherwise be kept; float32 logits are
+    kept by backward anyway, so there the recompute would only cost time.
+
+    Chunks are `split` views, not slices: a slice's backward fills a zero tensor of the whole
+    logits for every chunk (at ~512 tokens on a 49k vocabulary that was ~1 s of a 14 s CPU step).
     """
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
-    mask = batch["completion_mask"].to(device)[:, 1:].bool()
-    length = input_ids.shape[1]
-    used = mask.any(dim=0).nonzero()
-    first = int(used[0]) if len(used) else length - 2  # the first position whose logits predict a completion token
-    keep = length - first  # positions first .. length-1; the last predicts nothing and is dropped
-    extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=batch["attention_mask"].to(device),
-        position_ids=batch["position_ids"].to(device),
-        use_cache=False,
-        **extra,
-    ).logits
-    logits = logits[:, logits.shape[1] - keep : -1]  # a model that ignored logits_to_keep returned every position
-    labels, mask = input_ids[:, first + 1 :], mask[:, first:]
-    rows = max(1, LOGIT_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
-    sums, means = [], []
-    for start in range(0, logits.shape[0], rows):
-        part = (logits[start : start + rows], labels[start : start + rows], mask[start : start + rows])
-        if torch.is_grad_enabled() and logits.requires_grad:
-            total, mean = torch.utils.checkpoint.checkpoint(_chunk_logps, *part, use_reentrant=False)
-        else:
-            total, mean = _chunk_logps(*part)
-        sums.append(total)
-        means.append(mean.detach())
+    mask = batch["completion_mask"].to(device)[:, 1:].bool()  # position t predicts token t + 1
+    labels = input_ids[:, 1:]
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"].to(device),
+              "position_ids": batch["position_ids"].to(device), "use_cache": False}
     n_tokens = mask.sum(dim=1).float()
-    return torch.cat(sums), n_tokens, torch.cat(means) / n_tokens.clamp(min=1.0)
+    kind = _logits_to_keep_kind(model)
+    if kind == "mask":
+        keep = torch.nn.functional.pad(mask, (0, 1))  # the last position predicts nothing
+        logits = model(**inputs, logits_to_keep=keep).logits  # (completion tokens, vocabulary), row-major
+        if logits.shape[0] != int(keep.sum()):
+            raise RuntimeError(f"{type(model).__name__} ignored a boolean logits_to_keep (got logits {tuple(logits.shape)})")
+        token_logps, token_logits = _chunked(_token_logps, logits, labels[mask])
+        rows = mask.nonzero()[:, 0]
+        zeros = torch.zeros(mask.shape[0], dtype=torch.float32, device=device)
+        sums, means = zeros.index_add(0, rows, token_logps), zeros.index_add(0, rows, token_logits)
+    else:
+        length = input_ids.shape[1]
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else length - 2  # the first position whose logits predict a completion token
+        extra = {"logits_to_keep": torch.arange(first, length - 1, device=device)} if kind == "index" else {}
+        logits = model(**inputs, **extra).logits
+        if kind is None:  # a model without logits_to_keep returned every position
+            logits = logits[:, first:-1]
+        sums, means = _chunked(_row_logps, logits, labels[:, first:], mask[:, first:])
+    return sums, n_tokens, means.detach() / n_tokens.clamp(min=1.0)
 
 
-def _chunk_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row: the summed float32 log-probs of the masked tokens, and the summed mean logit there."""
+def _chunked(fn: Any, logits: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
+    """`fn(logits, *rest)` over chunks along the first dimension of at most LOGIT_CHUNK_ELEMENTS
+    logits, concatenated; checkpointed when the logits are not float32 (see `sequence_logps`)."""
+    size = max(1, LOGIT_CHUNK_ELEMENTS // max(1, math.prod(logits.shape[1:])))
+    checkpoint = torch.is_grad_enabled() and logits.requires_grad and logits.dtype != torch.float32
+    outs = []
+    for part in zip(logits.split(size), *(t.split(size) for t in rest)):
+        outs.append(torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False) if checkpoint else fn(*part))
+    values, logit_means = zip(*outs) if outs else ((logits.new_zeros(0),), (logits.new_zeros(0),))
+    return torch.cat(values), torch.cat(logit_means).detach()
+
+
+def _token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per kept token (rows of `logits`): the float32 log-prob of its label, and its mean logit."""
     logits = logits.float()
-    token_logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1), logits.detach().mean(dim=-1)
+
+
+def _row_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: the summed float32 log-probs of the masked tokens, and the summed mean logit there."""
+    token_logps, token_logits = _token_logps(logits, labels)
     # where(), not a product: padded positions may hold NaN logits (fully masked attention rows).
     zeros = torch.zeros_like(token_logps)
-    return torch.where(mask, token_logps, zeros).sum(dim=1), torch.where(mask, logits.detach().mean(dim=-1), zeros).sum(dim=1)
+    return torch.where(mask, token_logps, zeros).sum(dim=1), torch.where(mask, token_logits, zeros).sum(dim=1)
 
 
-_LOGITS_TO_KEEP: dict[type, bool] = {}
+_LOGITS_TO_KEEP: dict[type, str | None] = {}
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
-    """Whether the causal LM under DDP / DeepSpeed / PEFT wrappers takes `logits_to_keep`
-    (every transformers 5 causal LM does; remote code may not)."""
+def _logits_to_keep_kind(model: Any) -> str | None:
+    """How the causal LM under DDP / DeepSpeed / PEFT wrappers takes `logits_to_keep`: "mask" (a
+    boolean (rows, positions) mask: its module slices through transformers'
+    `slice_logits_to_keep`), "index" (a 1-D tensor of positions), or None (not at all: remote
+    code may not)."""
     import inspect
+    import sys
 
     bare = model
     for _ in range(4):
@@ -157,7 +181,9 @@ def _accepts_logits_to_keep(model: Any) -> bool:
             break
     kind = type(bare)
     if kind not in _LOGITS_TO_KEEP:
-        _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(bare.forward).parameters
+        takes = "logits_to_keep" in inspect.signature(bare.forward).parameters
+        slices = "slice_logits_to_keep" in vars(sys.modules.get(kind.__module__, inspect)) if takes else False
+        _LOGITS_TO_KEEP[kind] = ("mask" if slices else "index") if takes else None
     return _LOGITS_TO_KEEP[kind]
 
 

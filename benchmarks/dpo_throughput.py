@@ -90,40 +90,74 @@ def log_every_n_steps(job, n: int) -> None:
     job._log = patched
 
 
-def floor_arm(model, pad_id: int, rows: list[dict], batch: int, lr: float):
-    """Forward, cross-entropy on completion tokens, backward, AdamW, on pre-collated batches.
+def floor_arm(model, pad_id: int, batches: list[list[dict]], lr: float):
+    """Forward, cross-entropy on completion tokens, backward, AdamW, on `batches` (lists of rows)
+    collated up front, in order (cycling).
 
-    Logits only from the first position any row's completion needs (`logits_to_keep`, as our
-    step asks for them): what a DPO step cannot avoid. A floor over every position's logits was
+    Logits only where a completion token is predicted (a boolean `logits_to_keep`, as our step
+    asks for them): what a DPO step cannot avoid. A floor over every position's logits was
     slower than our step on a 49k vocabulary (issue 17), so it was not a floor.
     """
     from ama_ray.dpo import collate
 
-    batches = []
-    for start in range(0, len(rows) - batch + 1, batch):
-        b = collate(rows[start : start + batch], pad_id)
+    collated = []
+    for rows in batches:
+        b = collate(rows, pad_id)
         mask = b["completion_mask"][:, 1:].bool()
-        length = b["input_ids"].shape[1]
-        used = mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else length - 2
-        labels = b["input_ids"][:, first + 1 :].masked_fill(~mask[:, first:], -100)
-        batches.append((b, labels, length - first))
+        collated.append((b, F.pad(mask, (0, 1)), b["input_ids"][:, 1:][mask]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     state = {"i": 0}
 
     def run(n: int) -> tuple[float, float]:
         start = common.clock()
         for _ in range(n):
-            b, labels, keep = batches[state["i"] % len(batches)]
+            b, keep, labels = collated[state["i"] % len(collated)]
             state["i"] += 1
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           position_ids=b["position_ids"], use_cache=False, logits_to_keep=keep).logits[:, :-1]
-            F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+                           position_ids=b["position_ids"], use_cache=False, logits_to_keep=keep).logits
+            F.cross_entropy(logits, labels).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return common.since(start, n)
 
     return run
+
+
+class StepRows:
+    """Records the rows each of our steps trains on (`ama_ray.train.loop.per_example` wrapped), so
+    the floor can run exactly those batches: pairs drawn by alpha differ in length from any other
+    draw, and at real lengths a few steps' lengths move a pairs/s ratio by more than the 5% the
+    floor target allows."""
+
+    def __init__(self):
+        from ama_ray.train import loop
+
+        self.loop, self.batches, self._real = loop, [], loop.per_example
+
+    def __enter__(self) -> "StepRows":
+        def recorded(model, rows, *args, **kwargs):
+            self.batches.append(list(rows))
+            return self._real(model, rows, *args, **kwargs)
+
+        self.loop.per_example = recorded
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.per_example = self._real
+
+
+def same_batches(run, floor: list[list[dict]]):
+    """`run` (our arm) recording the rows of every step it times, and a check to call after the
+    timing: "yes" when they were the floor's batches, step for step."""
+    seen: list[list[dict]] = []
+
+    def recording(n: int) -> tuple[float, float]:
+        with StepRows() as rows:
+            out = run(n)
+        seen.extend(rows.batches)
+        return out
+
+    return recording, lambda: "yes" if seen == floor[: len(seen)] and len(seen) == len(floor) else "NO"
 
 
 def long_texts(tokenizer, n: int, length: int, seed: int = 0) -> list[tuple[int, dict]]:
@@ -141,6 +175,7 @@ def long_texts(tokenizer, n: int, length: int, seed: int = 0) -> list[tuple[int,
 
 
 ARMS = ("trl", "trl-precomp", "ours", "ours+log", "ours+log/10", "floor")
+WARMUP = 1  # untimed steps per arm before the repetitions (`common.alternate`)
 LONG_ARMS = ("trl", "trl-precomp", "ours", "floor")  # at real lengths: TensorBoard's cost is noise there
 
 
@@ -153,7 +188,7 @@ def build_arms(args, workdir: Path, names: tuple[str, ...] = ARMS):
     labelled = (long_texts(tokenizer, 3 * args.rows_per_task, args.length) if args.length
                 else common.texts(tasks, args.rows_per_task))
     dataset = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for _, row in labelled])
-    arms = {}
+    arms, facts = {}, {}
     if "trl" in names:
         arms["trl"], _ = trl_arm(model, tokenizer, dataset, workdir, args.batch, args.lr, precompute=False)
     # TRL's tokenized rows and its precomputed reference log-probs feed our arms: same data.
@@ -180,13 +215,22 @@ def build_arms(args, workdir: Path, names: tuple[str, ...] = ARMS):
         every = ours(tensorboard_dir=str(workdir / "tb10"))
         log_every_n_steps(every, 10)
         arms["ours+log/10"] = common.job_block(every, log=True)
-    if "floor" in names:
+    if "floor" in names and "ours" in names:
+        # The floor runs the batches our step will run, in the same order: a copy of our job (same
+        # seed, model and rows, so the same alpha and draws) runs as many steps as `alternate` will
+        # time, recording its rows. `main` checks the timed run drew the same ones.
+        with StepRows() as recorded:
+            common.job_block(ours())(WARMUP + args.reps * args.block)
+        arms["floor"] = floor_arm(copy.deepcopy(model), tokenizer.pad_token_id, recorded.batches, args.lr)
+        arms["ours"], facts["floor_ran_our_batches"] = same_batches(arms["ours"], recorded.batches)
+    elif "floor" in names:
         # Shuffled, so the floor's batches mix tasks (and lengths) the way sampled batches do.
         mixed = [flat[i] for i in np.random.default_rng(1).permutation(len(flat))]
-        arms["floor"] = floor_arm(copy.deepcopy(model), tokenizer.pad_token_id, mixed, args.batch, args.lr)
+        batches = [mixed[i : i + args.batch] for i in range(0, len(mixed) - args.batch + 1, args.batch)]
+        arms["floor"] = floor_arm(copy.deepcopy(model), tokenizer.pad_token_id, batches, args.lr)
     lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in flat]
-    facts = {"model": args.model, "params": sum(p.numel() for p in model.parameters()), "batch_pairs": args.batch,
-             "rows": len(flat), "tokens_per_pair_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths)}
+    facts.update({"model": args.model, "params": sum(p.numel() for p in model.parameters()), "batch_pairs": args.batch,
+             "rows": len(flat), "tokens_per_pair_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths)})
     return {name: arms[name] for name in names}, facts
 
 
@@ -290,7 +334,9 @@ def main(argv: list[str] | None = None) -> str:
             print(out)
             return out
         arms, facts = build_arms(args, Path(tmp), names)
-        times = common.alternate(arms, args.reps, args.block)
+        times = common.alternate(arms, args.reps, args.block, warmup=WARMUP)
+        if "floor_ran_our_batches" in facts:
+            facts["floor_ran_our_batches"] = facts["floor_ran_our_batches"]()
     out = common.header("DPO throughput: TRL vs ours vs floor", reps=args.reps, block=args.block, length=args.length, **facts)
     out += "\n" + report(times, args.batch, LONG_TARGETS if args.length else TARGETS)
     print(out)

@@ -16,7 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 # script -> (needs Ray, strings its quick output must contain: one per arm or table)
 EXPECTED = {
-    "dpo_throughput": (False, ["| trl |", "| trl-precomp |", "| ours |", "| floor |", "ours / trl-precomp"]),
+    "dpo_throughput": (False, ["| trl |", "| trl-precomp |", "| ours |", "| floor |", "ours / trl-precomp", "floor_ran_our_batches=yes"]),
     "mixing_overhead": (True, ["| fixed |", "| ama_s |", "| ama_s+actor |", "ama_s / fixed", "get_alpha round trip"]),
     "inference": (True, ["| loop-1t |", "| ray-2a |", "ray-2a / ray-1a", "bucketed in windows"]),
     "growth": (True, ["| 1x |", "| 2x |", "| in memory |", "| streamed |", "SmolLM2-135M shapes", "store peak: reference / score / train"]),

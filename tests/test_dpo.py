@@ -364,9 +364,12 @@ def _plain_sequence_logps(model, batch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("chunk", [None, 1])
-def test_logps_skip_prompt_logits_and_chunk_the_log_softmax(models, tokenizer, arch, padding_side, chunk, monkeypatch):
-    """Only positions from the first completion token on get logits (`logits_to_keep`), the
-    float32 log-softmax runs in row chunks (chunk=1: one row at a time), and values and
+@pytest.mark.parametrize("kind", ["mask", "index", None])
+def test_logps_skip_prompt_logits_and_chunk_the_log_softmax(models, tokenizer, arch, padding_side, chunk, kind, monkeypatch):
+    """The model is asked only for the logits a loss is taken on (`logits_to_keep`: a boolean
+    mask of the completion-predicting positions where the model slices through transformers'
+    `slice_logits_to_keep`, else the positions from the first completion token on, else all),
+    the float32 log-softmax runs in chunks (chunk=1: one token or row at a time), and values and
     gradients equal the plain full-vocabulary computation."""
     import copy
 
@@ -375,11 +378,13 @@ def test_logps_skip_prompt_logits_and_chunk_the_log_softmax(models, tokenizer, a
     if chunk is not None:
         monkeypatch.setattr(dpo_module, "LOGIT_CHUNK_ELEMENTS", chunk)
     policy = copy.deepcopy(models[0] if arch == "llama" else _gpt2(tokenizer)).eval()  # eval: no dropout between the two passes
+    assert dpo_module._logits_to_keep_kind(policy) == "mask"  # both architectures slice through slice_logits_to_keep
+    monkeypatch.setitem(dpo_module._LOGITS_TO_KEEP, type(policy), kind)  # the other paths, as other models take them
     batch = collate(_tokenize(tokenizer, _rows(6, seed=9)), tokenizer.pad_token_id, padding_side)
     asked = []
     forward = policy.forward
     monkeypatch.setattr(policy, "forward", lambda *a, **kw: asked.append(kw.get("logits_to_keep")) or forward(*a, **kw))
-    got, _, _ = sequence_logps(policy, batch)
+    got, n_tokens, _ = sequence_logps(policy, batch)
     got.sum().backward()
     got_grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
@@ -388,8 +393,24 @@ def test_logps_skip_prompt_logits_and_chunk_the_log_softmax(models, tokenizer, a
     np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=1e-5)
     for g, w in zip(got_grads, (p.grad for p in policy.parameters())):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
-    first = int(batch["completion_mask"][:, 1:].any(dim=0).nonzero()[0])
-    assert asked[0] == batch["input_ids"].shape[1] - first and first > 0  # prompt positions got no logits
+    mask = batch["completion_mask"][:, 1:].bool()
+    assert torch.equal(n_tokens, mask.sum(dim=1).float())
+    first = int(mask.any(dim=0).nonzero()[0])
+    assert first > 0
+    if kind == "mask":  # exactly the positions that predict a completion token: no prompt, no padding
+        assert asked[0].dtype == torch.bool and torch.equal(asked[0][:, :-1], mask) and not asked[0][:, -1].any()
+    elif kind == "index":
+        assert asked[0].tolist() == list(range(first, batch["input_ids"].shape[1] - 1))
+    else:
+        assert asked[0] is None
+
+
+def test_logps_of_rows_without_completion_tokens_are_zero(models, tokenizer):
+    """A micro-batch whose rows hold no completion token (e.g. truncated away) gives zeros, not an error."""
+    batch = collate(_tokenize(tokenizer, _rows(2, seed=3)), tokenizer.pad_token_id)
+    batch["completion_mask"] = torch.zeros_like(batch["completion_mask"])
+    logps, n_tokens, means = sequence_logps(models[0], batch)
+    assert logps.tolist() == [0.0] * 4 and n_tokens.tolist() == [0.0] * 4 and means.tolist() == [0.0] * 4
 
 
 def _direct_nll(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
