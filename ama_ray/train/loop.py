@@ -90,6 +90,18 @@ def train_loop_per_worker(config: dict) -> None:
     job.finish()
 
 
+
+def micro_batches(examples: list[dict], grad_accum: int) -> list[np.ndarray]:
+    """The step's examples split into `grad_accum` micro-batches of consecutive lengths (prompt
+    plus the longer completion), so each pads to lengths close to its own: split in draw order,
+    one long pair made a whole micro-batch pad to it. One micro-batch keeps the draw order. The
+    gradient is the same sum either way; only padding (and floating-point summation order) moves.
+    """
+    if grad_accum <= 1:
+        return [np.arange(len(examples))]
+    lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r.get("rejected_input_ids", ()))) for r in examples]
+    return np.array_split(np.argsort(lengths, kind="stable"), grad_accum)
+
 class Job:
     """One worker's training run: model, streams, optimizer and the mixing client."""
 
@@ -263,7 +275,7 @@ class Job:
         scale = self.world if self.optim.global_batch_size else 1
         sums = torch.zeros(len(ROW), self.k, dtype=torch.float64)
         targets = None if self.target is None else torch.as_tensor(self.target.targets())
-        chunks = np.array_split(np.arange(len(examples)), self.optim.grad_accum)
+        chunks = micro_batches(examples, self.optim.grad_accum)
         engine = self.engine
         for j, idx in enumerate(chunks):
             last = j == len(chunks) - 1

@@ -59,23 +59,26 @@ class FakeGroup:
         monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
 
 
-def _rows(task: str, n: int, rng: np.random.Generator) -> list[dict]:
+def _rows(task: str, n: int, rng: np.random.Generator, varied: bool = False) -> list[dict]:
     ids = lambda k: rng.integers(3, 40, k).tolist()  # noqa: E731
-    return [{"example_id": f"{task}{i}", "prompt_input_ids": ids(3), "chosen_input_ids": ids(2), "rejected_input_ids": ids(2),
-             "ref_chosen_logps": -8.0, "ref_rejected_logps": -8.0, "specialist_loss": 0.6} for i in range(n)]
+    size = (lambda k: int(rng.integers(1, 4 * k))) if varied else (lambda k: k)  # noqa: E731
+    return [{"example_id": f"{task}{i}", "prompt_input_ids": ids(size(3)), "chosen_input_ids": ids(size(2)),
+             "rejected_input_ids": ids(size(2)), "ref_chosen_logps": -8.0, "ref_rejected_logps": -8.0, "specialist_loss": 0.6}
+            for i in range(n)]
 
 
-def _job(minimal_cfg, rank: int = 0, world: int = 2, global_batch: int | None = None) -> Job:
+def _job(minimal_cfg, rank: int = 0, world: int = 2, global_batch: int | None = None, grad_accum: int = 1,
+         varied: bool = False) -> Job:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, pad_token_id=0)).train()
-    optim = minimal_cfg.generalist.optim.model_copy(update={"batch_size": 8, "global_batch_size": global_batch, "grad_accum": 1})
+    optim = minimal_cfg.generalist.optim.model_copy(update={"batch_size": 8, "global_batch_size": global_batch, "grad_accum": grad_accum})
     spec = UnitSpec(cfg={}, kind="generalist", tasks=TASKS, algorithm="ama_s", seed=0, steps=10, model_path="",
                     out_unit=["generalist", "ama_s", "seed0"], sizes=[50] * 3, settings=minimal_cfg.mixing.to_dict())
     rng = np.random.default_rng(1)
-    rows = {t: _rows(t, 50, rng) for t in TASKS}
+    rows = {t: _rows(t, 50, rng, varied) for t in TASKS}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     engine = Engine(module=model, bare=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, 10)),
                     rank=rank, world=world)
@@ -195,3 +198,45 @@ def test_a_reserved_gpu_that_torch_cannot_use_is_an_error(monkeypatch):
     with pytest.raises(ResourceError) as err:
         compute_device(True)
     assert "CUDA build" in err.value.fix
+
+
+def test_micro_batches_group_a_steps_pairs_by_length_and_train_the_same_step(minimal_cfg, monkeypatch):
+    """With grad_accum > 1 a step's pairs are split into micro-batches of consecutive lengths (less
+    padding than the draw order gave), and the step is the one a single micro-batch trains."""
+    import ama_ray.train.loop as loop
+    from ama_ray.dpo import collate
+
+    padded, real = [], []
+    per_example = loop.per_example
+
+    def counting(model, rows, *args):
+        batch = collate(rows, 0)
+        padded.append(batch["input_ids"].numel())
+        real.append(int(batch["attention_mask"].sum()))
+        return per_example(model, rows, *args)
+
+    monkeypatch.setattr(loop, "per_example", counting)
+    steps = {}
+    for accum in (1, 4):
+        job = _job(minimal_cfg, world=1, grad_accum=accum, varied=True)
+        padded.clear(), real.clear()
+        metrics = [job.train_step(s, job.mixer.alpha(s)) for s in range(3)]
+        steps[accum] = (metrics, [p.detach().clone() for p in job.engine.module.parameters()], sum(padded), sum(real))
+    (one, w1, pad1, real1), (four, w4, pad4, real4) = steps[1], steps[4]
+    assert real1 == real4  # the same tokens were trained on
+    for a, b in zip(one, four):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key != "train/data_seconds":
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for a, b in zip(w1, w4):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # In draw order, four micro-batches of two would pad more than the length-grouped ones did.
+    job = _job(minimal_cfg, world=1, grad_accum=4, varied=True)
+    labels, _, _ = job.sample_labels(0, job.mixer.alpha(0))
+    examples, _ = loop.draw_batch(job.streams, labels)
+    in_order = sum(collate(examples[i : i + 2], 0)["input_ids"].numel() for i in range(0, 8, 2))
+    grouped = sum(collate([examples[i] for i in idx], 0)["input_ids"].numel() for idx in loop.micro_batches(examples, 4))
+    assert grouped < in_order
+    assert [len(idx) for idx in loop.micro_batches(examples, 4)] == [2, 2, 2, 2]
+    assert loop.micro_batches(examples, 1)[0].tolist() == list(range(8))
