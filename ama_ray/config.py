@@ -277,7 +277,7 @@ class OptimConfig(Section):
     global_batch_size: int | None = Field(
         None, ge=1, description="Preference pairs per optimizer step over all workers, split evenly across them (replaces "
         "batch_size): the batch and the mixing trajectory then do not depend on scaling.num_workers.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (a worker's batch is split across them).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (a worker's batch is split across them, grouped by length).")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
     checkpoint_every: int = Field(100, ge=1, description="Save a resumable checkpoint every N steps.")
 
