@@ -93,9 +93,9 @@ def sequence_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
     `logits/chosen` metric). Prompt and padding tokens contribute nothing.
 
     The model is asked only for the logits a loss is taken on (`logits_to_keep`): with a boolean
-    mask, exactly the positions that predict a completion token (every transformers 5 model
-    that slices through `slice_logits_to_keep`), else the positions from the first one any
-    row's completion needs. The float32 log-softmax runs over chunks of at most
+    mask, exactly the positions that predict a completion token (a forward that slices through
+    transformers' `slice_logits_to_keep`, as every transformers 5 causal LM does), else (an int)
+    the positions from the first one any row's completion needs. The float32 log-softmax runs over chunks of at most
     LOGIT_CHUNK_ELEMENTS logits, so the full-vocabulary float32 logits of the micro-batch never
     exist at once (at 2 x 4 rows of 1,024 tokens and a 152k vocabulary they were 5 GB, held for
     backward). A model whose logits are not float32 has each chunk recomputed in backward
@@ -116,8 +116,8 @@ def sequence_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
     if kind == "mask":
         keep = torch.nn.functional.pad(mask, (0, 1))  # the last position predicts nothing
         logits = model(**inputs, logits_to_keep=keep).logits  # (completion tokens, vocabulary), row-major
-        if logits.shape[0] != int(keep.sum()):
-            raise RuntimeError(f"{type(model).__name__} ignored a boolean logits_to_keep (got logits {tuple(logits.shape)})")
+        if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+            raise RuntimeError(f"{type(model).__name__} did not honour a boolean logits_to_keep (got logits {tuple(logits.shape)})")
         token_logps, token_logits = _chunked(_token_logps, logits, labels[mask])
         rows = mask.nonzero()[:, 0]
         zeros = torch.zeros(mask.shape[0], dtype=torch.float32, device=device)
@@ -126,10 +126,9 @@ def sequence_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
         length = input_ids.shape[1]
         used = mask.any(dim=0).nonzero()
         first = int(used[0]) if len(used) else length - 2  # the first position whose logits predict a completion token
-        extra = {"logits_to_keep": torch.arange(first, length - 1, device=device)} if kind == "index" else {}
-        logits = model(**inputs, **extra).logits
-        if kind is None:  # a model without logits_to_keep returned every position
-            logits = logits[:, first:-1]
+        keep = length - first  # positions first .. length-1; the last predicts nothing and is dropped
+        logits = model(**inputs, **({"logits_to_keep": keep} if kind == "int" else {})).logits
+        logits = logits[:, logits.shape[1] - keep : -1]  # a model that ignored logits_to_keep returned every position
         sums, means = _chunked(_row_logps, logits, labels[:, first:], mask[:, first:])
     return sums, n_tokens, means.detach() / n_tokens.clamp(min=1.0)
 
@@ -139,11 +138,9 @@ def _chunked(fn: Any, logits: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
     logits, concatenated; checkpointed when the logits are not float32 (see `sequence_logps`)."""
     size = max(1, LOGIT_CHUNK_ELEMENTS // max(1, math.prod(logits.shape[1:])))
     checkpoint = torch.is_grad_enabled() and logits.requires_grad and logits.dtype != torch.float32
-    outs = []
-    for part in zip(logits.split(size), *(t.split(size) for t in rest)):
-        outs.append(torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False) if checkpoint else fn(*part))
-    values, logit_means = zip(*outs) if outs else ((logits.new_zeros(0),), (logits.new_zeros(0),))
-    return torch.cat(values), torch.cat(logit_means).detach()
+    outs = [torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False) if checkpoint else fn(*part)
+            for part in zip(logits.split(size), *(t.split(size) for t in rest))]  # an empty tensor splits into one empty chunk
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]).detach()
 
 
 def _token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,11 +162,10 @@ _LOGITS_TO_KEEP: dict[type, str | None] = {}
 
 def _logits_to_keep_kind(model: Any) -> str | None:
     """How the causal LM under DDP / DeepSpeed / PEFT wrappers takes `logits_to_keep`: "mask" (a
-    boolean (rows, positions) mask: its module slices through transformers'
-    `slice_logits_to_keep`), "index" (a 1-D tensor of positions), or None (not at all: remote
-    code may not)."""
+    boolean (rows, positions) mask: its forward calls transformers' `slice_logits_to_keep`),
+    "int" (the last k positions, the form remote code that has the argument handles), or None
+    (not at all)."""
     import inspect
-    import sys
 
     bare = model
     for _ in range(4):
@@ -182,8 +178,9 @@ def _logits_to_keep_kind(model: Any) -> str | None:
     kind = type(bare)
     if kind not in _LOGITS_TO_KEEP:
         takes = "logits_to_keep" in inspect.signature(bare.forward).parameters
-        slices = "slice_logits_to_keep" in vars(sys.modules.get(kind.__module__, inspect)) if takes else False
-        _LOGITS_TO_KEEP[kind] = ("mask" if slices else "index") if takes else None
+        code = getattr(inspect.unwrap(bare.forward), "__code__", None)  # the forward this instance runs
+        slices = takes and code is not None and "slice_logits_to_keep" in code.co_names
+        _LOGITS_TO_KEEP[kind] = ("mask" if slices else "int") if takes else None
     return _LOGITS_TO_KEEP[kind]
 
 

@@ -9,9 +9,11 @@ batch size, float32, no activation checkpointing, one torch thread, AdamW at the
                    reference log-probs TRL precomputed for (b);
       ours+log     the same plus `Job._log` each step (TensorBoard scalars, as `Job.train` does);
       ours+log/10  the proposed change, as a local patch: TensorBoard scalars every 10th step only;
-  (d) floor        forward + token cross-entropy + backward + AdamW step on pre-collated batches
-                   of the same 2B rows, logits only from the first completion position: what any
-                   trainer must do per step.
+  (d) floor        forward + token cross-entropy + backward + AdamW step on pre-collated batches,
+                   logits only where a completion token is predicted: what any trainer must do
+                   per step. With (c) it runs exactly (c)'s batches, recorded from a same-seed
+                   copy of (c) (`floor_ran_our_batches` in the header checks it); alone, shuffled
+                   batches of the same rows.
 TRL arms are timed between consecutive `on_step_end` callbacks (data loading, collation,
 forward, backward, clipping, optimizer, logging: everything inside `train()`'s loop); ours and
 the floor time whole steps. Arms alternate in blocks (see common.alternate); ratios are medians
@@ -124,7 +126,8 @@ def floor_arm(model, pad_id: int, batches: list[list[dict]], lr: float):
 
 
 class StepRows:
-    """Records the rows each of our steps trains on (`ama_ray.train.loop.per_example` wrapped), so
+    """Records the rows each of our steps trains on (`ama_ray.train.loop.per_example` wrapped: one
+    call a step, as `make_job` builds jobs without gradient accumulation), so
     the floor can run exactly those batches: pairs drawn by alpha differ in length from any other
     draw, and at real lengths a few steps' lengths move a pairs/s ratio by more than the 5% the
     floor target allows."""

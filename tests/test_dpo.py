@@ -351,24 +351,29 @@ def test_loss_backpropagates_to_the_policy(models, tokenizer):
     assert not out["chosen_logps"].requires_grad
 
 
-def _plain_sequence_logps(model, batch):
-    """The straightforward computation: float32 log-softmax over every position's full logits."""
+def _plain_sequence_logps(model, batch, with_means: bool = False):
+    """The straightforward computation: float32 log-softmax over every position's full logits
+    (and, with `with_means`, each row's mean logit over its completion tokens)."""
     ids = batch["input_ids"]
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits[:, :-1].float()
     mask = batch["completion_mask"][:, 1:].bool()
     token = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-    return torch.where(mask, token, torch.zeros_like(token)).sum(dim=1)
+    logps = torch.where(mask, token, torch.zeros_like(token)).sum(dim=1)
+    if not with_means:
+        return logps
+    means = torch.where(mask, logits.detach().mean(dim=-1), torch.zeros_like(token)).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return logps, means
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("chunk", [None, 1])
-@pytest.mark.parametrize("kind", ["mask", "index", None])
+@pytest.mark.parametrize("kind", ["mask", "int", None])
 def test_logps_skip_prompt_logits_and_chunk_the_log_softmax(models, tokenizer, arch, padding_side, chunk, kind, monkeypatch):
     """The model is asked only for the logits a loss is taken on (`logits_to_keep`: a boolean
     mask of the completion-predicting positions where the model slices through transformers'
-    `slice_logits_to_keep`, else the positions from the first completion token on, else all),
+    `slice_logits_to_keep`, else the last k positions from the first completion token on, else all),
     the float32 log-softmax runs in chunks (chunk=1: one token or row at a time), and values and
     gradients equal the plain full-vocabulary computation."""
     import copy
@@ -384,13 +389,16 @@ def test_logps_skip_prompt_logits_and_chunk_the_log_softmax(models, tokenizer, a
     asked = []
     forward = policy.forward
     monkeypatch.setattr(policy, "forward", lambda *a, **kw: asked.append(kw.get("logits_to_keep")) or forward(*a, **kw))
-    got, n_tokens, _ = sequence_logps(policy, batch)
+    batch["completion_mask"][1] = 0  # a row with no completion token (truncated away) sums to 0 on every path
+    got, n_tokens, got_means = sequence_logps(policy, batch)
     got.sum().backward()
     got_grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
-    want = _plain_sequence_logps(policy, batch)
+    want, want_means = _plain_sequence_logps(policy, batch, with_means=True)
     want.sum().backward()
+    assert got[1] == 0 and n_tokens[1] == 0 and got_means[1] == 0
     np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(got_means.numpy(), want_means.numpy(), atol=1e-5)
     for g, w in zip(got_grads, (p.grad for p in policy.parameters())):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     mask = batch["completion_mask"][:, 1:].bool()
@@ -399,10 +407,32 @@ def test_logps_skip_prompt_logits_and_chunk_the_log_softmax(models, tokenizer, a
     assert first > 0
     if kind == "mask":  # exactly the positions that predict a completion token: no prompt, no padding
         assert asked[0].dtype == torch.bool and torch.equal(asked[0][:, :-1], mask) and not asked[0][:, -1].any()
-    elif kind == "index":
-        assert asked[0].tolist() == list(range(first, batch["input_ids"].shape[1] - 1))
+    elif kind == "int":
+        assert asked[0] == batch["input_ids"].shape[1] - first
     else:
         assert asked[0] is None
+
+
+def test_how_a_model_takes_logits_to_keep_is_read_from_the_forward_it_runs(models):
+    """A boolean mask only for a forward that slices through transformers' `slice_logits_to_keep`;
+    an int for a forward that has the argument but slices itself (remote code); none without it."""
+    import ama_ray.dpo as dpo_module
+
+    base = type(models[0])
+
+    class SlicesItself(base):
+        def forward(self, input_ids=None, logits_to_keep: int = 0, **kwargs):
+            out = super().forward(input_ids=input_ids, **kwargs)
+            out.logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
+            return out
+
+    class NoArgument(base):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
+
+    assert dpo_module._logits_to_keep_kind(models[0]) == "mask"
+    assert dpo_module._logits_to_keep_kind(SlicesItself(models[0].config)) == "int"
+    assert dpo_module._logits_to_keep_kind(NoArgument(models[0].config)) is None
 
 
 def test_logps_of_rows_without_completion_tokens_are_zero(models, tokenizer):
