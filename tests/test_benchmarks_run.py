@@ -46,6 +46,8 @@ def test_benchmark_quick_mode_prints_every_arm(name, monkeypatch, request):
     assert not missing, f"{name} --quick output lacks {missing}:\n{out}"
 
 
+# ~36 s of CI for a second mode of a benchmark whose quick mode runs above: slow (run with -m slow).
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_dpo_throughput_memory_mode_measures_every_arm_at_a_length(monkeypatch):
     """`--memory`: each arm in its own process on synthetic rows of the given length (`--length`),
