@@ -65,6 +65,12 @@ def pad_sequences(
     }
 
 
+def pair_length(row: dict) -> int:
+    """A row's padded length in a micro-batch: prompt plus the longer completion, in tokens
+    (`stages.inference.length_of` is the same over an Arrow table). SFT rows have no rejected side."""
+    return len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row.get("rejected_input_ids", ())))
+
+
 def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right", pairs: bool = True) -> dict[str, Tensor]:
     """Collate tokenized preference examples into one (2B, L) batch.
 
@@ -134,13 +140,13 @@ def sequence_logps(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
 
 
 def _chunked(fn: Any, logits: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
-    """`fn(logits, *rest)` over chunks along the first dimension of at most LOGIT_CHUNK_ELEMENTS
-    logits, concatenated; checkpointed when the logits are not float32 (see `sequence_logps`)."""
+    """`fn(logits, *rest)` (two outputs) over chunks along the first dimension of at most
+    LOGIT_CHUNK_ELEMENTS logits, each output concatenated; checkpointed when the logits are not float32 (see `sequence_logps`)."""
     size = max(1, LOGIT_CHUNK_ELEMENTS // max(1, math.prod(logits.shape[1:])))
     checkpoint = torch.is_grad_enabled() and logits.requires_grad and logits.dtype != torch.float32
     outs = [torch.utils.checkpoint.checkpoint(fn, *part, use_reentrant=False) if checkpoint else fn(*part)
             for part in zip(logits.split(size), *(t.split(size) for t in rest))]  # an empty tensor splits into one empty chunk
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]).detach()
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
 def _token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -186,6 +186,8 @@ def build_arms(args, workdir: Path, names: tuple[str, ...] = ARMS):
     """The block runners of `names` and a description of the data."""
     from datasets import Dataset
 
+    from ama_ray.dpo import pair_length
+
     model, tokenizer = common.load(common.model_dir(args.model, workdir))
     tasks = ["arithmetic", "refusal", "brackets"]
     labelled = (long_texts(tokenizer, 3 * args.rows_per_task, args.length) if args.length
@@ -231,9 +233,9 @@ def build_arms(args, workdir: Path, names: tuple[str, ...] = ARMS):
         mixed = [flat[i] for i in np.random.default_rng(1).permutation(len(flat))]
         batches = [mixed[i : i + args.batch] for i in range(0, len(mixed) - args.batch + 1, args.batch)]
         arms["floor"] = floor_arm(copy.deepcopy(model), tokenizer.pad_token_id, batches, args.lr)
-    lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in flat]
+    lengths = [pair_length(r) for r in flat]
     facts.update({"model": args.model, "params": sum(p.numel() for p in model.parameters()), "batch_pairs": args.batch,
-             "rows": len(flat), "tokens_per_pair_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths)})
+                  "rows": len(flat), "tokens_per_pair_mean": round(sum(lengths) / len(lengths), 1), "tokens_max": max(lengths)})
     return {name: arms[name] for name in names}, facts
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ama_ray.config import Config, OptimConfig
+from ama_ray.dpo import pair_length
 from ama_ray.errors import NumericalError, StorageError
 from ama_ray.mixing import LocalMixer, batch_objective
 from ama_ray.mixing.targets import make_target
@@ -90,7 +91,6 @@ def train_loop_per_worker(config: dict) -> None:
     job.finish()
 
 
-
 def micro_batches(examples: list[dict], grad_accum: int) -> list[np.ndarray]:
     """The step's examples split into `grad_accum` micro-batches of consecutive lengths (prompt
     plus the longer completion), so each pads to lengths close to its own: split in draw order,
@@ -99,8 +99,8 @@ def micro_batches(examples: list[dict], grad_accum: int) -> list[np.ndarray]:
     """
     if grad_accum <= 1:
         return [np.arange(len(examples))]
-    lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r.get("rejected_input_ids", ()))) for r in examples]
-    return np.array_split(np.argsort(lengths, kind="stable"), grad_accum)
+    return np.array_split(np.argsort([pair_length(r) for r in examples], kind="stable"), grad_accum)
+
 
 class Job:
     """One worker's training run: model, streams, optimizer and the mixing client."""
