@@ -223,6 +223,14 @@ def split_codes(example_ids: np.ndarray, seed: int, n_val: int, n_test: int, n_s
 
 # --- tokenizing on Ray Data --------------------------------------------------------------
 
+# CPUs a tokenizing actor reserves, at most. The sort after the pool runs Ray tasks of one whole
+# CPU each, and Ray Data keeps the pool's idle actors until the dataset is done: a pool holding
+# every CPU (reference.cpus_per_actor: 2 on a 2-CPU host, which the inference passes use well)
+# waited on the sort forever. Tokenizing is light, and a fast tokenizer's threads do not follow
+# Ray's reservation anyway.
+TOKENIZE_CPUS = 0.5
+
+
 class Tokenize:
     """Ray Data callable: texts -> token ids with the truncation policy applied."""
 
@@ -284,7 +292,7 @@ def tokenize_all(cfg: Config, model_path: str, units: dict[str, Unit]) -> dict[s
         fn_constructor_args=(model_path, cfg.model.trust_remote_code, cfg.data.max_prompt_length, cfg.data.max_completion_length,
                              cfg.model.revision),
         batch_size=512,
-        num_cpus=cfg.reference.cpus_per_actor,
+        num_cpus=min(cfg.reference.cpus_per_actor, TOKENIZE_CPUS),
         compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors),
     ).sort([TAG, "example_id"])  # Ray Data sorts in the object store (spilling to disk), not here
     kept = {n: Kept() for n in names}

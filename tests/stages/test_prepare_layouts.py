@@ -78,3 +78,24 @@ def test_benchmark_as_chat_turns(ray_session, model_cache, tmp_path):
             ids = row[f"{side}_input_ids"]
             assert ids == tok(row[side], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             assert ids.count(tok.eos_token_id) == 1
+
+
+@pytest.mark.timeout(120)
+def test_prepare_finishes_with_the_inference_actors_on_every_cpu(ray_session, model_cache, tmp_path):
+    """`reference.cpus_per_actor` equal to the whole cluster (the SmolLM2 job's 2 on a 2-CPU
+    laptop) is good for the inference passes, but prepare's tokenizing pool took it too, and Ray
+    Data's sort after that pool waited forever for a free CPU. Rows enough for the sort to run
+    tasks (two tasks of 3,000; 600 each did not show it)."""
+    cpus = ray_session.cluster_resources()["CPU"]
+    cfg = validate({
+        "data": {"tasks": [{"name": "a", "benchmark": "arithmetic", "size": 3000},
+                           {"name": "b", "benchmark": "brackets", "size": 3000}]},
+        "reference": {"cpus_per_actor": cpus},
+        "storage": {"path": str(tmp_path / "runs"), "run_name": "all_cpus"},
+        "model": {"cache_dir": model_cache},
+    })
+    prepare.run(cfg)
+    run = RunDir(cfg.run_dir)
+    for task in ("a", "b"):
+        ids = run.unit("prepared", task).read_parquet("train.parquet")["example_id"].to_pylist()
+        assert len(ids) > 2000 and ids == sorted(ids), task
