@@ -107,20 +107,24 @@ def _wait_for_dashboard(url: str, env: dict) -> None:
         time.sleep(1)
 
 
-# The job file as typed, shortened by overrides (as a user would): the path under test is the
-# submission, the job's runtime environment and its logs; the full job length adds ~2 min of CI,
-# and its third task (one more Train group and scoring pass) ~30 s. The override also checks a
-# YAML list survives the submission's shell quoting.
-SHORTER = ["data.tasks=[{name: arithmetic, benchmark: arithmetic, size: 600}, {name: brackets, benchmark: brackets, size: 600}]",
-           "specialists.optim.steps=40", "specialists.optim.checkpoint_every=20", "generalist.optim.steps=20",
-           "generalist.optim.checkpoint_every=10", "generalist.algorithms=[ama_s]", "eval.every_n_steps=10",
-           "eval.generation_examples=8", "merging.methods=[average]"]
+# The job file as typed, shortened by overrides (as a user would), submitted into a copy of the
+# session's finished tiny run without its generalists and merges: the path under test is the
+# submission, the job's runtime environment and its logs, and a job that finds committed units
+# skips them (prepare, reference, specialists, score) and does the rest: a generalist trained by
+# Ray Train, two merges, evaluate and report. Training every unit again adds ~1 min of CI. The
+# `merging.methods` list has a space in it, so it also checks that a YAML list survives the
+# submission's shell quoting (split at the space it would not parse).
+SHORTER = ["generalist.optim.steps=20", "generalist.optim.checkpoint_every=10", "generalist.algorithms=[ama_s]",
+           "eval.every_n_steps=10", "eval.generation_examples=8", "merging.methods=[average, ties]"]
 
 
 @pytest.mark.timeout(400)
-def test_ray_job_submit_runs_the_pipeline(head, tmp_path, model_cache):
+def test_ray_job_submit_runs_the_pipeline(head, tmp_path, tiny_run, model_cache):
     url, env, jobs = head
     runs = tmp_path / "runs"
+    _, finished = tiny_run
+    run_dir = runs / finished.name
+    shutil.copytree(finished, run_dir, ignore=shutil.ignore_patterns("_checkpoints", "tensorboard", "generalist", "merged", "eval", "report"))
     job_id = f"ama_test_{uuid.uuid4().hex[:8]}"
     jobs.append(job_id)
     _ray(["job", "submit", "--address", url, "--submission-id", job_id, "--no-wait", "--working-dir", ".", "--",
@@ -133,12 +137,13 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path, model_cache):
     stages = ("prepare", "specialists", "generalist", "evaluate", "report")
     marks = [m.start() for m in (re.search(rf"INFO ama_ray\.stages\.{s}\b", logs) for s in stages) if m]
     assert len(marks) == len(stages) and marks == sorted(marks), logs[-5000:]
+    for task in ("arithmetic", "refusal", "brackets"):
+        assert f"specialists: {task} already committed, skipping" in logs
     assert re.search(r"generalist/ama_s/seed0: step 20/20", logs), "per-unit training progress"
     assert "pipeline finished" in logs
-    run_dir = runs / "minimal"
     assert (run_dir / "report" / "report.html").stat().st_size > 1000
-    assert (run_dir / "generalist" / "ama_s" / "seed0" / "_manifest.json").exists()
-    assert sorted(p.parent.name for p in (run_dir / "specialists").glob("*/_manifest.json")) == ["arithmetic", "brackets"]
+    assert sorted(p.parent.parent.name + "/" + p.parent.name for p in (run_dir / "generalist").glob("*/*/_manifest.json")) == ["ama_s/seed0"]
+    assert sorted(p.parent.name for p in (run_dir / "merged").glob("*/_manifest.json")) == ["average", "ties"]
 
 
 def _wait_for_job(url: str, job_id: str, env: dict, timeout: float) -> str:

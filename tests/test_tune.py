@@ -13,7 +13,7 @@ import pytest
 from ama_ray.config import load_config
 from ama_ray.errors import ConfigError
 
-GOOD_LRS = [0.002, 0.003, 0.004]
+GOOD_LRS = [0.002, 0.003]  # two good trials fill ASHA's first rung before the bad one reports
 BAD_LR = 0.5  # AdamW at lr 0.5 wrecks the tiny model within 5 steps: its excess loss explodes
 
 

@@ -32,7 +32,7 @@ from ama_ray.config import Config, apply_override, dump_yaml, validate
 from ama_ray.errors import AmaError
 from ama_ray.storage import RunDir
 
-SHORT = ["generalist.optim.steps=30", "generalist.optim.checkpoint_every=10", "eval.every_n_steps=10"]
+SHORT = ["generalist.optim.steps=20", "generalist.optim.checkpoint_every=10", "eval.every_n_steps=10"]
 TWO_WORKERS = ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.max_failures=1"]
 
 
@@ -82,7 +82,7 @@ def test_killed_worker_resumes_and_replays_generalist_and_specialist(tiny_run, t
         # Side by side, as the pipeline runs its units: two 2-worker groups at 0.5 CPU a worker.
         with ThreadPoolExecutor(2) as pool:
             runs = [pool.submit(train_generalist, cfg, "ama_s", 0, model_path, sizes, force=True),
-                    pool.submit(train_specialist, cfg, "refusal", 30, model_path, specialist_hash(cfg), force=True)]
+                    pool.submit(train_specialist, cfg, "refusal", 20, model_path, specialist_hash(cfg), force=True)]
             for run_ in runs:
                 run_.result()
         history = pq.read_table(gen / "mixing_history.parquet")
@@ -94,7 +94,7 @@ def test_killed_worker_resumes_and_replays_generalist_and_specialist(tiny_run, t
 
     fired = sorted(p.name for p in (run / "_faults").iterdir())
     assert fired == ["generalist_ama_s_seed0_step17", "specialists_refusal_step17"]
-    assert faulted[0].column("step").to_pylist() == list(range(30)), "lost or duplicated steps"
+    assert faulted[0].column("step").to_pylist() == list(range(20)), "lost or duplicated steps"
     assert faulted[0].equals(clean[0]), "mixing history differs from the uninterrupted run"
     assert_same_weights(faulted[1], clean[1])
     assert_same_weights(faulted[2], clean[2])
@@ -107,7 +107,7 @@ def test_killed_worker_resumes_and_replays_generalist_and_specialist(tiny_run, t
     assert faulted[3]["final_metrics"]["check/resumed_at_step"] == 10
     assert clean[3]["final_metrics"]["check/resumed_at_step"] == 0
     ckpts = sorted(p.name for p in (run / "_checkpoints" / "generalist" / "ama_s_seed0").glob("step_*"))
-    assert ckpts[-1] == "step_000030"
+    assert ckpts[-1] == "step_000020"
 
 
 def _replays(history, tasks: list[str], sizes: list[int], cfg: Config) -> None:

@@ -23,7 +23,8 @@ from ama_ray.storage import MIXING_HISTORY, RunDir
 
 OVERRIDES = ("mixing.excess_target=history", "mixing.clip=per_task_mean", "mixing.history_window=16", "merging.methods=[]",
              "generalist.optim.steps=24", "generalist.optim.checkpoint_every=8", "eval.every_n_steps=8",
-             "eval.generation_examples=4", "scaling.max_failures=1")
+             "eval.generation_examples=4", "scaling.max_failures=1",
+             "generalist.max_concurrent=2")  # its two generalists side by side, one thread each
 
 
 def _cfg(cfg, root, *extra):

@@ -13,6 +13,7 @@ its 5-seed 10:1:1 run (305 minority rows) and tests/stages/test_ama_balances.py 
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 import pytest
@@ -54,9 +55,12 @@ def test_ama_s_favours_small_tasks_and_lowers_worst_excess_at_10_1_1(tiny_run, t
     sizes = train_sizes(run, cfg)
     assert sizes[0] >= 9 * max(sizes[1:]), sizes
     model_path = run.unit("reference", cfg.task_names[0]).manifest()["model"]
+    algorithms = ("proportional", "ama_s")
+    with ThreadPoolExecutor(2) as pool:  # side by side, as the stage runs its units: one thread each
+        for done in [pool.submit(train_generalist, cfg, a, 0, model_path, sizes, force=True) for a in algorithms]:
+            done.result()
     share, worst = {}, {}
-    for algorithm in ("proportional", "ama_s"):
-        train_generalist(cfg, algorithm, 0, model_path, sizes, force=True)
+    for algorithm in algorithms:
         unit = run.unit("generalist", algorithm, "seed0")
         hist = pq.read_table(f"{unit.path}/mixing_history.parquet").to_pandas()
         share[algorithm] = sum(hist[f"count/{t}"].sum() for t in MINORITY) / sum(hist[f"count/{t}"].sum() for t in cfg.task_names)
