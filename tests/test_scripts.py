@@ -1,7 +1,8 @@
 """scripts/ablation.sh and scripts/heldout_study.sh, the evidence scripts of docs/results.md:
 they parse, refuse an unknown configuration with exit 2 before running anything, and every run
 directory they compare is one they write (a renamed variant would leave `ama-ray compare` a
-missing run); scripts/alpha_phases.py averages the mixtures it is given."""
+missing run); scripts/alpha_phases.py averages the mixtures it is given; scripts/generation_probe.py
+judges a finished run's replies."""
 
 from __future__ import annotations
 
@@ -99,3 +100,27 @@ def test_alpha_phases_averages_seeds_by_phase(tmp_path, capsys, monkeypatch):
     main([str(tmp_path / "run"), "ama_h", "--phases", "2"])
     out = capsys.readouterr().out
     assert "steps 0-2: x=0.300 y=0.700" in out and "steps 3-5: x=0.700 y=0.300" in out
+
+
+@pytest.mark.timeout(420)  # may be the first to build the shared tiny run
+def test_generation_probe_runs_as_typed_on_a_finished_run(tiny_run):
+    """`python scripts/generation_probe.py RUN_DIR MODEL_DIR` prints one judged reply per prompt
+    and the count it verified, for the prompts of the run's test split."""
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from ama_ray.storage import RunDir
+
+    _, run_dir = tiny_run
+    base = RunDir(str(run_dir)).unit("reference", "brackets").manifest()["model"]
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "generation_probe.py"), str(run_dir), base, "--tasks", "brackets", "-n", "3"],
+                          capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("brackets ")]
+    assert len(lines) == 3
+    prompts = pq.read_table(run_dir / "prepared" / "brackets" / "test.parquet").sort_by("example_id")["prompt"].to_pylist()[:3]
+    for line, prompt in zip(lines, prompts):
+        assert repr(prompt[-40:]) in line
+    ok = sum(line.startswith("brackets ok ") for line in lines)
+    assert f"brackets: {ok} of 3 verified" in done.stdout

@@ -1,0 +1,48 @@
+"""A model's greedy replies to a run's first test prompts, with the verifier's verdict, to look into
+a generation accuracy (docs/results.md, "A real model": the base's 0.00 on brackets).
+
+    python scripts/generation_probe.py RUN_DIR MODEL_DIR [--tasks brackets,arithmetic] [-n 12]
+
+Decodes as the evaluate stage does (greedy, the tokenizer's eos, `max_new_tokens` 16) one prompt
+at a time, and judges by content when the run's prompts are chat turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from ama_ray.data.benchmark import verify
+from ama_ray.models.loading import load_model, load_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("model", help="a save_pretrained directory (the base: the reference stage's `model`)")
+    parser.add_argument("--tasks", default="brackets,arithmetic")
+    parser.add_argument("-n", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args()
+    net, tok = load_model(args.model, dtype="float32").eval(), load_tokenizer(args.model)
+    for task in args.tasks.split(","):
+        rows = pq.read_table(args.run_dir / "prepared" / task / "test.parquet").sort_by("example_id").slice(0, args.n).to_pylist()
+        chat = "<|im_start|>" in rows[0]["prompt"]
+        ok = 0
+        for row in rows:
+            ids = torch.tensor([row["prompt_input_ids"]])
+            with torch.no_grad():
+                out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                   do_sample=False, eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+            text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            good = verify(task, row["prompt"], text, by_content=chat)
+            ok += good
+            print(f"{task} {'ok ' if good else 'no '} {row['prompt'][-40:]!r} -> {text[:60]!r}")
+        print(f"{task}: {ok} of {len(rows)} verified")
+
+
+if __name__ == "__main__":
+    main()
