@@ -304,7 +304,7 @@ class OptimConfig(Section):
 class ReferenceConfig(Section):
     batch_size: int = Field(64, ge=1, description="Pairs per inference batch (reference and score stages).")
     num_actors: int = Field(1, ge=1, description="Ray Data actor-pool size.")
-    cpus_per_actor: float = Field(0.5, gt=0.0, description="CPUs per inference actor (reference, score and embedding passes); its torch threads are the whole CPUs in it, at least 1. It may take every CPU of a node (prepare's tokenizers reserve at most 0.5 each).")
+    cpus_per_actor: float = Field(0.5, gt=0.0, description="CPUs per inference actor (reference, score and embedding passes); its torch threads are the whole CPUs in it, at least 1. It may take every CPU of a node (prepare's tokenizing pool reserves at most 0.5 CPU an actor and leaves one CPU free).")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per inference actor.")
 
 

@@ -72,7 +72,7 @@ def tiny_run(ray_session, minimal_cfg):
     from ama_ray import pipeline
 
     # Its two generalists train side by side (one thread each on the session's 2 CPUs): the same
-    # units as one at a time, as `generalist.max_concurrent` is not in any unit's hash, ~20 s sooner.
+    # units as one at a time, as `generalist.max_concurrent` is in no hash of a unit written here.
     side_by_side = minimal_cfg.model_copy(deep=True)
     side_by_side.generalist.max_concurrent = 2
     pipeline.run(side_by_side, through="merge")

@@ -1,4 +1,5 @@
-"""`ray job submit` of the whole pipeline to a separate loopback Ray cluster started with `ray start --head`.
+"""`ray job submit` of the pipeline to a separate loopback Ray cluster started with `ray start --head`, into
+a copy of the shared tiny run: the job skips the committed units and trains, merges, evaluates and reports.
 
 The test session's own Ray (the `ray_session` fixture) is untouched: the head here has its own
 temp dir and ports, and only `ray` CLI subprocesses talk to it. The head is always stopped, by the
@@ -111,7 +112,7 @@ def _wait_for_dashboard(url: str, env: dict) -> None:
 # session's finished tiny run without its generalists and merges: the path under test is the
 # submission, the job's runtime environment and its logs, and a job that finds committed units
 # skips them (prepare, reference, specialists, score) and does the rest: a generalist trained by
-# Ray Train, two merges, evaluate and report. Training every unit again adds ~1 min of CI. The
+# Ray Train, two merges, evaluate and report. Every unit from scratch took ~95 s more in CI. The
 # `merging.methods` list has a space in it, so it also checks that a YAML list survives the
 # submission's shell quoting (split at the space it would not parse).
 SHORTER = ["generalist.optim.steps=20", "generalist.optim.checkpoint_every=10", "generalist.algorithms=[ama_s]",

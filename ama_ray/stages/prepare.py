@@ -287,13 +287,16 @@ def tokenize_all(cfg: Config, model_path: str, units: dict[str, Unit]) -> dict[s
 
     ensure_ray()
     names = list(units)
+    # The pool leaves one CPU free for the sort's tasks (see TOKENIZE_CPUS), whatever num_actors says.
+    cpus = min(cfg.reference.cpus_per_actor, TOKENIZE_CPUS)
+    actors = max(1, min(cfg.reference.num_actors, int((ray.cluster_resources().get("CPU", 1.0) - 1.0) // cpus)))
     ds = parquet_dataset([(units[n], NORMALISED) for n in names], tags=names).map_batches(
         Tokenize,
         fn_constructor_args=(model_path, cfg.model.trust_remote_code, cfg.data.max_prompt_length, cfg.data.max_completion_length,
                              cfg.model.revision),
         batch_size=512,
-        num_cpus=min(cfg.reference.cpus_per_actor, TOKENIZE_CPUS),
-        compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_actors),
+        num_cpus=cpus,
+        compute=ray.data.ActorPoolStrategy(size=actors),
     ).sort([TAG, "example_id"])  # Ray Data sorts in the object store (spilling to disk), not here
     kept = {n: Kept() for n in names}
     schema = pa.schema([*OUTPUT, ("too_long", pa.bool_()), ("prompt_truncated", pa.bool_())])

@@ -90,7 +90,7 @@ def test_prepare_finishes_with_the_inference_actors_on_every_cpu(ray_session, mo
     cfg = validate({
         "data": {"tasks": [{"name": "a", "benchmark": "arithmetic", "size": 3000},
                            {"name": "b", "benchmark": "brackets", "size": 3000}]},
-        "reference": {"cpus_per_actor": cpus},
+        "reference": {"cpus_per_actor": cpus, "num_actors": 4},  # nor four actors of the tokenizer's 0.5 CPU
         "storage": {"path": str(tmp_path / "runs"), "run_name": "all_cpus"},
         "model": {"cache_dir": model_cache},
     })
