@@ -3,8 +3,8 @@ a generation accuracy (docs/results.md, "A real model": the base's 0.00 on brack
 
     python scripts/generation_probe.py RUN_DIR MODEL_DIR [--tasks brackets,arithmetic] [-n 12]
 
-Decodes as the evaluate stage does (greedy, the tokenizer's eos, `max_new_tokens` 16) one prompt
-at a time, and judges by content when the run's prompts are chat turns.
+Decodes with the evaluate stage's own `greedy_replies` (batches of 16, `max_new_tokens` 16), and
+judges by content when the run's prompts are ChatML chat turns.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import argparse
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
 
 from ama_ray.data.benchmark import verify
 from ama_ray.models.loading import load_model, load_tokenizer
+from ama_ray.stages.evaluate import greedy_replies
 
 
 def main() -> None:
@@ -32,12 +32,7 @@ def main() -> None:
         rows = pq.read_table(args.run_dir / "prepared" / task / "test.parquet").sort_by("example_id").slice(0, args.n).to_pylist()
         chat = "<|im_start|>" in rows[0]["prompt"]
         ok = 0
-        for row in rows:
-            ids = torch.tensor([row["prompt_input_ids"]])
-            with torch.no_grad():
-                out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                   do_sample=False, eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-            text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        for row, text in zip(rows, greedy_replies(net, tok, rows, {"batch_size": 16, "max_new_tokens": args.max_new_tokens})):
             good = verify(task, row["prompt"], text, by_content=chat)
             ok += good
             print(f"{task} {'ok ' if good else 'no '} {row['prompt'][-40:]!r} -> {text[:60]!r}")

@@ -206,17 +206,25 @@ def evaluate_model(run_uri: str, model: dict, tasks: list[tuple[str, str | None]
 
 
 def generation_accuracy(net, tokenizer, benchmark: str, rows: list[dict], settings: dict) -> float:
-    """Share of prompts whose greedy completion the benchmark verifier accepts.
+    """Share of prompts whose greedy completion (`greedy_replies`) the benchmark verifier accepts.
+    With `benchmark_chat` the verifier judges the answer's content, not its wording
+    (`ama_ray.data.benchmark.verify`)."""
+    from ama_ray.data.benchmark import verify
 
-    Left-padded batches (so every row's new tokens start at the same column), decoding stops at
-    the tokenizer's eos or the model's declared end tokens, and only the new tokens are decoded. With `benchmark_chat` the verifier
-    judges the answer's content, not its wording (`ama_ray.data.benchmark.verify`).
-    """
+    replies = greedy_replies(net, tokenizer, rows, settings)
+    chat = settings.get("benchmark_chat", False)
+    return sum(verify(benchmark, row["prompt"], text, by_content=chat) for row, text in zip(rows, replies)) / len(rows) if rows else math.nan
+
+
+def greedy_replies(net, tokenizer, rows: list[dict], settings: dict) -> list[str]:
+    """The greedy completion of each row's `prompt_input_ids`, decoded (`settings`: `batch_size`,
+    `max_new_tokens`). Left-padded batches (so every row's new tokens start at the same column),
+    decoding stops at the tokenizer's eos or the model's declared end tokens, and only the new
+    tokens are decoded. Also used by scripts/generation_probe.py."""
     import torch
     from transformers import GenerationConfig
 
     from ama_ray import dpo
-    from ama_ray.data.benchmark import verify
 
     # Stop at the tokenizer's eos or any end token the model's generation config names (a chat
     # model's end-of-turn may not be its eos).
@@ -226,7 +234,7 @@ def generation_accuracy(net, tokenizer, benchmark: str, rows: list[dict], settin
     gen_cfg = GenerationConfig(
         max_new_tokens=settings["max_new_tokens"], do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id
     )
-    correct = 0
+    replies = []
     device = next(net.parameters()).device
     for start in range(0, len(rows), settings["batch_size"]):
         chunk = rows[start : start + settings["batch_size"]]
@@ -236,11 +244,10 @@ def generation_accuracy(net, tokenizer, benchmark: str, rows: list[dict], settin
             out = net.generate(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), generation_config=gen_cfg
             )
-        for row, new in zip(chunk, out[:, batch["input_ids"].shape[1]:].tolist()):
+        for new in out[:, batch["input_ids"].shape[1]:].tolist():
             new = new[: min((new.index(i) for i in stops if i in new), default=len(new))]
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            correct += verify(benchmark, row["prompt"], text, by_content=settings.get("benchmark_chat", False))
-    return correct / len(rows) if rows else math.nan
+            replies.append(tokenizer.decode(new, skip_special_tokens=True))
+    return replies
 
 
 # --- metrics.json ----------------------------------------------------------------------------
