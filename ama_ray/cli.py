@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("runs", nargs="+", metavar="RUN_DIR[=LABEL]", help="evaluated run directories")
     comp.add_argument("--metric", action="append", metavar="M", help="excess_loss (default with rewards/accuracies, generation/accuracy), loss, ...")
     comp.add_argument("--paired", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
-                      help="per-seed differences of two rows on the worst task, e.g. --paired 'imb ama_s' 'imb balanced'")
+                      help="per-seed differences of two rows, every metric on the worst task and each task, "
+                           "e.g. --paired 'imb ama_s' 'imb balanced'")
     ver = sub.add_parser("verify", help="check every committed unit of a run directory byte for byte against its manifest",
                          description="Reads every file a manifest records and compares its sha256 (a rerun only checks sizes). "
                                      "Exits 2 when a unit is damaged; rerun the stage that wrote it with --force.")

@@ -73,7 +73,7 @@ for variant in half:$((SPEC_STEPS / 2)) triple:$((SPEC_STEPS * 3)); do
   $AMA evaluate "${COMMON[@]}" "storage.run_name=${CONFIG}_spec_${name}_eval" "generalist.algorithms=[ama_s]" "merging.methods=[]"
 done
 
-echo "== $CONFIG: paired comparisons (test split; worst task, per seed) =="
+echo "== $CONFIG: paired comparisons (test split; worst task and each task, per seed) =="
 RUNS=("$MAIN=main" "$ROOT/${CONFIG}_clip_none=clip_none" "$ROOT/${CONFIG}_history_task_mean=history_tm"
       "$ROOT/${CONFIG}_history=history"
       "$ROOT/${CONFIG}_spec_half_eval=spec_half" "$ROOT/${CONFIG}_spec_triple_eval=spec_triple")

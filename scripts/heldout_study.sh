@@ -81,7 +81,7 @@ $AMA run "${COMMON[@]}" "${BREAK[@]}" "storage.run_name=${CONFIG}_signal" data.s
   "generalist.algorithms=$SIGNAL_ALGORITHMS" "merging.methods=[]"
 evaluate_against_main "${CONFIG}_signal" "$SIGNAL_ALGORITHMS" data.signal_fraction=0.1
 
-echo "== $CONFIG: paired comparisons (test split; worst task, per seed) =="
+echo "== $CONFIG: paired comparisons (test split; worst task and each task, per seed) =="
 RUNS=("$MAIN=main" "$ROOT/${CONFIG}_signal_eval=signal")
 PAIRS=(--paired "signal ama_h" "main balanced" --paired "signal ama_h" "main proportional"
        --paired "signal ama_h" "main ama_s")

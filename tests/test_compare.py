@@ -58,6 +58,27 @@ def test_paired_differences_per_seed():
         compare.paired([("r1", RUN1)], "excess_loss", "r1 fixed", "r1 balanced")
 
 
+def test_paired_table_per_task_and_worst_for_every_metric():
+    """Every metric, on the worst task then each task, against the seeds' values by hand."""
+    doc = json.loads(json.dumps(RUN1))
+    for key, model in doc["models"].items():  # a second metric, higher is better: 1 - excess
+        for entry in (*model["per_task"].values(), *model["aggregates"].values()):
+            entry["rewards/accuracies"] = 1 - entry["excess_loss"]
+    header, rows = compare.paired_table([("r1", doc)], ["excess_loss", "rewards/accuracies"], "r1 ama_s", "r1 balanced")
+    assert header[:3] == ["metric", "task", "a − b per seed"]
+    by = {(r[0], r[1]): r[2:] for r in rows}
+    assert [r[:2] for r in rows] == [[f"`{m}`", c] for m in ("excess_loss", "rewards/accuracies") for c in ("worst", "a", "b")]
+    # task a: ama_s 0.1, 0.2 against balanced 0.1, 0.1 -> 0, +0.1; one nonzero difference, higher
+    assert by[("`excess_loss`", "a")] == ["0: +0.000, 1: +0.100", "+0.050 [+0.000, +0.100]", "0 of 2 (lower)", "1", "not separated"]
+    # worst: 0.3, 0.5 against 0.4, 0.4
+    assert by[("`excess_loss`", "worst")][0] == "0: -0.100, 1: +0.100"
+    # accuracies are 1 - excess: differences flip sign, "better" counts the higher ones
+    assert by[("`rewards/accuracies`", "a")][:3] == ["0: +0.000, 1: -0.100", "-0.050 [-0.100, +0.000]", "0 of 2 (higher)"]
+    # a metric no model has: a row of dashes, not an error
+    _, rows = compare.paired_table([("r1", RUN1)], ["generation/accuracy"], "r1 ama_s", "r1 balanced")
+    assert rows[0][2:] == ["–"] * 5
+
+
 def test_runs_without_specialists_compare_on_the_loss():
     doc = json.loads(json.dumps(RUN1))
     doc["run"]["specialists"] = False
@@ -78,7 +99,8 @@ def test_cli_reads_committed_evaluations(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "one"), f"{tmp_path / 'two'}=tuned", "--metric", "excess_loss",
                  "--paired", "one ama_s", "one balanced"]) == 0
     out = capsys.readouterr().out
-    assert "| tuned fixed | 0.300 | 0.200 | 0.250 | 0.300 | 1 |" in out and "one ama_s − one balanced" in out
+    assert "| tuned fixed | 0.300 | 0.200 | 0.250 | 0.300 | 1 |" in out and "Paired differences: one ama_s − one balanced" in out
+    assert "| `excess_loss` | b | 0: -0.100, 1: +0.100 |" in out
     assert "`excess_loss` (test split; mean ± std over seeds)" in out  # every table names its split
     # an uncommitted run directory is a one-line user error
     assert main(["compare", str(tmp_path / "missing")]) == 2

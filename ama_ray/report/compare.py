@@ -3,7 +3,8 @@
 A study often spans run directories: a tuned baseline trained apart from the others, the same
 job at another `dpo.sft_weight`. Each generalist algorithm of each run becomes a row (mean ±
 sample std over its seeds, per task, mean and worst task, as in the report); `--paired A B`
-adds the per-seed differences of two rows on the worst task, the comparison seeds make fair.
+adds the per-seed differences of two rows, the comparison seeds make fair: for every metric, on
+the worst task and on each task, with a bootstrap interval and a sign test.
 """
 
 from __future__ import annotations
@@ -87,19 +88,19 @@ def table(runs: list[tuple[str, dict]], metric: str, references: bool = True) ->
     return header, body
 
 
-def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
-    """One line: the per-seed differences a - b of `metric` on the worst task, over common seeds,
-    and their verdict (`ama_ray.report.stats.paired`: bootstrap interval, sign test)."""
+def _seed_values(runs: list[tuple[str, dict]], metric: str, a: str, b: str, column: str) -> tuple[dict, dict] | str:
+    """({seed: a's value}, {seed: b's value}) of `metric` on `column` (a task, "mean" or
+    "worst"), or the one line to print when both rows are merged models (nothing to pair)."""
     rows: dict[str, dict] = {}
     for label, doc in runs:
         rows.update(rows_of(label, doc))
     for name in (a, b):
         if name not in rows:
             raise ConfigError(f"no row '{name}'", where="--paired", fix=f"use row names from the table: {', '.join(rows)}")
-    key = f"{metric}/worst"
+    key = f"{metric}/{column}"
     if rows[a].get("deterministic") and rows[b].get("deterministic"):
         one, two = (next(iter(rows[n]["per_seed"].values())).get(key) for n in (a, b))
-        return f"{a} − {b}, worst-task {metric}: {fmt(one)} − {fmt(two)}; one model each (merged models have no seeds): not tested"
+        return f"{fmt(one)} − {fmt(two)}; one model each (merged models have no seeds): not tested"
     va, vb = ({s: m.get(key) for s, m in rows[name]["per_seed"].items()} for name in (a, b))
     # A merged model's one value stands beside every seed of the other side (its own run's seeds
     # need not be the other run's).
@@ -107,16 +108,49 @@ def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
         va = dict.fromkeys(vb, next(iter(va.values())))
     elif rows[b].get("deterministic"):
         vb = dict.fromkeys(va, next(iter(vb.values())))
-    for name, values in ((a, va), (b, vb)):
-        if all(v is None for v in values.values()):
+    return va, vb
+
+
+def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
+    """One line: the per-seed differences a - b of `metric` on the worst task, over common seeds,
+    and their verdict (`ama_ray.report.stats.paired`: bootstrap interval, sign test)."""
+    values = _seed_values(runs, metric, a, b, "worst")
+    if isinstance(values, str):
+        return f"{a} − {b}, worst-task {metric}: {values}"
+    for name, vals in zip((a, b), values):
+        if all(v is None for v in vals.values()):
             raise ConfigError(f"row '{name}' has no worst-task {metric}", where="--paired",
                               fix="pair on a metric both rows have (--metric; runs without specialists have no excess_loss: use loss)")
-    result = stats.paired_over_seeds(va, vb)
+    result = stats.paired_over_seeds(*values)
     if result is None:
         raise ConfigError(f"'{a}' and '{b}' share no seed", where="--paired", fix="pair rows trained on the same generalist.seeds")
     shown = ", ".join(f"seed {s}: {d:+.3f}" for s, d in zip(result.seeds, result.diffs))
     lower = set().union(*(doc.get("lower_is_better", ()) for _, doc in runs))
     return f"{a} − {b}, worst-task {metric}: {shown}; {result.describe(lower_is_better=metric in lower)}"
+
+
+def paired_table(runs: list[tuple[str, dict]], metrics: list[str], a: str, b: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-seed differences a - b: one row per metric and column (the
+    worst task first, then every task), each with its verdict; `–` where either row lacks the
+    metric on that column."""
+    tasks = [t["name"] for t in runs[0][1]["tasks"]]
+    lower = set().union(*(doc.get("lower_is_better", ()) for _, doc in runs))
+    header = ["metric", "task", "a − b per seed", "mean [95% CI]", "seeds better", "sign test p", "verdict"]
+    body = []
+    for metric in metrics:
+        for column in ("worst", *tasks):
+            values = _seed_values(runs, metric, a, b, column)
+            result = None if isinstance(values, str) else stats.paired_over_seeds(*values)
+            if result is None:
+                body.append([f"`{metric}`", column, values if isinstance(values, str) else "–", "–", "–", "–", "–"])
+                continue
+            low_better = metric in lower
+            better = result.below if low_better else result.above
+            interval = f" [{result.low:+.3f}, {result.high:+.3f}]" if result.low == result.low else ""  # nan: one seed
+            body.append([f"`{metric}`", column, ", ".join(f"{s}: {d:+.3f}" for s, d in zip(result.seeds, result.diffs)),
+                         f"{result.mean:+.3f}{interval}", f"{better} of {len(result.diffs)} ({'lower' if low_better else 'higher'})",
+                         f"{result.sign_p:.3g}", "separated" if result.separated else "not separated"])
+    return header, body
 
 
 def split_of(runs: list[tuple[str, dict]]) -> str:
@@ -133,6 +167,7 @@ def render(runs: list[tuple[str, dict]], metrics: list[str], pairs: list[tuple[s
     for metric in metrics:
         header, body = table(runs, metric)
         blocks += [("h3", f"`{metric}` ({split_of(runs)} split; mean ± std over seeds)"), ("table", header, body)]
-    if pairs:
-        blocks += [("h3", "Paired differences"), ("list", [paired(runs, m, a, b) for a, b in pairs for m in metrics[:1]])]
+    for a, b in pairs:
+        blocks += [("h3", f"Paired differences: {a} − {b} (per seed; separated: the bootstrap interval excludes 0)"),
+                   ("table", *paired_table(runs, metrics, a, b))]
     return to_markdown(blocks)
