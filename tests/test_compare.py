@@ -47,36 +47,64 @@ def test_table_means_stds_and_reference_rows():
     assert by_name["r1 specialists (own task)"][:4] == ["0.000"] * 4
 
 
+def _rows(runs, metrics, a, b):
+    header, rows = compare.paired_table(runs, metrics, a, b)
+    return {(r[0].strip("`"), r[1]): dict(zip(header[2:], r[2:])) for r in rows}
+
+
 def test_paired_differences_per_seed():
-    line = compare.paired([("r1", RUN1)], "excess_loss", "r1 ama_s", "r1 balanced")
-    assert "seed 0: -0.100" in line and "seed 1: +0.100" in line and "1 of 2 seeds lower" in line
+    row = _rows([("r1", RUN1)], ["excess_loss"], "r1 ama_s", "r1 balanced")[("excess_loss", "worst")]
+    # worst per seed 0.3, 0.5 against 0.4, 0.4
+    assert row["a − b per seed"] == "0: -0.100, 1: +0.100" and row["seeds better"] == "1 of 2 seeds lower"
     # mean 0; resampled means of (-0.1, +0.1) are -0.1, 0, +0.1: the interval spans 0
-    assert "0.000, 95% bootstrap CI [-0.100, +0.100]" in line and "sign test p = 1: not separated" in line
+    assert (row["mean"], row["95% bootstrap CI"]) == ("+0.000", "[-0.100, +0.100]")
+    assert (row["sign test p"], row["verdict"]) == ("1", "not separated")
     from ama_ray.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no row 'r1 fixed'"):
-        compare.paired([("r1", RUN1)], "excess_loss", "r1 fixed", "r1 balanced")
+        compare.paired_table([("r1", RUN1)], ["excess_loss"], "r1 fixed", "r1 balanced")
+    with pytest.raises(ConfigError, match=r"share no seed"):  # RUN2 trained seed 0 only; give it seed 5
+        other = json.loads(json.dumps(RUN2))
+        other["models"]["generalist/fixed/seed0"]["seed"] = 5
+        compare.paired_table([("r1", RUN1), ("r2", other)], ["excess_loss"], "r1 ama_s", "r2 fixed")
 
 
-def test_paired_table_per_task_and_worst_for_every_metric():
-    """Every metric, on the worst task then each task, against the seeds' values by hand."""
+def test_paired_table_every_column_of_every_metric():
+    """Every metric on the worst task, the mean and each task, against the seeds' values by hand."""
     doc = json.loads(json.dumps(RUN1))
-    for key, model in doc["models"].items():  # a second metric, higher is better: 1 - excess
+    for model in doc["models"].values():  # a second metric, higher is better: 1 - excess
         for entry in (*model["per_task"].values(), *model["aggregates"].values()):
             entry["rewards/accuracies"] = 1 - entry["excess_loss"]
     header, rows = compare.paired_table([("r1", doc)], ["excess_loss", "rewards/accuracies"], "r1 ama_s", "r1 balanced")
-    assert header[:3] == ["metric", "task", "a − b per seed"]
-    by = {(r[0], r[1]): r[2:] for r in rows}
-    assert [r[:2] for r in rows] == [[f"`{m}`", c] for m in ("excess_loss", "rewards/accuracies") for c in ("worst", "a", "b")]
+    assert [r[:2] for r in rows] == [[f"`{m}`", c] for m in ("excess_loss", "rewards/accuracies") for c in ("worst", "mean", "a", "b")]
+    by = _rows([("r1", doc)], ["excess_loss", "rewards/accuracies"], "r1 ama_s", "r1 balanced")
     # task a: ama_s 0.1, 0.2 against balanced 0.1, 0.1 -> 0, +0.1; one nonzero difference, higher
-    assert by[("`excess_loss`", "a")] == ["0: +0.000, 1: +0.100", "+0.050 [+0.000, +0.100]", "0 of 2 (lower)", "1", "not separated"]
-    # worst: 0.3, 0.5 against 0.4, 0.4
-    assert by[("`excess_loss`", "worst")][0] == "0: -0.100, 1: +0.100"
+    assert list(by[("excess_loss", "a")].values()) == ["0: +0.000, 1: +0.100", "+0.050", "[+0.000, +0.100]",
+                                                      "0 of 2 seeds lower", "1", "not separated"]
+    # mean over tasks: ama_s 0.2, 0.35 against 0.25, 0.25
+    assert by[("excess_loss", "mean")]["a − b per seed"] == "0: -0.050, 1: +0.100"
     # accuracies are 1 - excess: differences flip sign, "better" counts the higher ones
-    assert by[("`rewards/accuracies`", "a")][:3] == ["0: +0.000, 1: -0.100", "-0.050 [-0.100, +0.000]", "0 of 2 (higher)"]
-    # a metric no model has: a row of dashes, not an error
-    _, rows = compare.paired_table([("r1", RUN1)], ["generation/accuracy"], "r1 ama_s", "r1 balanced")
-    assert rows[0][2:] == ["–"] * 5
+    acc = by[("rewards/accuracies", "a")]
+    assert (acc["a − b per seed"], acc["mean"], acc["seeds better"]) == ("0: +0.000, 1: -0.100", "-0.050", "0 of 2 seeds higher")
+    # a metric neither row has: its rows are dashes beside the tested ones ...
+    mixed = _rows([("r1", RUN1)], ["excess_loss", "generation/accuracy"], "r1 ama_s", "r1 balanced")
+    assert all(set(v.values()) == {"–"} for k, v in mixed.items() if k[0] == "generation/accuracy")
+    # ... and a one-line error when nothing at all can be paired
+    from ama_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no generation/accuracy in common"):
+        compare.paired_table([("r1", RUN1)], ["generation/accuracy"], "r1 ama_s", "r1 balanced")
+
+
+def test_paired_one_seed_and_one_side_missing():
+    one = _rows([("r1", RUN1), ("r2", RUN2)], ["excess_loss"], "r2 fixed", "r1 balanced")[("excess_loss", "b")]
+    assert one["a − b per seed"] == "0: -0.200" and one["95% bootstrap CI"] == "none (one seed)"
+    assert one["verdict"] == "not separated"
+    doc = json.loads(json.dumps(RUN1))
+    for key in ("generalist/balanced/seed0", "generalist/balanced/seed1"):  # b has no value on task a
+        del doc["models"][key]["per_task"]["a"]["excess_loss"]
+    by = _rows([("r1", doc)], ["excess_loss"], "r1 ama_s", "r1 balanced")
+    assert by[("excess_loss", "a")]["a − b per seed"] == "–" and by[("excess_loss", "b")]["a − b per seed"] == "0: -0.100, 1: +0.100"
 
 
 def test_runs_without_specialists_compare_on_the_loss():
@@ -86,8 +114,8 @@ def test_runs_without_specialists_compare_on_the_loss():
     assert compare.default_metrics([("r", doc), ("s", RUN1)])[0] == "excess_loss"  # one run has them
     from ama_ray.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="no worst-task loss"):  # not "share no seed"
-        compare.paired([("r1", RUN1)], "loss", "r1 ama_s", "r1 balanced")
+    with pytest.raises(ConfigError, match="no loss in common"):  # not "share no seed"
+        compare.paired_table([("r1", RUN1)], ["loss"], "r1 ama_s", "r1 balanced")
 
 
 def test_cli_reads_committed_evaluations(tmp_path, capsys):
@@ -100,7 +128,7 @@ def test_cli_reads_committed_evaluations(tmp_path, capsys):
                  "--paired", "one ama_s", "one balanced"]) == 0
     out = capsys.readouterr().out
     assert "| tuned fixed | 0.300 | 0.200 | 0.250 | 0.300 | 1 |" in out and "Paired differences: one ama_s − one balanced" in out
-    assert "| `excess_loss` | b | 0: -0.100, 1: +0.100 |" in out
+    assert "| `excess_loss` | b | 0: -0.100, 1: +0.100 | +0.000 | [-0.100, +0.100] | 1 of 2 seeds lower | 1 | not separated |" in out
     assert "`excess_loss` (test split; mean ± std over seeds)" in out  # every table names its split
     # an uncommitted run directory is a one-line user error
     assert main(["compare", str(tmp_path / "missing")]) == 2

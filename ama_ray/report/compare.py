@@ -4,7 +4,7 @@ A study often spans run directories: a tuned baseline trained apart from the oth
 job at another `dpo.sft_weight`. Each generalist algorithm of each run becomes a row (mean ±
 sample std over its seeds, per task, mean and worst task, as in the report); `--paired A B`
 adds the per-seed differences of two rows, the comparison seeds make fair: for every metric, on
-the worst task and on each task, with a bootstrap interval and a sign test.
+the worst task, the mean over tasks and each task, with a bootstrap interval and a sign test.
 """
 
 from __future__ import annotations
@@ -88,68 +88,64 @@ def table(runs: list[tuple[str, dict]], metric: str, references: bool = True) ->
     return header, body
 
 
-def _seed_values(runs: list[tuple[str, dict]], metric: str, a: str, b: str, column: str) -> tuple[dict, dict] | str:
-    """({seed: a's value}, {seed: b's value}) of `metric` on `column` (a task, "mean" or
-    "worst"), or the one line to print when both rows are merged models (nothing to pair)."""
+def _pair_rows(runs: list[tuple[str, dict]], a: str, b: str) -> tuple[dict, dict]:
+    """The `rows_of` entries of rows a and b; ConfigError when either is missing or two
+    generalist rows share no seed."""
     rows: dict[str, dict] = {}
     for label, doc in runs:
         rows.update(rows_of(label, doc))
     for name in (a, b):
         if name not in rows:
             raise ConfigError(f"no row '{name}'", where="--paired", fix=f"use row names from the table: {', '.join(rows)}")
-    key = f"{metric}/{column}"
-    if rows[a].get("deterministic") and rows[b].get("deterministic"):
-        one, two = (next(iter(rows[n]["per_seed"].values())).get(key) for n in (a, b))
-        return f"{fmt(one)} − {fmt(two)}; one model each (merged models have no seeds): not tested"
-    va, vb = ({s: m.get(key) for s, m in rows[name]["per_seed"].items()} for name in (a, b))
-    # A merged model's one value stands beside every seed of the other side (its own run's seeds
-    # need not be the other run's).
-    if rows[a].get("deterministic"):
+    ra, rb = rows[a], rows[b]
+    if not (ra.get("deterministic") or rb.get("deterministic")) and not set(ra["per_seed"]) & set(rb["per_seed"]):
+        raise ConfigError(f"'{a}' (seeds {sorted(ra['per_seed'])}) and '{b}' (seeds {sorted(rb['per_seed'])}) share no seed",
+                          where="--paired", fix="pair rows trained on the same generalist.seeds")
+    return ra, rb
+
+
+def _seed_values(ra: dict, rb: dict, key: str) -> tuple[dict, dict]:
+    """({seed: a's value}, {seed: b's value}) of `key` (`metric/column`). A merged model's one
+    value stands beside every seed of the other side (its own run's seeds need not be the other
+    run's)."""
+    va, vb = ({s: m.get(key) for s, m in row["per_seed"].items()} for row in (ra, rb))
+    if ra.get("deterministic"):
         va = dict.fromkeys(vb, next(iter(va.values())))
-    elif rows[b].get("deterministic"):
+    elif rb.get("deterministic"):
         vb = dict.fromkeys(va, next(iter(vb.values())))
     return va, vb
 
 
-def paired(runs: list[tuple[str, dict]], metric: str, a: str, b: str) -> str:
-    """One line: the per-seed differences a - b of `metric` on the worst task, over common seeds,
-    and their verdict (`ama_ray.report.stats.paired`: bootstrap interval, sign test)."""
-    values = _seed_values(runs, metric, a, b, "worst")
-    if isinstance(values, str):
-        return f"{a} − {b}, worst-task {metric}: {values}"
-    for name, vals in zip((a, b), values):
-        if all(v is None for v in vals.values()):
-            raise ConfigError(f"row '{name}' has no worst-task {metric}", where="--paired",
-                              fix="pair on a metric both rows have (--metric; runs without specialists have no excess_loss: use loss)")
-    result = stats.paired_over_seeds(*values)
-    if result is None:
-        raise ConfigError(f"'{a}' and '{b}' share no seed", where="--paired", fix="pair rows trained on the same generalist.seeds")
-    shown = ", ".join(f"seed {s}: {d:+.3f}" for s, d in zip(result.seeds, result.diffs))
-    lower = set().union(*(doc.get("lower_is_better", ()) for _, doc in runs))
-    return f"{a} − {b}, worst-task {metric}: {shown}; {result.describe(lower_is_better=metric in lower)}"
-
-
 def paired_table(runs: list[tuple[str, dict]], metrics: list[str], a: str, b: str) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-seed differences a - b: one row per metric and column (the
-    worst task first, then every task), each with its verdict; `–` where either row lacks the
-    metric on that column."""
+    """Header and rows of the per-seed differences a - b (`ama_ray.report.stats.paired`: bootstrap
+    interval, sign test): one row per metric and column (the worst task, the mean over tasks,
+    then each task). Two merged rows are shown, not tested (no seeds); a metric neither row has
+    on a column is `–`; ConfigError when no requested metric has a value at all."""
+    ra, rb = _pair_rows(runs, a, b)
     tasks = [t["name"] for t in runs[0][1]["tasks"]]
     lower = set().union(*(doc.get("lower_is_better", ()) for _, doc in runs))
-    header = ["metric", "task", "a − b per seed", "mean [95% CI]", "seeds better", "sign test p", "verdict"]
-    body = []
+    header = ["metric", "task", "a − b per seed", "mean", "95% bootstrap CI", "seeds better", "sign test p", "verdict"]
+    body, tested = [], 0
     for metric in metrics:
-        for column in ("worst", *tasks):
-            values = _seed_values(runs, metric, a, b, column)
-            result = None if isinstance(values, str) else stats.paired_over_seeds(*values)
-            if result is None:
-                body.append([f"`{metric}`", column, values if isinstance(values, str) else "–", "–", "–", "–", "–"])
+        for column in ("worst", "mean", *tasks):
+            key = f"{metric}/{column}"
+            if ra.get("deterministic") and rb.get("deterministic"):
+                one, two = (next(iter(r["per_seed"].values())).get(key) for r in (ra, rb))
+                body.append([f"`{metric}`", column, f"{fmt(one)} − {fmt(two)}: one model each (merged models have no seeds)",
+                             "–", "–", "–", "–", "not tested"])
+                tested += one is not None and two is not None
                 continue
-            low_better = metric in lower
-            better = result.below if low_better else result.above
-            interval = f" [{result.low:+.3f}, {result.high:+.3f}]" if result.low == result.low else ""  # nan: one seed
-            body.append([f"`{metric}`", column, ", ".join(f"{s}: {d:+.3f}" for s, d in zip(result.seeds, result.diffs)),
-                         f"{result.mean:+.3f}{interval}", f"{better} of {len(result.diffs)} ({'lower' if low_better else 'higher'})",
-                         f"{result.sign_p:.3g}", "separated" if result.separated else "not separated"])
+            result = stats.paired_over_seeds(*_seed_values(ra, rb, key))
+            if result is None:
+                body.append([f"`{metric}`", column, "–", "–", "–", "–", "–", "–"])
+                continue
+            tested += 1
+            body.append([f"`{metric}`", column, ", ".join(f"{s}: {stats.signed(d)}" for s, d in zip(result.seeds, result.diffs)),
+                         stats.signed(result.mean), result.interval(), result.better(metric in lower),
+                         f"{result.sign_p:.3g}", result.verdict()])
+    if not tested:
+        raise ConfigError(f"'{a}' and '{b}' have no {' or '.join(metrics)} in common", where="--paired",
+                          fix="pair on a metric both rows have (--metric; runs without specialists have no excess_loss: use loss)")
     return header, body
 
 

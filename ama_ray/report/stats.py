@@ -17,6 +17,11 @@ CONFIDENCE = 0.95
 RESAMPLES = 9999
 
 
+def signed(x: float) -> str:
+    """`+0.050`; a difference that rounds to zero prints `+0.000`, never `-0.000`."""
+    return f"{round(x, 3) + 0.0:+.3f}"
+
+
 @dataclass(frozen=True)
 class Paired:
     diffs: tuple[float, ...]  # a - b per shared seed, in seed order
@@ -32,15 +37,22 @@ class Paired:
     def separated(self) -> bool:
         return not math.isnan(self.low) and (self.low > 0 or self.high < 0)
 
+    def interval(self) -> str:
+        """`[-0.120, -0.031]`, or `none (one seed)`."""
+        return f"[{signed(self.low)}, {signed(self.high)}]" if not math.isnan(self.low) else "none (one seed)"
+
+    def better(self, lower_is_better: bool = True) -> str:
+        """`3 of 3 seeds lower`: how many seeds favour a."""
+        count = self.below if lower_is_better else self.above
+        return f"{count} of {len(self.diffs)} seeds {'lower' if lower_is_better else 'higher'}"
+
+    def verdict(self) -> str:
+        return "separated (the interval excludes 0)" if self.separated else "not separated"
+
     def describe(self, lower_is_better: bool = True) -> str:
-        """`mean -0.081, 95% CI [-0.120, -0.031], 3 of 3 seeds lower, sign test p = 0.25: separated`."""
-        better = self.below if lower_is_better else self.above
-        word = "lower" if lower_is_better else "higher"
-        n = len(self.diffs)
-        interval = (f"{CONFIDENCE:.0%} bootstrap CI [{self.low:+.3f}, {self.high:+.3f}]" if not math.isnan(self.low)
-                    else "no interval (one seed)")
-        verdict = "separated (the interval excludes 0)" if self.separated else "not separated"
-        return f"mean {self.mean:+.3f}, {interval}, {better} of {n} seeds {word}, sign test p = {self.sign_p:.3g}: {verdict}"
+        """`mean -0.081, 95% bootstrap CI [-0.120, -0.031], 3 of 3 seeds lower, sign test p = 0.25: separated ...`."""
+        interval = f"{CONFIDENCE:.0%} bootstrap CI {self.interval()}" if not math.isnan(self.low) else "no interval (one seed)"
+        return f"mean {signed(self.mean)}, {interval}, {self.better(lower_is_better)}, sign test p = {self.sign_p:.3g}: {self.verdict()}"
 
 
 def paired(a: list[float], b: list[float], seed: int = 0) -> Paired:

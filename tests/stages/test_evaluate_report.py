@@ -126,9 +126,9 @@ def test_merged_models_are_built_selected_on_validation_and_reported(evaluated, 
     header, body = compare.table(runs, "excess_loss")
     row = next(r for r in body if r[0] == "r merge_task_arithmetic")
     assert row[-1] == "one model" and "±" not in row[-2]
-    line = compare.paired(runs, "excess_loss", "r ama_s", "r merge_average")
+    _, rows = compare.paired_table(runs, ["excess_loss"], "r ama_s", "r merge_average")
     diff = doc["aggregates"]["algorithms"]["ama_s"]["mean"]["excess_loss/worst"] - arm_value(doc, "merge_average")
-    assert f"seed 0: {diff:+.3f}" in line
+    assert rows[0][:3] == ["`excess_loss`", "worst", f"0: {diff:+.3f}"]
 
 
 def arm_value(doc: dict, arm: str) -> float:
@@ -343,10 +343,11 @@ def test_merged_arms_in_the_aggregates_the_verdict_and_compare():
     assert any(r[0] == "merge_average (one model)" and r[-1] == "0.500" for r in rows)
     # compare: a merged row pairs with every seed of a generalist of another run
     other = {**doc, "models": {k: v for k, v in models.items() if k.startswith("a")}}
-    line = compare.paired([("one", {**doc, "models": {"m": models["m"]}}), ("two", other)], "excess_loss", "two ama_s", "one merge_average")
-    assert "seed 0: -0.300" in line and "seed 2: -0.240" in line
-    line = compare.paired([("r", doc)], "excess_loss", "r merge_average", "r merge_ties")
-    assert "one model each" in line and "not tested" in line
+    _, rows = compare.paired_table([("one", {**doc, "models": {"m": models["m"]}}), ("two", other)], ["excess_loss"],
+                                   "two ama_s", "one merge_average")
+    assert rows[0][1:3] == ["worst", "0: -0.300, 1: -0.260, 2: -0.240"] and rows[0][5] == "3 of 3 seeds lower"
+    _, rows = compare.paired_table([("r", doc)], ["excess_loss"], "r merge_average", "r merge_ties")
+    assert "one model each" in rows[0][2] and rows[0][-1] == "not tested"
 
 
 def test_weak_specialist_thresholds():
