@@ -126,10 +126,11 @@ def paired_table(runs: list[tuple[str, dict]], metrics: list[str], a: str, b: st
     lower = set().union(*(doc.get("lower_is_better", ()) for _, doc in runs))
     header = ["metric", "task", "a − b per seed", "mean", "95% bootstrap CI", "seeds better", "sign test p", "verdict"]
     body, tested = [], 0
+    both_merged = ra.get("deterministic") and rb.get("deterministic")
     for metric in metrics:
         for column in ("worst", "mean", *tasks):
             key = f"{metric}/{column}"
-            if ra.get("deterministic") and rb.get("deterministic"):
+            if both_merged:
                 one, two = (next(iter(r["per_seed"].values())).get(key) for r in (ra, rb))
                 body.append([f"`{metric}`", column, f"{fmt(one)} − {fmt(two)}: one model each (merged models have no seeds)",
                              "–", "–", "–", "–", "not tested"])
