@@ -152,6 +152,11 @@ class RunDir:
     def evaluation(self) -> "Unit":
         return self.unit(FOLDERS["evaluate"])
 
+    def evaluated_model(self, key: str) -> "Unit":
+        """`eval/models/<key>`: one model's evaluation (`base`, `generalist/ama_s/seed0`, ...),
+        committed as soon as it is done, so an interrupted evaluate stage keeps it."""
+        return self.unit(FOLDERS["evaluate"], "models", *key.split("/"))
+
     def report(self) -> "Unit":
         return self.unit(FOLDERS["report"])
 
@@ -381,9 +386,17 @@ class Unit:
         man = self.manifest()
         return man is not None and (config_hash is None or man.get("config_hash") == config_hash)
 
-    def begin(self) -> None:
-        """Start (re)writing the unit: drop any stale or half-written contents."""
+    def begin(self, keep_nested: bool = False) -> None:
+        """Start (re)writing the unit: drop any stale or half-written contents. With `keep_nested`,
+        units committed inside it stay (the evaluation's per-model results): its manifest goes
+        first, so a crash part-way leaves an uncommitted unit, then its own files."""
         info = self.fs.get_file_info(self.path)
+        if info.type != pafs.FileType.NotFound and keep_nested:
+            if self.exists(MANIFEST):
+                self.fs.delete_file(self.file(MANIFEST))
+            for rel in self.files(digests=False):
+                self.fs.delete_file(self.file(rel))
+            return
         if info.type != pafs.FileType.NotFound:
             self.fs.delete_dir(self.path)
         self.fs.create_dir(self.path, recursive=True)

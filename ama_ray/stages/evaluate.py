@@ -8,7 +8,9 @@ specialist's scores, reward and log-prob accuracies), plus greedy-generation acc
 benchmark verifiers. Specialists are evaluated on all tasks, so the report can show what training
 on one task does to the others. Writes `eval/metrics.json` and `eval/metrics.csv` (schema:
 docs/metrics.md) and commits the unit; specialists that did not clearly beat the base on their
-own task are logged as warnings and listed in `flags`.
+own task are logged as warnings and listed in `flags`. Each model's result is committed on its own
+(`eval/models/<key>/result.json`) as soon as it is done, so an interrupted evaluation resumes
+with the models it has not finished.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 STAGE = "evaluate"
 SCHEMA_VERSION = 2  # 2: metrics are on the test split, labelled `run.split`; 1 read the train/eval split
 LOG2 = math.log(2.0)
+RESULT_JSON = "result.json"  # one model's evaluation, in eval/models/<key>/
 GENERATION = "generation/accuracy"
 # Metrics whose smaller value is better: the worst task is the maximum for these.
 LOWER_IS_BETTER = frozenset({"loss", "dpo_loss", "nll", "excess_loss"})
@@ -70,10 +73,10 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         log.info("evaluate: already committed for these models, skipping")
         warn(unit.read_json(METRICS_JSON)["flags"])
         return files
-    results = evaluate_all(cfg, run_dir, models)
+    results = evaluate_all(cfg, run_dir, models, redo=STAGE in force)
     doc = build_document(cfg, run_dir, models, results, missing, digest)
     warn(doc["flags"])
-    unit.begin()
+    unit.begin(keep_nested=True)  # the per-model results (eval/models/...) stay
     unit.write_json(METRICS_JSON, doc)
     with unit.fs.open_output_stream(unit.file(METRICS_CSV)) as out:
         out.write(csv_text(doc).encode())
@@ -120,23 +123,57 @@ def merged_arm(method: str) -> str:
 
 def evaluate_hash(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> str:
     """Settings + the commit times of every evaluated model and its inputs: a retrained model re-evaluates."""
-    inputs = {m.key: m.committed_at or model_identity(cfg) for m in models}
+    inputs = {m.key: m.committed_at or model_identity(cfg) for m in models} | stage_inputs(cfg, run_dir)
+    return _settings_hash(cfg) + "-" + short_hash({"schema": SCHEMA_VERSION, "inputs": inputs})
+
+
+def model_hash(cfg: Config, model: ModelRef, inputs: dict[str, str | None]) -> str:
+    """`evaluate_hash` for one model's own result (`eval/models/<key>`): the same settings and
+    split inputs (`stage_inputs`), and that model's commit time."""
+    own = {model.key: model.committed_at or model_identity(cfg)}
+    return _settings_hash(cfg) + "-" + short_hash({"schema": SCHEMA_VERSION, "inputs": own | inputs})
+
+
+def stage_inputs(cfg: Config, run_dir: RunDir) -> dict[str, str | None]:
+    """The commit time of every split and log-prob unit an evaluation reads, by unit label."""
+    inputs = {}
     for stage in ("prepare", "reference", "score") if cfg.uses_specialists else ("prepare", "reference"):
         for task in cfg.task_names:
             unit = run_dir.stage_unit(stage, task)
             inputs[unit.label] = (unit.manifest() or {}).get("committed_at")
-    settings = cfg.section_hash("model.name", "model.dtype", "data", "dpo", "eval.generation_examples", "eval.max_new_tokens")
-    return settings + "-" + short_hash({"schema": SCHEMA_VERSION, "inputs": inputs})
+    return inputs
+
+
+def _settings_hash(cfg: Config) -> str:
+    return cfg.section_hash("model.name", "model.dtype", "data", "dpo", "eval.generation_examples", "eval.max_new_tokens")
 
 
 # --- the Ray tasks ---------------------------------------------------------------------------
 
-def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> dict[str, dict]:
-    """`evaluate_model` for every model as parallel Ray tasks; returns {key: result}."""
+def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef], redo: bool = False) -> dict[str, dict]:
+    """`evaluate_model` for every model as parallel Ray tasks; returns {key: result}.
+
+    Each result is committed as its own unit (`RunDir.evaluated_model`) when it arrives, and one
+    committed with the same settings, inputs and model is read back instead (unless `redo`): an
+    evaluation interrupted after some of its models (each minutes on a real model) keeps them.
+    """
     import ray
 
     from ama_ray.cluster import ensure_ray
 
+    inputs = stage_inputs(cfg, run_dir)
+    digests = {m.key: model_hash(cfg, m, inputs) for m in models}
+    results: dict[str, dict] = {}
+    for m in models:
+        unit = run_dir.evaluated_model(m.key)
+        if not redo and unit.is_committed(digests[m.key]):
+            results[m.key] = unit.read_json(RESULT_JSON)
+    if results:
+        log.info("evaluate: %d of %d models already evaluated with these settings, kept: %s",
+                 len(results), len(models), ", ".join(results))
+    todo = [m for m in models if m.key not in results]
+    if not todo:
+        return results
     ensure_ray()
     remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(evaluate_model)
     tasks = [(t.name, t.benchmark) for t in cfg.data.tasks]
@@ -147,12 +184,15 @@ def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> dict[s
         "max_new_tokens": cfg.eval.max_new_tokens, "use_gpu": cfg.scaling.use_gpu, "benchmark_chat": cfg.data.benchmark_chat,
         "with_scores": cfg.uses_specialists,
     }
-    pending = {remote.remote(run_dir.uri, asdict(m), tasks, settings): m.key for m in models}
-    results: dict[str, dict] = {}
+    pending = {remote.remote(run_dir.uri, asdict(m), tasks, settings): m.key for m in todo}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         key = pending.pop(done[0])
         results[key] = ray.get(done[0])
+        unit = run_dir.evaluated_model(key)
+        unit.begin()
+        unit.write_json(RESULT_JSON, results[key])
+        unit.commit(digests[key], stage=STAGE, model=key)
         log.info("evaluate: %s done in %.1f s (%d/%d)", key, results[key]["seconds"], len(results), len(models))
     return results
 

@@ -47,6 +47,27 @@ def test_an_unreadable_manifest_is_not_a_commit(tmp_path, caplog):
     assert "unreadable" in caplog.text and "redone" in caplog.text
 
 
+def test_rewriting_the_evaluation_keeps_its_committed_model_results(tmp_path):
+    """`begin(keep_nested=True)`: the evaluation's own files and manifest go, a committed per-model
+    unit inside it stays committed, and a half-written one goes with the rest."""
+    run = RunDir(str(tmp_path))
+    evaluation, done, half = run.evaluation(), run.evaluated_model("generalist/ama_s/seed0"), run.evaluated_model("base")
+    assert done.path == str(tmp_path / "eval" / "models" / "generalist" / "ama_s" / "seed0")
+    for unit in (evaluation, done, half):
+        unit.begin()
+        unit.write_json("result.json", {"unit": unit.label})
+    done.commit("m1")
+    evaluation.write_json("metrics.json", {"models": 1})
+    evaluation.commit("e1")
+    assert set(evaluation.manifest()["files"]) == {"metrics.json", "result.json", "models/base/result.json"}
+    evaluation.begin(keep_nested=True)
+    assert not evaluation.is_committed() and not os.path.exists(evaluation.file("metrics.json"))
+    assert not os.path.exists(half.file("result.json"))
+    assert done.is_committed("m1") and done.read_json("result.json") == {"unit": "eval/models/generalist/ama_s/seed0"}
+    evaluation.begin()  # without keep_nested, everything
+    assert not done.is_committed() and os.listdir(evaluation.path) == []
+
+
 def test_a_local_commit_is_all_or_nothing(tmp_path, monkeypatch):
     unit = RunDir(str(tmp_path)).prepared("a")
     unit.begin()

@@ -229,6 +229,31 @@ def test_rerun_skips_and_report_rebuilds_from_run_dir_alone(evaluated):
     assert (run / "report" / "report.html").read_text().count("data:image/png;base64,") == len(pngs)
 
 
+@pytest.mark.timeout(120)
+def test_an_interrupted_evaluation_keeps_the_models_it_finished(evaluated, tmp_path, caplog):
+    """A crash after all but one model: metrics.json uncommitted, one model's unit never committed.
+    The rerun evaluates that model only, to the same numbers; `--force evaluate` redoes them all."""
+    cfg, run, doc = evaluated
+    cfg = _copy_run(cfg, run, tmp_path)
+    copy = RunDir(cfg.run_dir)
+    lost = f"generalist/{cfg.generalist.algorithms[0]}/seed{cfg.generalist.seeds[0]}"
+    Path(copy.evaluation().file("_manifest.json")).unlink()
+    Path(copy.evaluated_model(lost).file("_manifest.json")).unlink()
+    kept = {key: copy.evaluated_model(key).manifest()["committed_at"] for key in doc["models"] if key != lost}
+    with caplog.at_level("INFO", logger="ama_ray.stages.evaluate"):
+        evaluate.run(cfg)
+    assert {key: copy.evaluated_model(key).manifest()["committed_at"] for key in kept} == kept
+    assert f"{len(kept)} of {len(doc['models'])} models already evaluated" in caplog.text
+    assert [r.getMessage().split()[1] for r in caplog.records if " done in " in r.getMessage()] == [lost]
+    new = json.loads((Path(cfg.run_dir) / "eval" / "metrics.json").read_text())
+    assert new["run"]["created_at"] != doc["run"]["created_at"] and set(new["models"]) == set(doc["models"])
+    for key, entry in doc["models"].items():
+        for task, metrics in entry["per_task"].items():
+            assert new["models"][key]["per_task"][task] == pytest.approx(metrics, abs=1e-6), (key, task)
+    evaluate.run(cfg, force={"evaluate"})
+    assert all(copy.evaluated_model(key).manifest()["committed_at"] != at for key, at in kept.items())
+
+
 @pytest.mark.timeout(60)
 def test_report_tune_section(evaluated, tmp_path):
     cfg, run, _ = evaluated
