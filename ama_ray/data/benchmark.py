@@ -312,6 +312,18 @@ def verify(task: str, prompt: str, completion: str, by_content: bool = False) ->
     return verifiers[task](prompt, _canonical(completion.lower() if by_content else completion))
 
 
+def rendered_as_chat(task: str, prompt: str) -> bool:
+    """True when text follows the task's last prompt form in `prompt`: a chat template's rendering
+    (its assistant header, whatever the template), so a reply is judged by content; False for a
+    bare benchmark prompt, which ends with its prompt form. DataError when the prompt is not of
+    that task."""
+    _check_task(task)
+    found = list(_PROMPT_RE[task].finditer(prompt))
+    if not found:
+        raise DataError(f"not a {task} prompt", where=f"prompt {prompt[-80:]!r}", fix="verify each task with its own verifier")
+    return bool(prompt[found[-1].end():].strip())
+
+
 def corpus(seed: int = 0, n_per_task: int = 2000) -> list[str]:
     """Texts for training the tiny tokenizer: prompt+chosen and prompt+rejected of every
     task, plus one line holding the whole vocabulary so that no token is left out."""

@@ -211,3 +211,16 @@ def test_content_verifier_accepts_every_chosen_and_rejects_every_rejected(rows, 
         rendered = SMOLLM2_PROMPT.format(r["prompt"])
         assert verify(task, rendered, r["chosen"].strip(), by_content=True), r
         assert not verify(task, rendered, r["rejected"].strip(), by_content=True), r
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_chat_rendering_is_told_from_a_bare_prompt(rows, task):
+    """`rendered_as_chat`: text after the prompt form (any template's assistant header) is a chat
+    turn; a bare prompt, preamble or not (the flagged sums), is not; another task's is an error."""
+    for r in rows[task][:300]:
+        assert not benchmark.rendered_as_chat(task, r["prompt"]), r
+        assert benchmark.rendered_as_chat(task, SMOLLM2_PROMPT.format(r["prompt"])), r
+        assert benchmark.rendered_as_chat(task, f"<s>[INST] {r['prompt']} [/INST]"), r
+    other = rows[TASKS[(TASKS.index(task) + 1) % len(TASKS)]][0]["prompt"]
+    with pytest.raises(DataError, match=f"not a {task} prompt"):
+        benchmark.rendered_as_chat(task, other)
