@@ -13,7 +13,7 @@ The layout (every folder and file name; `RunDir`'s unit methods are the only way
     scores/<task>/{train,validation,test}.parquet       score
     generalist/<algorithm>/seed<k>/model/, mixing_history.parquet    generalist
     tune/results.csv, best.yaml, <trial>/config.yaml, <trial>/<algorithm>/seed<k>/   tune
-    eval/metrics.json, metrics.csv                      evaluate
+    eval/metrics.json, metrics.csv, models/<model key>/result.json    evaluate
     report/report.md, report.html, *.png                report
     tensorboard/<unit>/    _checkpoints/<stage>/<unit>/    _checkpoints/best/<unit>/    _faults/
 """

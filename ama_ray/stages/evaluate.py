@@ -73,6 +73,8 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         log.info("evaluate: already committed for these models, skipping")
         warn(unit.read_json(METRICS_JSON)["flags"])
         return files
+    if STAGE in force:
+        unit.begin()  # everything, the per-model results of models no longer configured too
     results = evaluate_all(cfg, run_dir, models, redo=STAGE in force)
     doc = build_document(cfg, run_dir, models, results, missing, digest)
     warn(doc["flags"])
@@ -127,11 +129,13 @@ def evaluate_hash(cfg: Config, run_dir: RunDir, models: list[ModelRef]) -> str:
     return _settings_hash(cfg) + "-" + short_hash({"schema": SCHEMA_VERSION, "inputs": inputs})
 
 
-def model_hash(cfg: Config, model: ModelRef, inputs: dict[str, str | None]) -> str:
+def model_hash(cfg: Config, model: ModelRef, inputs: dict[str, str | None], settings: dict) -> str:
     """`evaluate_hash` for one model's own result (`eval/models/<key>`): the same settings and
-    split inputs (`stage_inputs`), and that model's commit time."""
+    split inputs (`stage_inputs`), that model's commit time, and every setting `evaluate_model`
+    runs with (device, batch size, revision too): results read back into one metrics.json were
+    computed alike."""
     own = {model.key: model.committed_at or model_identity(cfg)}
-    return _settings_hash(cfg) + "-" + short_hash({"schema": SCHEMA_VERSION, "inputs": own | inputs})
+    return _settings_hash(cfg) + "-" + short_hash({"schema": SCHEMA_VERSION, "inputs": own | inputs, "settings": settings})
 
 
 def stage_inputs(cfg: Config, run_dir: RunDir) -> dict[str, str | None]:
@@ -161,8 +165,16 @@ def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef], redo: boo
 
     from ama_ray.cluster import ensure_ray
 
+    tasks = [(t.name, t.benchmark) for t in cfg.data.tasks]
+    settings = {
+        "loss": cfg.dpo.to_dict(), "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
+        "revision": cfg.model.revision,
+        "batch_size": cfg.reference.batch_size, "generation_examples": cfg.eval.generation_examples,
+        "max_new_tokens": cfg.eval.max_new_tokens, "use_gpu": cfg.scaling.use_gpu, "benchmark_chat": cfg.data.benchmark_chat,
+        "with_scores": cfg.uses_specialists,
+    }
     inputs = stage_inputs(cfg, run_dir)
-    digests = {m.key: model_hash(cfg, m, inputs) for m in models}
+    digests = {m.key: model_hash(cfg, m, inputs, {"tasks": tasks, **settings}) for m in models}
     results: dict[str, dict] = {}
     for m in models:
         unit = run_dir.evaluated_model(m.key)
@@ -176,14 +188,6 @@ def evaluate_all(cfg: Config, run_dir: RunDir, models: list[ModelRef], redo: boo
         return results
     ensure_ray()
     remote = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(evaluate_model)
-    tasks = [(t.name, t.benchmark) for t in cfg.data.tasks]
-    settings = {
-        "loss": cfg.dpo.to_dict(), "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
-        "revision": cfg.model.revision,
-        "batch_size": cfg.reference.batch_size, "generation_examples": cfg.eval.generation_examples,
-        "max_new_tokens": cfg.eval.max_new_tokens, "use_gpu": cfg.scaling.use_gpu, "benchmark_chat": cfg.data.benchmark_chat,
-        "with_scores": cfg.uses_specialists,
-    }
     pending = {remote.remote(run_dir.uri, asdict(m), tasks, settings): m.key for m in todo}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -296,7 +300,7 @@ def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results
     """The metrics.json document (schema_version 1, docs/metrics.md)."""
     entries = {}
     for m in models:
-        per_task = results[m.key]["per_task"]
+        per_task = {task: results[m.key]["per_task"][task] for task in cfg.task_names}  # a read-back result's are sorted
         entry = {k: v for k, v in asdict(m).items() if k not in ("key", "unit") and v is not None}
         if m.kind == "base" and cfg.dpo.pairs:  # SFT has no reference, and no implicit rewards
             entry["reference_check"] = reference_check(per_task)

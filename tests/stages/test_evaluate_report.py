@@ -250,8 +250,12 @@ def test_an_interrupted_evaluation_keeps_the_models_it_finished(evaluated, tmp_p
     for key, entry in doc["models"].items():
         for task, metrics in entry["per_task"].items():
             assert new["models"][key]["per_task"][task] == pytest.approx(metrics, abs=1e-6), (key, task)
+    gone = copy.evaluated_model("generalist/removed/seed9")  # a model no longer configured
+    gone.begin()
+    gone.commit("x")
     evaluate.run(cfg, force={"evaluate"})
     assert all(copy.evaluated_model(key).manifest()["committed_at"] != at for key, at in kept.items())
+    assert not gone.is_committed() and copy.evaluation().is_committed()
 
 
 @pytest.mark.timeout(60)
