@@ -763,7 +763,7 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _describe(model: Any, prefix: str, lines: list[str]) -> None:
+def _describe(model: Any, prefix: str, lines: list[str], intro: str = "") -> None:
     if dataclasses.is_dataclass(model):
         _describe_dataclass(model, prefix, lines)
         return
@@ -772,7 +772,11 @@ def _describe(model: Any, prefix: str, lines: list[str]) -> None:
         key = f"{prefix}{name}"
         sub = _submodel(model, name)
         if sub is not None and name != "tasks":
-            subs.append((key, sub, field.description))
+            unset = not field.is_required() and field.get_default(call_default_factory=True) is None
+            note = field.description or ""
+            if unset and "Default:" not in note:
+                note += " Unset (`null`) by default; the defaults below apply once the section is set."
+            subs.append((key, sub, note.strip()))
             continue
         default = "required" if field.is_required() else json.dumps(field.get_default(call_default_factory=True), default=str)
         constraint = " ".join(str(m) for m in field.metadata) if field.metadata else ""
@@ -781,9 +785,9 @@ def _describe(model: Any, prefix: str, lines: list[str]) -> None:
             subs.append((f"{key}[]", TaskConfig, "One entry per task."))
     if rows:
         title = prefix.rstrip(".") or "top level"
-        lines += [f"## `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+        lines += [f"## `{title}`", "", *([intro, ""] if intro else []), "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
     for key, sub, desc in subs:
-        _describe(sub, f"{key}.", lines)
+        _describe(sub, f"{key}.", lines, desc)
 
 
 def _describe_dataclass(owner: Any, prefix: str, lines: list[str]) -> None:

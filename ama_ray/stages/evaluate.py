@@ -297,7 +297,7 @@ def greedy_replies(net, tokenizer, rows: list[dict], settings: dict) -> list[str
 # --- metrics.json ----------------------------------------------------------------------------
 
 def build_document(cfg: Config, run_dir: RunDir, models: list[ModelRef], results: dict, missing: list[str], digest: str) -> dict:
-    """The metrics.json document (schema_version 1, docs/metrics.md)."""
+    """The metrics.json document (schema_version `SCHEMA_VERSION`, docs/metrics.md)."""
     entries = {}
     for m in models:
         per_task = {task: results[m.key]["per_task"][task] for task in cfg.task_names}  # a read-back result's are sorted

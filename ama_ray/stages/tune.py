@@ -9,7 +9,7 @@ evaluations to the trial, which reports their mean to Tune once every seed has m
 evaluation; ASHA stops trials whose objective lags at a rung.
 
 Outputs in the run directory: `tune/results.csv` (one row per trial: `trial_id`, the sampled
-keys, `eval/excess_loss/worst`, `eval/rewards/accuracies/mean`, `status`, `steps`,
+keys, `eval/excess_loss/worst`, `eval/loss/worst`, `eval/rewards/accuracies/mean`, `status`, `steps`,
 `evaluations`), `tune/best.yaml` (the best trial's full config: `ama-ray run --config
 tune/best.yaml` retrains that generalist in this run directory) and `tune/_manifest.json`.
 See docs/tune.md.
