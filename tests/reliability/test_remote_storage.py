@@ -90,3 +90,22 @@ def test_changed_config_and_force_never_resume_old_checkpoints_on_s3(tiny_run, t
     train_specialist(cfg_b, "refusal", steps, model_path, digest_b, force=True)
     assert unit.manifest()["final_metrics"]["check/resumed_at_step"] == 0
     assert_same_weights(_remote_weights(run, "refusal"), first_b)
+
+
+@pytest.mark.timeout(60)
+def test_rewriting_the_evaluation_keeps_committed_model_results_on_s3(s3_endpoint):
+    """`Unit.begin(keep_nested=True)` on an object store, where folders are only key prefixes: the
+    evaluation's own files and manifest go, a committed per-model unit inside it stays."""
+    run = RunDir(f"s3://key:secret@{BUCKET}/{uuid.uuid4().hex[:8]}/runs/r?{s3_endpoint}")
+    run.fs.create_dir(BUCKET)
+    evaluation, done = run.evaluation(), run.evaluated_model("merged/ties")
+    for unit in (evaluation, done):
+        unit.begin()
+        unit.write_json("result.json", {"unit": unit.label})
+    done.commit("m1")
+    evaluation.write_json("metrics.json", {})
+    evaluation.commit("e1")
+    assert set(evaluation.manifest()["files"]) == {"metrics.json", "result.json"}
+    evaluation.begin(keep_nested=True)
+    assert not evaluation.is_committed() and not evaluation.exists("metrics.json") and not evaluation.exists("result.json")
+    assert done.is_committed("m1") and done.read_json("result.json") == {"unit": "eval/models/merged/ties"}
