@@ -16,6 +16,7 @@ are recorded in the manifests.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -123,18 +124,22 @@ def check_model_path(model_path: str, who: str) -> None:
         require_absolute(model_path, "model.name", who)
 
 
-def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | None, drop: tuple[str, ...] = ()) -> dict[str, int]:
+def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | None, drop: tuple[str, ...] = (),
+          label: str = "inference") -> dict[str, int]:
     """Score every source split on a Ray Data actor pool and stream the rows into the sources'
     output units (one Parquet file per split, `Unit.split_file`); returns rows written per source key.
 
-    `drop` names input columns not to carry into the output. Raises StageInputError when a
-    source's output row count differs from its input's.
+    `drop` names input columns not to carry into the output; `label` starts the progress lines
+    (`RowProgress`). Raises StageInputError when a source's output row count differs from its input's.
     """
     from ama_ray.cluster import ensure_ray
 
     ensure_ray()
     ref = cfg.reference
     by_key = {s.key: s for s in sources}
+    expected = {key: pq.ParquetFile(s.inp.file(s.inp.split_file(s.split)), filesystem=s.inp.fs).metadata.num_rows
+                for key, s in by_key.items()}
+    progress = RowProgress(label, sum(expected.values()))
     ds = parquet_dataset([(s.inp, s.split) for s in sources], tags=[s.key for s in sources], drop=drop)
     ds = on_actor_pool(cfg, ds, LogpScorer, (model_path, cfg.model.dtype, cfg.model.trust_remote_code, max(1, int(ref.cpus_per_actor)),
                                              loss_cfg, ref.batch_size, cfg.model.revision, ref.gpus_per_actor > 0,
@@ -147,13 +152,38 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
         for batch in output_blocks(ds):
             for key in pc.unique(batch[TAG]).to_pylist():
                 writers.add(key, batch.filter(pc.equal(batch[TAG], key)).drop_columns([TAG]))
+            progress.add(batch.num_rows)
     written = writers.written
     for key, source in by_key.items():
-        expected = pq.ParquetFile(source.inp.file(source.inp.split_file(source.split)), filesystem=source.inp.fs).metadata.num_rows
-        if written[key] != expected:
-            raise StageInputError(f"scored {written[key]} of {expected} rows of {key}", where=source.out.path,
+        if written[key] != expected[key]:
+            raise StageInputError(f"scored {written[key]} of {expected[key]} rows of {key}", where=source.out.path,
                                   fix="rerun the stage with --force; if it repeats, report it as a bug")
     return written
+
+
+class RowProgress:
+    """A log line each time another tenth of `total` rows is done, with the time so far and a
+    linear estimate of the time left: a real model's reference or score pass runs for tens of
+    minutes, and Ray Data's own progress bars are off without a terminal (`cluster.ensure_ray`)."""
+
+    def __init__(self, label: str, total: int, clock=time.monotonic):
+        self.label, self.total, self.clock = label, total, clock
+        self.done, self.shown, self.start = 0, 0, clock()
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        tenths = 10 * self.done // self.total if self.total else 10
+        if tenths <= self.shown:
+            return
+        self.shown = tenths
+        elapsed = self.clock() - self.start
+        left = elapsed * (self.total - self.done) / self.done if self.done else 0.0
+        log.info("%s: %s of %s rows (%d%%) in %s, ~%s left", self.label, f"{self.done:,}", f"{self.total:,}",
+                 100 * self.done // max(1, self.total), _minutes(elapsed), _minutes(left))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def on_actor_pool(cfg: Config, ds, fn: type, args: tuple):

@@ -60,7 +60,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         for task in pending:
             run_dir.reference(task).begin()
         sources = [Source(t, split, run_dir.prepared(t), run_dir.reference(t)) for t in pending for split in cfg.splits]
-        written = infer(cfg, sources, model_path, loss_cfg=None, drop=TEXT_COLUMNS)
+        written = infer(cfg, sources, model_path, loss_cfg=None, drop=TEXT_COLUMNS, label=STAGE)
         for task in pending:
             run_dir.reference(task).commit(
                 digest, stage=STAGE, model=model_path, dtype=cfg.model.dtype, padding_side=PADDING_SIDE,

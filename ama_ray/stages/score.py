@@ -89,7 +89,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         log.info("score: %s with %s", task, model_dir)
         unit.begin()
         written = infer(cfg, [Source(task, split, run_dir.reference(task), unit) for split in cfg.splits], str(model_dir),
-                        loss_cfg=cfg.dpo.to_dict())
+                        loss_cfg=cfg.dpo.to_dict(), label=f"score: {task}")
         unit.commit(
             digest, stage=STAGE, task=task, specialist=spec_unit.path, specialist_committed_at=spec_man["committed_at"],
             dtype=cfg.model.dtype, padding_side=PADDING_SIDE, loss=cfg.dpo.to_dict(),
