@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,16 @@ def test_batch_objective_hand_computed():
     assert batch_objective(e, tasks, weights).item() == pytest.approx(2.65)
     # a task absent from the batch contributes nothing
     assert batch_objective(e[:2], tasks[:2], weights).item() == pytest.approx(0.75)
+
+
+def test_read_only_weights_from_the_mixing_actor_raise_no_warning():
+    """Ray hands the actor's numpy weights over read-only; torch warned on every AMA-R step."""
+    weights = np.array([0.5, 0.3, 0.2])
+    weights.setflags(write=False)
+    e = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert batch_objective(e, torch.tensor([0, 0, 1, 2, 2]), weights).item() == pytest.approx(2.65)
 
 
 def test_micro_batches_add_up_to_the_step_objective():
