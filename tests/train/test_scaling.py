@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +215,10 @@ def test_fresh_lora_adapter_is_the_base():
     base = _tiny_llama()
     ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
     want = base(input_ids=ids).logits
-    adapted = add_lora(base, LoraConfig(enabled=True, r=4, target_modules=["all-linear"]))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        adapted = add_lora(base, LoraConfig(enabled=True, r=4, target_modules=["all-linear"]))
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], "a deprecation in PEFT, once per run in the logs"
     assert torch.equal(adapted(input_ids=ids).logits, want)
     trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
