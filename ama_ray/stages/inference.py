@@ -164,7 +164,8 @@ def infer(cfg: Config, sources: list[Source], model_path: str, loss_cfg: dict | 
 class RowProgress:
     """A log line each time another tenth of `total` rows is done, with the time so far and a
     linear estimate of the time left: a real model's reference or score pass runs for tens of
-    minutes, and Ray Data's own progress bars are off without a terminal (`cluster.ensure_ray`)."""
+    minutes, and Ray Data's own progress bars are off without a terminal (`cluster.ensure_ray`).
+    The clock starts before the actors load the model, so the first estimates run a little high."""
 
     def __init__(self, label: str, total: int, clock=time.monotonic):
         self.label, self.total, self.clock = label, total, clock
@@ -172,12 +173,12 @@ class RowProgress:
 
     def add(self, rows: int) -> None:
         self.done += rows
-        tenths = 10 * self.done // self.total if self.total else 10
-        if tenths <= self.shown:
+        tenths = min(10, 10 * self.done // self.total) if self.total else 10
+        if tenths <= self.shown or not self.done:
             return
         self.shown = tenths
         elapsed = self.clock() - self.start
-        left = elapsed * (self.total - self.done) / self.done if self.done else 0.0
+        left = max(0.0, elapsed * (self.total - self.done) / self.done)
         log.info("%s: %s of %s rows (%d%%) in %s, ~%s left", self.label, f"{self.done:,}", f"{self.total:,}",
                  100 * self.done // max(1, self.total), _minutes(elapsed), _minutes(left))
 
