@@ -56,6 +56,8 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
         (a, s) for a, s in units(cfg)
         if needs_work(run_dir.generalist(a, s), generalist_hash(cfg, a, s, raw), STAGE, force)
     ]
+    if kept := [f"{a}/seed{s}" for a, s in units(cfg) if (a, s) not in pending]:
+        log.info("generalist: %d of %d already committed, kept: %s", len(kept), len(units(cfg)), ", ".join(kept))
     if pending:
         if (advice := target_advice(cfg)) is not None:
             log.warning("generalist: %s", advice)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -91,14 +92,17 @@ def test_specialists_ran_at_the_same_time(tiny_run):
     assert latest_start < earliest_end, f"specialist step times do not overlap: {spans}"
 
 
-def test_rerun_skips_committed_units(tiny_run):
+def test_rerun_skips_committed_units(tiny_run, caplog):
     from ama_ray import pipeline
 
     cfg, run_dir = tiny_run
     before = {p: p.read_text() for p in run_dir.rglob("_manifest.json")}
+    caplog.set_level(logging.INFO, logger="ama_ray.stages.generalist")
     pipeline.run(cfg, through="generalist")
     after = {p: p.read_text() for p in run_dir.rglob("_manifest.json")}
     assert before == after
+    kept = ", ".join(f"{a}/seed{s}" for a in cfg.generalist.algorithms for s in cfg.generalist.seeds)
+    assert f"already committed, kept: {kept}" in caplog.text  # said, as the other stages say it
 
 
 def test_mixing_history_replays_through_the_pure_policy(tiny_run):
