@@ -105,9 +105,9 @@ def batch_objective(e: "torch.Tensor", task_ids: "torch.Tensor",
 
     if loss_weights is None:
         return e.sum() / (e.numel() if total is None else total)
-    # A copy: the weights arrive read-only from the mixing actor (Ray's zero-copy numpy), and torch
-    # warns on every step that it cannot share a non-writable array.
-    weights = torch.as_tensor(np.array(loss_weights, dtype=np.float64), dtype=e.dtype, device=e.device)
+    # torch.tensor copies: the weights arrive read-only from the mixing actor (Ray's zero-copy
+    # numpy), and as_tensor warned on every step that it cannot share a non-writable array.
+    weights = torch.tensor(loss_weights, dtype=e.dtype, device=e.device)
     task_ids = task_ids.to(e.device)  # labels are drawn on the CPU; e lives on the model's device
     sums = torch.zeros(len(weights), dtype=e.dtype, device=e.device).index_add(0, task_ids, e)
     if task_counts is None:

@@ -52,12 +52,10 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
 
     run_dir = open_run(cfg)
     raw = raw_loss_tasks(run_dir, cfg)
-    pending = [
-        (a, s) for a, s in units(cfg)
-        if needs_work(run_dir.generalist(a, s), generalist_hash(cfg, a, s, raw), STAGE, force)
-    ]
-    if kept := [f"{a}/seed{s}" for a, s in units(cfg) if (a, s) not in pending]:
-        log.info("generalist: %d of %d already committed, kept: %s", len(kept), len(units(cfg)), ", ".join(kept))
+    every = units(cfg)
+    pending = [(a, s) for a, s in every if needs_work(run_dir.generalist(a, s), generalist_hash(cfg, a, s, raw), STAGE, force)]
+    if kept := [f"{a}/seed{s}" for a, s in every if (a, s) not in pending]:
+        log.info("generalist: %d of %d already committed, kept: %s", len(kept), len(every), ", ".join(kept))
     if pending:
         if (advice := target_advice(cfg)) is not None:
             log.warning("generalist: %s", advice)
@@ -72,7 +70,7 @@ def run(cfg: Config, force: set[str] = frozenset()) -> list[str]:
             for a, s in pending
         ]
         run_concurrently(jobs, cfg.generalist.max_concurrent, progress_name=progress_name(cfg, STAGE))
-    return [run_dir.generalist(a, s).path for a, s in units(cfg)]
+    return [run_dir.generalist(a, s).path for a, s in every]
 
 
 def target_advice(cfg: Config) -> str | None:
