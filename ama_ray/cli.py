@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config-docs", help="print docs/configuration.md generated from the config classes")
     comp = sub.add_parser("compare", help="markdown tables of held-out metrics across evaluated run directories",
                           description="One row per generalist algorithm of each run (mean ± std over seeds), "
-                                      "plus the first run's base and specialists.")
+                                      "plus the first run's base and specialists. Directories given the same LABEL are one run "
+                                      "whose seeds were trained apart (their base and specialists must match).")
     comp.add_argument("runs", nargs="+", metavar="RUN_DIR[=LABEL]", help="evaluated run directories")
     comp.add_argument("--metric", action="append", metavar="M", help="excess_loss (default with rewards/accuracies, generation/accuracy), loss, ...")
     comp.add_argument("--paired", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
@@ -86,7 +87,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from ama_ray.stages.evaluate import load_metrics
         from ama_ray.storage import RunDir
 
-        runs = [(label, load_metrics(RunDir(absolute(path, os.getcwd())))) for label, path in compare.label_runs(args.runs)]
+        runs = compare.merge_same_label([(label, load_metrics(RunDir(absolute(path, os.getcwd()))))
+                                         for label, path in compare.label_runs(args.runs)])
         sys.stdout.write(compare.render(runs, args.metric or compare.default_metrics(runs), [tuple(p) for p in args.paired]))
         return 0
     if args.command == "verify":

@@ -161,3 +161,40 @@ def test_sft_runs_compare_on_the_nll_not_reward_accuracy():
     sft["run"]["dpo"] = {**sft["run"].get("dpo", {}), "objective": "sft"}
     assert compare.default_metrics([("r", sft)]) == ["excess_loss", "nll", "generation/accuracy"]
     assert "rewards/accuracies" in compare.default_metrics([("r", sft), ("s", RUN1)])  # a DPO run among them has pairs
+
+
+def _split_by_seed(doc: dict, seed: int) -> dict:
+    """A copy of `doc` holding only the generalists of `seed` (one of a job's seeds trained apart)."""
+    part = json.loads(json.dumps(doc))
+    part["models"] = {k: m for k, m in part["models"].items() if m["kind"] != "generalist" or m["seed"] == seed}
+    return part
+
+
+def test_directories_with_one_label_are_one_run_of_their_seeds(tmp_path, capsys):
+    from ama_ray.errors import ConfigError
+
+    apart = [("imb", _split_by_seed(RUN1, 0)), ("imb", _split_by_seed(RUN1, 1))]
+    merged = compare.merge_same_label(apart)
+    assert [label for label, _ in merged] == ["imb"]
+    # the same table and the same per-seed pairs as the run that trained both seeds
+    assert compare.table(merged, "excess_loss") == compare.table([("imb", RUN1)], "excess_loss")
+    assert _rows(merged, ["excess_loss"], "imb ama_s", "imb balanced") == _rows([("imb", RUN1)], ["excess_loss"], "imb ama_s", "imb balanced")
+    assert compare.merge_same_label([("imb", RUN1), ("imb", RUN1)])[0][1]["models"] == RUN1["models"]  # a seed held twice, alike
+    other_specialists = _split_by_seed(RUN1, 1)
+    other_specialists["aggregates"]["specialists_own_task"]["b"]["excess_loss"] = 0.01
+    with pytest.raises(ConfigError, match="differ in their base and specialists"):
+        compare.merge_same_label([apart[0], ("imb", other_specialists)])
+    rerun = json.loads(json.dumps(RUN1))
+    rerun["models"]["generalist/ama_s/seed0"]["per_task"]["a"]["excess_loss"] = 0.11
+    with pytest.raises(ConfigError, match="'generalist/ama_s/seed0' is in two directories"):
+        compare.merge_same_label([("imb", RUN1), ("imb", rerun)])
+    with pytest.raises(ConfigError, match="differ in their split"):
+        compare.merge_same_label([apart[0], ("imb", {**apart[1][1], "run": {"split": "validation"}})])
+    # the CLI as typed: two directories, one label
+    for name, (_, doc) in zip(("seed0", "seed1"), apart):
+        (tmp_path / name / "eval").mkdir(parents=True)
+        (tmp_path / name / "eval" / "metrics.json").write_text(json.dumps(doc))
+        (tmp_path / name / "eval" / "_manifest.json").write_text("{}")
+    assert main(["compare", f"{tmp_path / 'seed0'}=imb", f"{tmp_path / 'seed1'}=imb", "--metric", "excess_loss",
+                 "--paired", "imb ama_s", "imb balanced"]) == 0
+    assert "| `excess_loss` | b | 0: -0.100, 1: +0.100 | +0.000 | [-0.100, +0.100] | 1 of 2 seeds lower | 1 | not separated |" in capsys.readouterr().out

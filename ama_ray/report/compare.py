@@ -5,6 +5,7 @@ job at another `dpo.sft_weight`. Each generalist algorithm of each run becomes a
 sample std over its seeds, per task, mean and worst task, as in the report); `--paired A B`
 adds the per-seed differences of two rows, the comparison seeds make fair: for every metric, on
 the worst task, the mean over tasks and each task, with a bootstrap interval and a sign test.
+Directories given the same label are one run whose seeds were trained apart (`merge_same_label`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,40 @@ def label_runs(args: list[str]) -> list[tuple[str, str]]:
         path, _, label = arg.partition("=")
         out.append((label or path.rstrip("/").rsplit("/", 1)[-1], path))
     return out
+
+
+def _references(doc: dict) -> dict:
+    """What every seed of a run is measured against: the base's and each specialist's metrics."""
+    return {"base": (doc["models"].get("base") or {}).get("per_task"),
+            "specialists": doc["aggregates"].get("specialists_own_task", {})}
+
+
+def merge_same_label(runs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Runs that share a label become one: a job's seeds trained in separate directories (a
+    seed per cluster job, a rerun of the seeds a lost machine took with it) pair as one study.
+
+    That is only fair when every directory measured its generalists against the same base and
+    specialists, so their metrics must be equal value for value (a deterministic rerun of the
+    earlier stages gives them bit for bit); a seed that two directories hold must also be equal.
+    Either mismatch is a ConfigError. The first directory's `run` and aggregates are kept."""
+    merged: dict[str, dict] = {}
+    for label, doc in runs:
+        if label not in merged:
+            merged[label] = {**doc, "models": dict(doc["models"])}
+            continue
+        into = merged[label]
+        for what, first, other in (("tasks", [t["name"] for t in into["tasks"]], [t["name"] for t in doc["tasks"]]),
+                                   ("split", into["run"]["split"], doc["run"]["split"]),
+                                   ("base and specialists", _references(into), _references(doc))):
+            if first != other:
+                raise ConfigError(f"the directories labelled '{label}' differ in their {what}, so their seeds are not one study",
+                                  where=label, fix="give each directory its own label, or rerun the earlier stages with the same config")
+        for key, entry in doc["models"].items():
+            if key in into["models"] and into["models"][key] != entry:
+                raise ConfigError(f"'{key}' is in two directories labelled '{label}' with different metrics", where=label,
+                                  fix="label one of them differently, or keep one copy of that seed")
+            into["models"].setdefault(key, entry)
+    return list(merged.items())
 
 
 def rows_of(label: str, doc: dict) -> dict[str, dict]:
