@@ -179,7 +179,9 @@ def test_directories_with_one_label_are_one_run_of_their_seeds(tmp_path, capsys)
     # the same table and the same per-seed pairs as the run that trained both seeds
     assert compare.table(merged, "excess_loss") == compare.table([("imb", RUN1)], "excess_loss")
     assert _rows(merged, ["excess_loss"], "imb ama_s", "imb balanced") == _rows([("imb", RUN1)], ["excess_loss"], "imb ama_s", "imb balanced")
-    assert compare.merge_same_label([("imb", RUN1), ("imb", RUN1)])[0][1]["models"] == RUN1["models"]  # a seed held twice, alike
+    again = json.loads(json.dumps(RUN1))  # a seed held twice: the same metrics, its own path and time
+    again["models"]["generalist/ama_s/seed0"].update(path="/elsewhere", eval_seconds=9.0)
+    assert compare.merge_same_label([("imb", RUN1), ("imb", again)])[0][1]["models"] == RUN1["models"]
     other_specialists = _split_by_seed(RUN1, 1)
     other_specialists["aggregates"]["specialists_own_task"]["b"]["excess_loss"] = 0.01
     with pytest.raises(ConfigError, match="differ in their base and specialists"):

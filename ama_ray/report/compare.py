@@ -67,7 +67,7 @@ def merge_same_label(runs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
                 raise ConfigError(f"the directories labelled '{label}' differ in their {what}, so their seeds are not one study",
                                   where=label, fix="give each directory its own label, or rerun the earlier stages with the same config")
         for key, entry in doc["models"].items():
-            if key in into["models"] and into["models"][key] != entry:
+            if key in into["models"] and into["models"][key]["per_task"] != entry["per_task"]:  # paths, times may differ
                 raise ConfigError(f"'{key}' is in two directories labelled '{label}' with different metrics", where=label,
                                   fix="label one of them differently, or keep one copy of that seed")
             into["models"].setdefault(key, entry)
