@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
+from pathlib import Path
 
 import pytest
 
 from ama_ray.cli import main
 from ama_ray.report import compare
+from ama_ray.stages.evaluate import load_metrics
+from ama_ray.storage import RunDir
 
 pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("a", "b")
 
 
@@ -206,15 +209,13 @@ def test_kept_real_model_evidence_reads_and_matches_results_md(capsys):
     """docs/evidence/smollm2_imbalance is what docs/results.md's 10:1:1 verdicts rest on: this
     ama_ray still reads it (a schema change must carry it along), and the page's per-seed
     worst-task excess is the file's."""
-    from pathlib import Path
-
-    evidence = Path(__file__).resolve().parents[1] / "docs" / "evidence" / "smollm2_imbalance"
+    evidence = ROOT / "docs" / "evidence" / "smollm2_imbalance"
     assert main(["compare", f"{evidence}=imb", "--metric", "excess_loss", "--paired", "imb ama_s", "imb balanced"]) == 0
     out = capsys.readouterr().out
     assert "| imb ama_s |" in out and "0: -0.034, 1: -0.280, 2: -0.067" in out
-    results = (evidence.parents[1] / "results.md").read_text()
+    results = (ROOT / "docs" / "results.md").read_text()
     per_seed = " ".join(results.split("Per seed (0 / 1 / 2), worst-task excess:", 1)[1].split("\n\n", 1)[0].split())
-    doc = json.loads((evidence / "eval" / "metrics.json").read_text())
+    doc = load_metrics(RunDir(str(evidence)))
     for algo, label in (("ama_s", "AMA-S"), ("ama_r", "AMA-R"), ("balanced", "balanced"), ("proportional", "proportional")):
         worst = [doc["models"][f"generalist/{algo}/seed{s}"]["aggregates"]["worst"]["excess_loss"] for s in (0, 1, 2)]
         assert f"{label} " + " / ".join(f"{w:.3f}" for w in worst) in per_seed, (label, worst, per_seed)
